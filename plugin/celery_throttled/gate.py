@@ -1,0 +1,334 @@
+"""Per-worker waiting lines: hold a throttled request until the cluster grants it a slot.
+
+The data path, all on the worker's main process::
+
+    message -> strategy -> Gate.route -> (limit set?) -> Gate.submit: hold, unacknowledged
+            -> Acquire (limiter thread) -> granted now, or later by a release anywhere
+            -> Gate._admit on the event loop -> the pool runs the task
+            -> on_success / on_failure / hard timeout / revoke / cancel -> Gate.release
+
+A held request occupies no pool process or thread, is not re-published and costs no retry.
+Each one widens the prefetch window by one (up to ``throttle_max_held``) so that unrelated
+tasks on the same queue keep flowing. Held requests are checked every
+``throttle_sweep_interval``: a revoked or expired one is discarded as Celery would, and one
+held longer than ``throttle_max_hold`` is handed back to the broker before the broker's own
+redelivery timeout could make it run twice.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import redis
+from celery.worker import state as worker_state
+
+from .errors import KeyFunctionError
+from .keys import holder_id
+from .leases import Acquire, RedisLeases, Release, Renew
+from .limiter import Limiter
+from .settings import Settings, _safe
+
+__all__ = ["Gate"]
+
+logger = logging.getLogger(__name__)
+
+_END_PATHS = ("on_success", "on_failure", "_announce_revoked", "_announce_cancelled")
+
+
+class Held:
+    """One request this worker holds or runs under a lease."""
+
+    __slots__ = ("cap", "holder", "key", "released", "req", "since", "widened")
+
+    def __init__(self, req: Any, key: str, cap: int, holder: str) -> None:
+        self.req = req
+        self.key = key
+        self.cap = cap
+        self.holder = holder
+        self.since = time.monotonic()
+        self.widened = False
+        self.released = False
+
+
+class Gate:
+    """The waiting lines of one worker consumer."""
+
+    @classmethod
+    def for_consumer(cls, consumer: Any) -> Gate:
+        gate: Gate | None = getattr(consumer, "_throttle_gate", None)
+        if gate is None:
+            gate = cls(consumer)
+            consumer._throttle_gate = gate
+        return gate
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.settings = settings = Settings.from_app(consumer.app)
+        host = str(consumer.hostname).replace(" ", "_")
+        self.worker = f"{host}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        client = redis.Redis.from_url(
+            settings.redis_url,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=10,
+        )
+        self.store = RedisLeases(client, settings.key_prefix, settings.lease_ttl)
+        self.limiter = Limiter(
+            store=self.store,
+            client=client,
+            prefix=settings.key_prefix,
+            worker=self.worker,
+            lease_ttl=settings.lease_ttl,
+            snapshot=self.snapshot,
+            on_granted=self.granted,
+            where=_safe(settings.redis_url),
+        )
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[str, str], Held] = {}
+        self._running: dict[tuple[str, str], Held] = {}
+        self._caps: dict[str, int] = {}
+        self._grants: deque[tuple[str, str]] = deque()
+        self._drain_scheduled = False
+        self._widened = 0
+        self._closed = False
+        self._sweeper: Any = None
+        self._dispatch: Callable[[Any], Any] = consumer.on_task_request
+        consumer.on_task_request = self.route
+        self.limiter.start()
+        atexit.register(self.limiter.stop)
+        logger.info(
+            "celery-throttled: worker %s uses the limiter at %s (prefix %r, lease TTL %.1fs)",
+            self.worker,
+            _safe(settings.redis_url),
+            settings.key_prefix,
+            settings.lease_ttl,
+        )
+
+    # -- the event loop side -----------------------------------------------------------------
+    def route(self, req: Any) -> Any:
+        """Replaces ``consumer.on_task_request``: every request path (direct, ETA, rate limit)."""
+        limit = getattr(req.task, "throttle_limit", None)
+        if limit is None or getattr(req, "_throttle_admitted", False):
+            return self._dispatch(req)
+        return self.submit(req, limit)
+
+    def submit(self, req: Any, cap: int) -> None:
+        try:
+            key = req.task.throttle_key_for(req.args, req.kwargs)
+        except KeyFunctionError as exc:
+            logger.error("%s", exc)
+            _fail_without_running(req, exc)
+            return
+        holder = holder_id(self.worker, req.id)
+        held = Held(req, key, cap, holder)
+        with self._lock:
+            n = 1
+            while (key, held.holder) in self._waiting or (key, held.holder) in self._running:
+                n += 1
+                held.holder = f"{holder}#{n}"
+            self._waiting[(key, held.holder)] = held
+            self._caps[key] = cap
+        if self._widened < self.settings.max_held:
+            self.consumer.qos.increment_eventually()
+            self._widened += 1
+            held.widened = True
+        self.limiter.submit(Acquire(key, held.holder, cap))
+
+    def granted(self, key: str, holder: str) -> None:
+        """A slot was granted to ``holder``; called from any thread."""
+        with self._lock:
+            self._grants.append((key, holder))
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
+        hub = self.consumer.hub
+        if hub is not None:
+            hub.call_soon(self._drain)
+        else:
+            self.consumer.timer.call_after(0, self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            self._drain_scheduled = False
+            grants = list(self._grants)
+            self._grants.clear()
+        for key, holder in grants:
+            with self._lock:
+                held = self._waiting.pop((key, holder), None)
+                running = (key, holder) in self._running
+                cap = self._caps.get(key, 1)
+            if held is not None:
+                self._admit(held)
+            elif not running:
+                # Granted to a request this worker no longer holds (revoked, handed back,
+                # or dropped on reconnect): give the slot straight back.
+                self.limiter.submit(Release(key, holder, cap))
+
+    def _admit(self, held: Held) -> None:
+        self._unwiden(held)
+        req = held.req
+        if self._closed:
+            self._give_back(held)
+            return
+        if req.revoked():
+            self.release(held)
+            return
+        with self._lock:
+            self._running[(held.key, held.holder)] = held
+        _hook_end_paths(req, lambda: self.release(held))
+        req._throttle_admitted = True
+        self._dispatch(req)
+
+    def release(self, held: Held) -> None:
+        """Give the slot (or the place in line) back. Idempotent; called from any thread."""
+        with self._lock:
+            if held.released:
+                return
+            held.released = True
+            self._running.pop((held.key, held.holder), None)
+            self._waiting.pop((held.key, held.holder), None)
+        self.limiter.submit(Release(held.key, held.holder, held.cap))
+
+    def sweep(self) -> None:
+        """Discard revoked or expired held requests; hand back ones held too long."""
+        revoked_ids = worker_state.revoked
+        check_stamps = bool(worker_state.revoked_stamps)
+        oldest = time.monotonic() - self.settings.max_hold
+        with self._lock:
+            waiting = list(self._waiting.values())
+        for held in waiting:
+            req = held.req
+            if req.id in revoked_ids or check_stamps or _expired(req):
+                if req.revoked():
+                    self._unwiden(held)
+                    self.release(held)
+            elif held.since < oldest:
+                logger.info(
+                    "celery-throttled: %s[%s] waited %.0fs for a slot of %r; handing it back "
+                    "to the broker (throttle_max_hold)",
+                    req.name,
+                    req.id,
+                    time.monotonic() - held.since,
+                    held.key,
+                )
+                self._unwiden(held)
+                self._give_back(held, requeue=True)
+
+    def _give_back(self, held: Held, requeue: bool = False) -> None:
+        self.release(held)
+        worker_state.task_ready(held.req)
+        if requeue:
+            held.req.reject(requeue=True)
+
+    def _unwiden(self, held: Held) -> None:
+        if held.widened:
+            held.widened = False
+            self._widened -= 1
+            self.consumer.qos.decrement_eventually()
+
+    # -- lifecycle (the consumer bootstep) ----------------------------------------------------
+    def start(self) -> None:
+        self._closed = False
+        if self._sweeper is None:
+            self._sweeper = self.consumer.timer.call_repeatedly(
+                self.settings.sweep_interval,
+                self.sweep,
+                priority=5,
+            )
+
+    def stop(self) -> None:
+        """The consumer stops (shutdown, or reconnecting): let go of every held message.
+
+        On a warm shutdown the messages are handed back to the broker explicitly; when the
+        connection was lost they are already void and the broker redelivers them.
+        """
+        shutting_down = bool(worker_state.should_stop or worker_state.should_terminate)
+        with self._lock:
+            waiting = list(self._waiting.values())
+        for held in waiting:
+            held.widened = False
+            self._give_back(held, requeue=shutting_down)
+        self._widened = 0
+        if self._sweeper is not None:
+            self.consumer.timer.cancel(self._sweeper)
+            self._sweeper = None
+
+    def close(self) -> None:
+        self._closed = True
+        self.stop()
+
+    # -- the limiter side ------------------------------------------------------------------------
+    def snapshot(self) -> list[Renew]:
+        by_key: dict[str, tuple[list[str], list[str]]] = {}
+        with self._lock:
+            for key, holder in self._running:
+                by_key.setdefault(key, ([], []))[0].append(holder)
+            for key, holder in self._waiting:
+                by_key.setdefault(key, ([], []))[1].append(holder)
+            caps = dict(self._caps)
+        return [Renew(key, caps.get(key, 1), run, wait) for key, (run, wait) in by_key.items()]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"waiting": len(self._waiting), "running": len(self._running)}
+
+
+def _expired(req: Any) -> bool:
+    expires = req.expires
+    if expires is None:
+        return False
+    now = datetime.now(timezone.utc if expires.tzinfo else None)
+    return bool(now > expires)
+
+
+def _hook_end_paths(req: Any, release: Callable[[], None]) -> None:
+    """Release the slot on every way a running request can end.
+
+    Celery builds a request class per task whose ``on_success`` does not call ``super()``, so
+    the hooks are set on the instance, where ``execute_using_pool`` looks them up.
+    """
+    for name in _END_PATHS:
+        original = getattr(req, name)
+
+        def hooked(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                release()
+
+        setattr(req, name, hooked)
+
+    on_timeout = req.on_timeout
+
+    def on_timeout_hooked(soft: bool, timeout: float) -> Any:
+        try:
+            return on_timeout(soft, timeout)
+        finally:
+            if not soft:
+                release()
+
+    req.on_timeout = on_timeout_hooked
+
+
+def _fail_without_running(req: Any, exc: Exception) -> None:
+    """Record a failure for a request that will not run, and let its message go."""
+    try:
+        req.task.backend.mark_as_failure(
+            req.id,
+            exc,
+            request=req._context,
+            store_result=req.store_errors,
+        )
+    finally:
+        worker_state.task_ready(req)
+        req.send_event("task-failed", exception=repr(exc))
+        req.acknowledge()

@@ -1,0 +1,48 @@
+"""Every Redis key and channel name the limiter uses, built in one place.
+
+All keys of one throttle key (a *family*) share a Redis Cluster hash tag, so each Lua script
+touches a single slot::
+
+    {prefix}:{<key>}:h    ZSET  holders: member "<worker> <task id>", score = lease expiry (ms)
+    {prefix}:{<key>}:w    ZSET  waiters: member as above, score = ticket (FIFO order)
+    {prefix}:{<key>}:we   ZSET  waiter liveness: member as above, score = expiry (ms)
+    {prefix}:{<key>}:m    HASH  meta: cap (declared), override (live cap), seq (ticket counter)
+    {prefix}:grant:<worker>     pub/sub channel on which a worker hears of slots granted to it
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Family", "grant_channel", "grant_channel_prefix", "holder_id"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """The Redis keys of one throttle key."""
+
+    holders: str
+    waiters: str
+    waiter_expiry: str
+    meta: str
+
+    @classmethod
+    def of(cls, prefix: str, key: str) -> Family:
+        base = f"{prefix}:{{{key}}}"
+        return cls(f"{base}:h", f"{base}:w", f"{base}:we", f"{base}:m")
+
+    def keys(self) -> list[str]:
+        return [self.holders, self.waiters, self.waiter_expiry, self.meta]
+
+
+def grant_channel_prefix(prefix: str) -> str:
+    return f"{prefix}:grant:"
+
+
+def grant_channel(prefix: str, worker: str) -> str:
+    return grant_channel_prefix(prefix) + worker
+
+
+def holder_id(worker: str, task_id: str) -> str:
+    """A lease holder: the worker token (which never contains a space) and the task id."""
+    return f"{worker} {task_id}"

@@ -1,0 +1,245 @@
+"""The worker's two limiter threads: lease operations off the event loop, and grant messages.
+
+The event loop never waits on Redis: the gate hands :class:`~.leases.Acquire` and
+:class:`~.leases.Release` operations to the *operations* thread, which sends every operation
+pending at that moment in one pipelined round trip, renews all of this worker's leases in one
+more round trip every ``lease_ttl / 3``, and reports outcomes through callbacks. The *listener*
+thread holds a pub/sub subscription on this worker's grant channel, so a slot freed anywhere
+in the cluster reaches its waiter here within milliseconds.
+
+Fail closed: while Redis is unreachable, operations stay queued (nothing is granted, so the cap
+holds), one error is logged per outage, and both threads reconnect by themselves. After an
+outage every lease and place in line is re-asserted before any new acquire is sent; if Redis
+came back empty (its run id changed), new acquires also wait one grace period, so that the
+other workers' running tasks are counted again before anyone is admitted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from .keys import grant_channel
+from .leases import Acquire, LeaseStore, Op, Renew, RenewResult
+
+__all__ = ["Limiter"]
+
+logger = logging.getLogger(__name__)
+
+_BACKOFF = (0.05, 0.1, 0.25, 0.5)
+_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class Limiter:
+    def __init__(
+        self,
+        *,
+        store: LeaseStore,
+        client: redis.Redis,
+        prefix: str,
+        worker: str,
+        lease_ttl: float,
+        snapshot: Callable[[], list[Renew]],
+        on_granted: Callable[[str, str], None],
+        where: str,
+    ) -> None:
+        self._store = store
+        self._client = client
+        self._channel = grant_channel(prefix, worker)
+        self._renew_every = lease_ttl / 3
+        self._grace = min(1.0, lease_ttl / 3)
+        self._snapshot = snapshot
+        self._on_granted = on_granted
+        self._where = where
+        self._ops: deque[Op] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._renew_requested = False
+        self._run_id: str | None = None
+        self._acquire_after = 0.0
+        self._outage_since: float | None = None
+        self._outage_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._operate, name="throttle-ops", daemon=True),
+            threading.Thread(target=self._listen, name="throttle-listen", daemon=True),
+        ]
+
+    # -- public, thread-safe ------------------------------------------------------------
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, op: Op) -> None:
+        with self._cond:
+            self._ops.append(op)
+            self._cond.notify()
+
+    def renew_soon(self) -> None:
+        with self._cond:
+            self._renew_requested = True
+            self._cond.notify()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Send what is queued (bounded by ``timeout``), then stop both threads."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._ops and time.monotonic() < deadline and self._outage_since is None:
+                self._cond.wait(0.05)
+            self._stopping = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()) + 0.5)
+
+    @property
+    def pending(self) -> int:
+        return len(self._ops)
+
+    # -- operations thread -----------------------------------------------------------------
+    def _operate(self) -> None:
+        next_renew = time.monotonic() + self._renew_every
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._stopping and not self._renew_requested and not self._ready():
+                    timeout = next_renew - time.monotonic()
+                    if timeout <= 0:
+                        break
+                    if self._ops and time.monotonic() < self._acquire_after:
+                        timeout = min(timeout, self._acquire_after - time.monotonic())
+                    self._cond.wait(timeout)
+                if self._stopping and not self._ops:
+                    return
+                renew = self._renew_requested or time.monotonic() >= next_renew
+                self._renew_requested = False
+                batch = self._take()
+            try:
+                if renew or failures:
+                    self._renew_all()
+                    next_renew = time.monotonic() + self._renew_every
+                if batch:
+                    self._apply(batch, self._store.execute(batch))
+                failures = 0
+                self._recovered()
+            except _OUTAGE_ERRORS as exc:
+                with self._cond:
+                    self._ops.extendleft(reversed(batch))
+                self._outage(exc)
+                time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
+                failures += 1
+                if self._stopping:
+                    return
+            except Exception:
+                logger.exception("celery-throttled: lease operations failed; retrying")
+                with self._cond:
+                    self._ops.extendleft(reversed(batch))
+                time.sleep(0.5)
+
+    def _ready(self) -> bool:
+        if not self._ops:
+            return False
+        if time.monotonic() >= self._acquire_after:
+            return True
+        return any(not isinstance(op, Acquire) for op in self._ops)
+
+    def _take(self) -> list[Op]:
+        if time.monotonic() >= self._acquire_after:
+            batch = list(self._ops)
+            self._ops.clear()
+            return batch
+        keep = [op for op in self._ops if isinstance(op, Acquire)]
+        batch = [op for op in self._ops if not isinstance(op, Acquire)]
+        self._ops.clear()
+        self._ops.extend(keep)
+        return batch
+
+    def _renew_all(self) -> None:
+        renewals = self._snapshot()
+        if not renewals:
+            return
+        for op, result in zip(renewals, self._store.execute(renewals), strict=True):
+            assert isinstance(result, RenewResult)
+            if result.restored:
+                logger.warning(
+                    "celery-throttled: %d lease(s) of key %r had vanished from Redis and were "
+                    "put back (Redis restarted or lost data, or this worker stalled)",
+                    len(result.restored),
+                    op.key,
+                )
+            for holder in result.granted:
+                self._on_granted(op.key, holder)
+
+    def _apply(self, batch: list[Op], results: list[Any]) -> None:
+        for op, result in zip(batch, results, strict=True):
+            if isinstance(op, Acquire) and result:
+                self._on_granted(op.key, op.holder)
+
+    # -- listener thread ---------------------------------------------------------------------
+    def _listen(self) -> None:
+        failures = 0
+        while not self._stopping:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self._channel)
+                if failures:
+                    self.renew_soon()  # grants sent while we were away are found by renewal
+                failures = 0
+                while not self._stopping:
+                    message = pubsub.get_message(timeout=0.5)
+                    if message is not None and message["type"] == "message":
+                        self._grant_message(message["data"])
+            except _OUTAGE_ERRORS as exc:
+                self._outage(exc)
+                time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
+                failures += 1
+            finally:
+                with contextlib.suppress(Exception):  # closing a broken connection
+                    pubsub.close()
+
+    def _grant_message(self, data: bytes | str) -> None:
+        try:
+            key, holder = json.loads(data)
+        except (ValueError, TypeError):
+            logger.error("celery-throttled: ignoring malformed grant message %r", data)
+            return
+        self._on_granted(key, holder)
+
+    # -- outages -------------------------------------------------------------------------------
+    def _outage(self, exc: BaseException) -> None:
+        with self._outage_lock:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                logger.error(
+                    "celery-throttled: the limiter's Redis at %s is unreachable (%s); throttled "
+                    "tasks wait until it is back, unthrottled tasks keep running",
+                    self._where,
+                    exc,
+                )
+
+    def _recovered(self) -> None:
+        if self._outage_since is None and self._run_id is not None:
+            return
+        try:
+            run_id = str(self._client.info("server").get("run_id"))
+        except _OUTAGE_ERRORS:
+            return
+        with self._outage_lock:
+            if self._run_id is not None and run_id != self._run_id:
+                self._acquire_after = time.monotonic() + self._grace
+                self.renew_soon()
+            self._run_id = run_id
+            if self._outage_since is not None:
+                logger.warning(
+                    "celery-throttled: the limiter's Redis at %s is reachable again after %.1f s",
+                    self._where,
+                    time.monotonic() - self._outage_since,
+                )
+                self._outage_since = None

@@ -1,0 +1,32 @@
+-- acquire.lua: take a slot for a holder, or join the family's waiting line.
+--
+-- KEYS[1] - holders ZSET (member holder, score lease expiry ms)
+-- KEYS[2] - waiters ZSET (member holder, score ticket)
+-- KEYS[3] - waiter expiry ZSET (member holder, score expiry ms)
+-- KEYS[4] - meta HASH (cap, override, seq)
+-- ARGV[1] - key name (as the application spells it)
+-- ARGV[2] - holder ("<worker> <task id>")
+-- ARGV[3] - declared cap (positive integer)
+-- ARGV[4] - lease TTL in ms (also the waiter's liveness TTL)
+-- ARGV[5] - grant channel prefix
+-- returns {granted (1/0), effective cap, holders}
+--
+-- Idempotent: a holder that already holds a slot keeps it (its lease is refreshed); a holder
+-- already waiting keeps its ticket. Grants go to the oldest live waiters first, so the caller
+-- is granted only when every waiter ahead of it was granted too.
+
+local holder, ttl = ARGV[2], tonumber(ARGV[4])
+redis.call('HSET', KEYS[4], 'cap', ARGV[3])
+if redis.call('ZSCORE', KEYS[1], holder) then
+  local now = now_ms()
+  redis.call('ZADD', KEYS[1], now + ttl, holder)
+  return {1, effective_cap(ARGV[3]), redis.call('ZCARD', KEYS[1])}
+end
+if not redis.call('ZSCORE', KEYS[2], holder) then
+  redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[4], 'seq', 1), holder)
+end
+redis.call('ZADD', KEYS[3], now_ms() + ttl, holder)
+local _, cap, running = grant(ARGV[1], ARGV[3], ttl, ARGV[5], holder)
+local granted = 0
+if redis.call('ZSCORE', KEYS[1], holder) then granted = 1 end
+return {granted, cap, running}

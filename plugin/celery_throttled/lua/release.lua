@@ -1,0 +1,19 @@
+-- release.lua: give a slot back (or leave the waiting line), then hand free slots on.
+--
+-- KEYS[1] - holders ZSET
+-- KEYS[2] - waiters ZSET
+-- KEYS[3] - waiter expiry ZSET
+-- KEYS[4] - meta HASH
+-- ARGV[1] - key name
+-- ARGV[2] - holder
+-- ARGV[3] - declared cap (used only when the family has no meta yet)
+-- ARGV[4] - lease TTL in ms (for the leases it grants)
+-- ARGV[5] - grant channel prefix
+-- returns 1 when the holder held a slot or waited, 0 when it was unknown (idempotent)
+
+local holder = ARGV[2]
+local removed = redis.call('ZREM', KEYS[1], holder) + redis.call('ZREM', KEYS[2], holder)
+redis.call('ZREM', KEYS[3], holder)
+grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5], '')
+if removed > 0 then return 1 end
+return 0

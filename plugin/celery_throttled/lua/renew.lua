@@ -1,0 +1,42 @@
+-- renew.lua: one worker's heartbeat for one family: extend its leases and its place in line.
+--
+-- KEYS[1] - holders ZSET
+-- KEYS[2] - waiters ZSET
+-- KEYS[3] - waiter expiry ZSET
+-- KEYS[4] - meta HASH
+-- ARGV[1] - key name
+-- ARGV[2] - declared cap
+-- ARGV[3] - lease TTL in ms
+-- ARGV[4] - grant channel prefix
+-- ARGV[5] - n, the number of holders that follow
+-- ARGV[6 .. 5+n]  - holders running a task: their lease is extended; a lease that vanished
+--                   (Redis lost its data, or the lease expired during a long stall) is put back,
+--                   because the task really is running and must be counted
+-- ARGV[6+n .. ]   - holders waiting for a slot: their liveness is extended; one that vanished
+--                   from the line is enqueued again
+-- returns {lost leases put back, waiters found already granted}
+--
+-- A waiter found among the holders was granted while its worker missed the grant message;
+-- it is reported so the worker dispatches it (the pub/sub fallback).
+
+local ttl, n = tonumber(ARGV[3]), tonumber(ARGV[5])
+redis.call('HSET', KEYS[4], 'cap', ARGV[2])
+local now = now_ms()
+local restored, granted = {}, {}
+for i = 6, 5 + n do
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then table.insert(restored, ARGV[i]) end
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+end
+for i = 6 + n, #ARGV do
+  local holder = ARGV[i]
+  if redis.call('ZSCORE', KEYS[1], holder) then
+    table.insert(granted, holder)
+  else
+    if not redis.call('ZSCORE', KEYS[2], holder) then
+      redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[4], 'seq', 1), holder)
+    end
+    redis.call('ZADD', KEYS[3], now + ttl, holder)
+  end
+end
+grant(ARGV[1], ARGV[2], ttl, ARGV[4], '')
+return {restored, granted}

@@ -1,0 +1,127 @@
+"""Every ``throttle_*`` setting, read once from ``app.conf``, validated and documented.
+
+With Django's ``app.config_from_object("django.conf:settings", namespace="CELERY")`` the same
+settings are spelled ``CELERY_THROTTLE_REDIS_URL`` and so on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULTS", "Settings"]
+
+logger = logging.getLogger(__name__)
+
+#: name -> (default, meaning). The README's settings table mirrors this.
+DEFAULTS: dict[str, tuple[Any, str]] = {
+    "throttle_redis_url": (
+        None,
+        "Redis for the limiter. Default: the broker URL when it is Redis, else the result "
+        "backend when it is Redis; otherwise the worker refuses to start.",
+    ),
+    "throttle_key_prefix": ("throttle", "Prefix of every Redis key and channel the limiter uses."),
+    "throttle_lease_ttl": (
+        30.0,
+        "Seconds a slot lease lives without renewal; the worker renews every TTL/3. A dead "
+        "worker's slots come back after at most this long.",
+    ),
+    "throttle_max_hold": (
+        None,
+        "Seconds a worker may hold an unacknowledged message while it waits for a slot before "
+        "handing it back to the broker. Default: 80 % of the Redis transport's "
+        "visibility_timeout, capped at 25 minutes (under RabbitMQ's 30-minute consumer_timeout).",
+    ),
+    "throttle_max_held": (
+        1000,
+        "Messages one worker may hold while they wait, beyond its prefetch window. Past this, "
+        "held messages occupy the ordinary prefetch window instead of widening it.",
+    ),
+    "throttle_sweep_interval": (
+        0.25,
+        "Seconds between checks of held messages for revocation, expiry and max_hold.",
+    ),
+}
+
+_RABBITMQ_CONSUMER_TIMEOUT_GUARD = 25 * 60.0
+
+
+def _is_redis(url: Any) -> bool:
+    return isinstance(url, str) and url.split("://", 1)[0] in {"redis", "rediss", "redis+socket"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    key_prefix: str
+    lease_ttl: float
+    max_hold: float
+    max_held: int
+    sweep_interval: float
+
+    @classmethod
+    def from_app(cls, app: Any) -> Settings:
+        conf = app.conf
+
+        def get(name: str) -> Any:
+            value = conf.get(name)
+            if value is None:
+                value = conf.get(name.upper())
+            return DEFAULTS[name][0] if value is None else value
+
+        redis_url = get("throttle_redis_url")
+        if redis_url is None:
+            broker = conf.broker_url or ""
+            backend = conf.result_backend or ""
+            if _is_redis(broker):
+                redis_url = broker
+            elif _is_redis(backend):
+                redis_url = backend
+            else:
+                raise ConfigurationError(
+                    "celery-throttled needs a Redis for its limiter: set throttle_redis_url "
+                    "(CELERY_THROTTLE_REDIS_URL under Django) to a redis:// URL; neither the "
+                    f"broker ({_safe(broker)!r}) nor the result backend ({_safe(backend)!r}) "
+                    "is Redis"
+                )
+            logger.info("throttle_redis_url not set: the limiter uses %s", _safe(redis_url))
+        if not _is_redis(redis_url):
+            raise ConfigurationError(
+                f"throttle_redis_url must be a redis:// or rediss:// URL, got {_safe(redis_url)!r}"
+            )
+        prefix = get("throttle_key_prefix")
+        if not isinstance(prefix, str) or not prefix or " " in prefix:
+            raise ConfigurationError(
+                f"throttle_key_prefix must be a non-empty string without spaces, got {prefix!r}"
+            )
+        lease_ttl = _positive("throttle_lease_ttl", get("throttle_lease_ttl"))
+        max_hold = get("throttle_max_hold")
+        if max_hold is None:
+            options = conf.broker_transport_options or {}
+            visibility = options.get("visibility_timeout", 3600.0)
+            max_hold = min(0.8 * float(visibility), _RABBITMQ_CONSUMER_TIMEOUT_GUARD)
+        max_hold = _positive("throttle_max_hold", max_hold)
+        max_held = get("throttle_max_held")
+        if isinstance(max_held, bool) or not isinstance(max_held, int) or max_held < 0:
+            raise ConfigurationError(f"throttle_max_held must be an integer >= 0, got {max_held!r}")
+        sweep = _positive("throttle_sweep_interval", get("throttle_sweep_interval"))
+        return cls(redis_url, prefix, lease_ttl, max_hold, max_held, sweep)
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _safe(url: str) -> str:
+    """The URL with any password masked, for messages and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url

@@ -1,0 +1,127 @@
+"""The Celery app the test workers run: throttled tasks that record their own concurrency.
+
+Configured from the environment by the test fixtures: ``REDIS_URL`` (limiter, results and,
+unless ``BROKER_URL`` is set, the broker), ``TEST_PREFIX`` (the key prefix and queue name that
+isolate one test from another) and ``LEASE_TTL``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery, shared_task
+
+from celery_throttled import throttled_task
+
+REDIS_URL = os.environ["REDIS_URL"]
+PREFIX = os.environ.get("TEST_PREFIX", "t")
+
+app = Celery("throttle_app", broker=os.environ.get("BROKER_URL") or REDIS_URL, backend=REDIS_URL)
+app.conf.update(
+    task_default_queue=PREFIX,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=int(os.environ.get("PREFETCH", "1")),
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": float(os.environ.get("VISIBILITY", "3600"))},
+    throttle_key_prefix=PREFIX,
+    throttle_lease_ttl=float(os.environ.get("LEASE_TTL", "30")),
+    throttle_redis_url=os.environ.get("LIMITER_URL") or REDIS_URL,
+)
+if os.environ.get("MAX_HOLD"):
+    app.conf.throttle_max_hold = float(os.environ["MAX_HOLD"])
+
+probe = redis.Redis.from_url(REDIS_URL)
+
+_ENTER = probe.register_script(
+    """
+    local n = redis.call('INCR', KEYS[1])
+    local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if n > peak then redis.call('SET', KEYS[2], n) end
+    redis.call('RPUSH', KEYS[3], ARGV[1])
+    return n
+    """
+)
+
+
+def tracked(group: str, label: str, duration: float) -> str:
+    """Count this run in ``group`` (current and peak), sleep, and log start/end times."""
+    base = f"{PREFIX}:probe:{group}"
+    _ENTER([f"{base}:now", f"{base}:peak", f"{base}:started"], [f"{label} {time.time()}"])
+    try:
+        time.sleep(duration)
+    finally:
+        probe.decr(f"{base}:now")
+        probe.rpush(f"{base}:finished", f"{label} {time.time()}")
+    return label
+
+
+@throttled_task(limit=2, name="t.limited")
+def limited(label: str, duration: float = 0.2) -> str:
+    return tracked("limited", label, duration)
+
+
+@throttled_task(limit=2, key="shared-downstream", name="t.shared_a")
+def shared_a(label: str, duration: float = 0.2) -> str:
+    return tracked("shared", label, duration)
+
+
+@throttled_task(limit=2, key="shared-downstream", name="t.shared_b")
+def shared_b(label: str, duration: float = 0.2) -> str:
+    return tracked("shared", label, duration)
+
+
+@throttled_task(limit=1, key=lambda tenant, *args, **kwargs: f"tenant:{tenant}",
+                name="t.per_tenant")
+def per_tenant(tenant: str, label: str, duration: float = 0.2) -> str:
+    return tracked(f"tenant:{tenant}", label, duration)
+
+
+@throttled_task(limit=1, key=lambda *a, **k: 1 / 0, name="t.bad_key")
+def bad_key(label: str) -> str:
+    return tracked("bad_key", label, 0)
+
+
+@throttled_task(limit=1, key=lambda *a, **k: 42, name="t.non_string_key")
+def non_string_key(label: str) -> str:
+    return tracked("non_string_key", label, 0)
+
+
+@throttled_task(limit=None, name="t.uncapped")
+def uncapped(label: str, duration: float = 0.2) -> str:
+    return tracked("uncapped", label, duration)
+
+
+@shared_task(name="t.plain")
+def plain(label: str, duration: float = 0.05) -> str:
+    return tracked("plain", label, duration)
+
+
+@throttled_task(limit=1, key="fragile", name="t.suicide")
+def suicide(label: str) -> str:
+    tracked("suicide", label, 0)
+    os.kill(os.getpid(), 9)
+    return label
+
+
+@throttled_task(limit=1, key="fragile", name="t.survivor")
+def survivor(label: str, duration: float = 0.0) -> str:
+    return tracked("fragile", label, duration)
+
+
+@throttled_task(limit=1, name="t.flaky", bind=True, max_retries=3, default_retry_delay=0.1)
+def flaky(self: Any, label: str) -> str:
+    tracked("flaky", f"{label}#{self.request.retries}", 0)
+    if self.request.retries < 2:
+        raise self.retry()
+    return label
+
+
+@shared_task(name="t.collect")
+def collect(values: list[str]) -> list[str]:
+    return sorted(values)

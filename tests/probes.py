@@ -1,0 +1,39 @@
+"""Read what the test tasks recorded about themselves in Redis (see tests/apps/throttle_app.py)."""
+
+from __future__ import annotations
+
+import redis
+
+
+def peak(probe: redis.Redis, prefix: str, group: str) -> int:
+    return int(probe.get(f"{prefix}:probe:{group}:peak") or 0)
+
+
+def _events(probe: redis.Redis, prefix: str, group: str, kind: str) -> list[tuple[str, float]]:
+    out = []
+    for raw in probe.lrange(f"{prefix}:probe:{group}:{kind}", 0, -1):
+        label, stamp = str(raw).rsplit(" ", 1)
+        out.append((label, float(stamp)))
+    return out
+
+
+def started(probe: redis.Redis, prefix: str, group: str) -> list[tuple[str, float]]:
+    return _events(probe, prefix, group, "started")
+
+
+def finished(probe: redis.Redis, prefix: str, group: str) -> list[tuple[str, float]]:
+    return _events(probe, prefix, group, "finished")
+
+
+def leases(probe: redis.Redis, prefix: str, key: str) -> dict[str, int]:
+    """Holders and waiters the limiter has in Redis for ``key``."""
+    base = f"{prefix}:{{{key}}}"
+    return {"holders": int(probe.zcard(f"{base}:h")), "waiters": int(probe.zcard(f"{base}:w"))}
+
+
+def wait_drained(probe: redis.Redis, prefix: str, key: str, timeout: float = 10.0) -> None:
+    """Wait until ``key`` has no holder and no waiter left (releases are asynchronous)."""
+    from .conftest import wait_until
+
+    wait_until(lambda: leases(probe, prefix, key) == {"holders": 0, "waiters": 0}, timeout,
+               what=f"key {key!r} to drain, now {leases(probe, prefix, key)}")

@@ -1,0 +1,140 @@
+"""The public API without workers: validation, eager mode, settings, and the README's promises."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+import celery_throttled
+from celery_throttled import ConfigurationError, ThrottledTask, throttled_task
+from celery_throttled.settings import DEFAULTS, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, False, 1.5, "5", [5]])
+def test_bad_limit_raises_at_decoration_naming_task_and_value(limit):
+    with pytest.raises(ConfigurationError) as info:
+
+        @throttled_task(limit=limit, name="api.bad_limit")
+        def task() -> None: ...
+
+    assert "api.bad_limit" in str(info.value)
+    assert repr(limit) in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["", 42, b"bytes", "x" * 2000])
+def test_bad_key_raises_at_decoration(key):
+    with pytest.raises(ConfigurationError, match="api.bad_key"):
+
+        @throttled_task(limit=1, key=key, name="api.bad_key")
+        def task() -> None: ...
+
+
+def test_conflicting_caps_on_one_key_are_refused():
+    @throttled_task(limit=3, key="api-conflict", name="api.first")
+    def first() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"already capped at 3 by task 'api.first'"):
+
+        @throttled_task(limit=4, key="api-conflict", name="api.second")
+        def second() -> None: ...
+
+
+def test_positional_option_is_refused_with_a_hint():
+    with pytest.raises(ConfigurationError, match="as keywords"):
+        throttled_task(5)  # type: ignore[call-overload]
+
+
+def test_options_pass_through_to_shared_task():
+    app = Celery("passthrough", set_as_current=False)
+
+    @throttled_task(limit=2, name="api.passthrough", bind=True, acks_late=True, queue="q1",
+                    max_retries=7, autoretry_for=(KeyError,))
+    def task(self) -> str:
+        return str(self.name)
+
+    bound = app.tasks["api.passthrough"]
+    assert isinstance(bound, ThrottledTask)
+    assert bound.acks_late is True
+    assert bound.queue == "q1"
+    assert bound.max_retries == 7
+    assert bound.autoretry_for == (KeyError,)
+    assert bound.throttle_limit == 2
+    assert bound.throttle_key_for((), {}) == "api.passthrough"
+
+
+def test_eager_mode_runs_inline():
+    app = Celery("eager", set_as_current=False)
+    app.conf.task_always_eager = True
+
+    @throttled_task(limit=1, key=lambda n: f"n:{n}", name="api.eager")
+    def double(n: int) -> int:
+        return n * 2
+
+    with app:  # make it the current app for the shared task proxy
+        assert app.tasks["api.eager"].delay(21).get(timeout=1) == 42
+
+
+def test_settings_default_to_the_redis_broker_and_validate():
+    app = Celery("s", broker="redis://h:1/2", backend="rpc://", set_as_current=False)
+    settings = Settings.from_app(app)
+    assert settings.redis_url == "redis://h:1/2"
+    assert settings.max_hold == pytest.approx(25 * 60)
+    app.conf.broker_transport_options = {"visibility_timeout": 60}
+    assert Settings.from_app(app).max_hold == pytest.approx(48)
+
+
+def test_settings_refuse_a_non_redis_setup_saying_what_to_set():
+    app = Celery("s", broker="amqp://guest@localhost//", backend="rpc://", set_as_current=False)
+    with pytest.raises(ConfigurationError, match="throttle_redis_url"):
+        Settings.from_app(app)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("throttle_lease_ttl", 0), ("throttle_lease_ttl", "30"), ("throttle_max_held", -1),
+     ("throttle_key_prefix", ""), ("throttle_max_hold", -5), ("throttle_redis_url", "http://x")],
+)
+def test_bad_settings_name_the_setting_and_value(name, value):
+    app = Celery("s", broker="redis://h:1/0", set_as_current=False)
+    app.conf[name] = value
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_app(app)
+    assert name in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+def test_django_style_namespaced_settings_are_read():
+    class DjangoSettings:
+        CELERY_BROKER_URL = "redis://broker:6379/0"
+        CELERY_THROTTLE_LEASE_TTL = 12
+        CELERY_THROTTLE_KEY_PREFIX = "django"
+
+    app = Celery("dj", set_as_current=False)
+    app.config_from_object(DjangoSettings, namespace="CELERY")
+    settings = Settings.from_app(app)
+    assert settings.lease_ttl == 12
+    assert settings.key_prefix == "django"
+    assert settings.redis_url == "redis://broker:6379/0"
+
+
+def test_every_setting_is_documented_in_the_readme():
+    for name in DEFAULTS:
+        assert f"`{name}`" in README, name
+
+
+def test_public_api_matches_the_readme():
+    documented = set(re.findall(r"^\| `(\w+)", README.split("## API", 1)[1].split("##", 1)[0],
+                                re.MULTILINE))
+    assert documented == set(celery_throttled.__all__)
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    first_lines = README.split("```sh\n", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert len(first_lines) == 2
+    assert first_lines[1] in (ROOT / ".ci" / "run").read_text()

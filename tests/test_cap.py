@@ -1,0 +1,134 @@
+"""The cluster-wide cap, measured inside the tasks, with real Redis and real worker processes."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery
+
+from .conftest import Workers, wait_until
+from .probes import finished, leases, peak, started, wait_drained
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def run_all(client: Celery, name: str, args_list: list[tuple], timeout: float = 60) -> list:
+    results = [client.send_task(name, args) for args in args_list]
+    return [r.get(timeout=timeout) for r in results]
+
+
+@pytest.mark.parametrize(
+    "pools",
+    [("prefork", "prefork"), ("threads", "threads"), ("solo", "solo"), ("prefork", "threads")],
+    ids=lambda p: "+".join(p),
+)
+def test_cap_holds_across_two_workers(workers: Workers, client: Celery, probe, prefix, pools):
+    # Given two workers with room for far more than the cap of 2
+    for pool in pools:
+        workers.start(pool=pool, concurrency=1 if pool == "solo" else 4)
+    # When 16 capped tasks are submitted at once
+    labels = run_all(client, "t.limited", [(f"x{i}", 0.15) for i in range(16)])
+    # Then every one ran, and never more than 2 at a time, and the cap was used in full
+    assert labels == [f"x{i}" for i in range(16)]
+    assert peak(probe, prefix, "limited") == 2
+    # And nothing is left in Redis
+    wait_drained(probe, prefix, "t.limited")
+
+
+def test_shared_key_caps_two_task_types_together(workers: Workers, client, probe, prefix):
+    # Given two task types declared with key="shared-downstream" and limit=2
+    workers.start(pool="prefork", concurrency=6)
+    # When six of each are submitted together
+    a = [client.send_task("t.shared_a", (f"a{i}", 0.15)) for i in range(6)]
+    b = [client.send_task("t.shared_b", (f"b{i}", 0.15)) for i in range(6)]
+    for r in a + b:
+        r.get(timeout=60)
+    # Then at most two of either kind ran at once
+    assert peak(probe, prefix, "shared") == 2
+
+
+def test_key_function_caps_each_value_separately(workers: Workers, client, probe, prefix):
+    # Given a task capped at 1 per tenant
+    workers.start(pool="threads", concurrency=6)
+    # When three tenants each submit three tasks
+    results = [client.send_task("t.per_tenant", (t, f"{t}{i}", 0.3))
+               for i in range(3) for t in "ABC"]
+    for r in results:
+        r.get(timeout=60)
+    # Then each tenant ran one at a time ...
+    for tenant in "ABC":
+        assert peak(probe, prefix, f"tenant:{tenant}") == 1
+    # ... while different tenants ran side by side
+    spans = {t: (min(s for _, s in started(probe, prefix, f"tenant:{t}")),
+                 max(f for _, f in finished(probe, prefix, f"tenant:{t}"))) for t in "ABC"}
+    assert max(s for s, _ in spans.values()) < min(f for _, f in spans.values())
+
+
+def test_unthrottled_tasks_flow_past_a_throttled_backlog(workers: Workers, client, probe, prefix):
+    # Given a worker whose queue holds a long throttled backlog (12 x 0.5 s at limit 2)
+    workers.start(pool="prefork", concurrency=4)
+    backlog = [client.send_task("t.limited", (f"x{i}", 0.5)) for i in range(12)]
+    wait_until(lambda: peak(probe, prefix, "limited") == 2, 30, what="the backlog to start")
+    # When plain tasks are submitted behind it on the same queue
+    plain = [client.send_task("t.plain", (f"p{i}", 0.05)) for i in range(10)]
+    for r in plain:
+        r.get(timeout=60)
+    # Then they all finished while the backlog was still far from done
+    done_plain = max(f for _, f in finished(probe, prefix, "plain"))
+    done_limited = sorted(f for _, f in finished(probe, prefix, "limited"))
+    assert len(done_limited) < 8
+    assert all(stamp < done_plain for stamp in done_limited) or done_plain < done_limited[-1]
+    for r in backlog:
+        r.get(timeout=60)
+    assert peak(probe, prefix, "limited") == 2
+
+
+def test_killed_child_frees_its_slot_at_once(workers: Workers, client, probe, prefix):
+    # Given leases that would take two minutes to expire on their own
+    workers.start(pool="prefork", concurrency=2, LEASE_TTL=120)
+    # When a task holding the only slot of "fragile" SIGKILLs its own pool process
+    dead = client.send_task("t.suicide", ("boom",))
+    wait_until(lambda: started(probe, prefix, "suicide"), 30, what="the suicide task to start")
+    # Then the next task of the same key runs long before the lease could have expired
+    assert client.send_task("t.survivor", ("after",)).get(timeout=30) == "after"
+    assert dead.state == "FAILURE"
+    wait_drained(probe, prefix, "fragile")
+
+
+def test_revoked_held_task_never_runs(workers: Workers, client, probe, prefix):
+    # Given the only slot of "fragile" taken by a running task
+    workers.start(pool="prefork", concurrency=3)
+    first = client.send_task("t.survivor", ("first", 1.5))
+    wait_until(lambda: started(probe, prefix, "fragile"), 30, what="the first task to start")
+    # When a second task waits for the slot and is revoked while it waits
+    held = client.send_task("t.survivor", ("held", 0))
+    wait_until(lambda: leases(probe, prefix, "fragile")["waiters"] == 1, 10,
+               what="the second task to wait")
+    client.control.revoke(held.id)
+    # Then it settles as revoked and leaves the line at once, the running task is unaffected,
+    wait_until(lambda: held.state == "REVOKED", 10, what="the held task to be revoked")
+    wait_until(lambda: leases(probe, prefix, "fragile") == {"holders": 1, "waiters": 0}, 5,
+               what="the revoked task to leave the line")
+    assert first.get(timeout=30) == "first"
+    # and the slot serves the next task normally
+    assert client.send_task("t.survivor", ("third", 0)).get(timeout=30) == "third"
+    assert [label for label, _ in started(probe, prefix, "fragile")] == ["first", "third"]
+    wait_drained(probe, prefix, "fragile")
+
+
+def test_bad_key_function_fails_the_task_and_the_worker_carries_on(workers: Workers, client,
+                                                                    probe, prefix):
+    # Given a worker
+    worker = workers.start(pool="prefork", concurrency=2)
+    # When a task's key function raises, and another's returns a non-string
+    raising = client.send_task("t.bad_key", ("a",))
+    wrong = client.send_task("t.non_string_key", ("b",))
+    # Then both fail without running, with errors that say what happened
+    with pytest.raises(Exception, match=r"key function .* raised ZeroDivisionError"):
+        raising.get(timeout=30)
+    with pytest.raises(Exception, match="returned 42"):
+        wrong.get(timeout=30)
+    assert started(probe, prefix, "bad_key") == []
+    assert started(probe, prefix, "non_string_key") == []
+    # And the worker still serves throttled tasks
+    assert client.send_task("t.limited", ("ok", 0)).get(timeout=30) == "ok"
+    assert worker.alive()
