@@ -28,7 +28,12 @@ app.conf.update(
     worker_prefetch_multiplier=int(os.environ.get("PREFETCH", "1")),
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": float(os.environ.get("VISIBILITY", "3600"))},
+    broker_transport_options={
+        "visibility_timeout": float(os.environ.get("VISIBILITY", "3600")),
+        # recover a dead worker's unacknowledged messages promptly once they are visible again
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    },
     throttle_key_prefix=PREFIX,
     throttle_lease_ttl=float(os.environ.get("LEASE_TTL", "30")),
     throttle_redis_url=os.environ.get("LIMITER_URL") or REDIS_URL,
@@ -125,3 +130,13 @@ def flaky(self: Any, label: str) -> str:
 @shared_task(name="t.collect")
 def collect(values: list[str]) -> list[str]:
     return sorted(values)
+
+
+@throttled_task(limit=1, name="t.rate_limited", rate_limit="20/s")
+def rate_limited(label: str) -> str:
+    return tracked("rate_limited", label, 0)
+
+
+@throttled_task(limit=1, name="t.late", acks_late=True)
+def late(label: str, duration: float = 0.1) -> str:
+    return tracked("late", label, duration)

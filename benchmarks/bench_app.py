@@ -1,0 +1,157 @@
+"""The Celery app the benchmark workers run: throttled and plain tasks, and the two recipes.
+
+Configured from the environment by ``bench_cap.py``: ``REDIS_URL`` (broker, result backend and
+limiter) and ``BENCH_PREFIX`` (the queue name and ``throttle_key_prefix`` that isolate one row
+from another). Every task that does work counts itself in Redis while its body runs, so a row's
+peak concurrency is measured inside the tasks, never inferred::
+
+    {prefix}:probe:{group}:now     INCR on entry, DECR on exit
+    {prefix}:probe:{group}:peak    the highest value ``now`` ever reached (set atomically)
+
+The two recipes are what people write by hand without this package; their slot counter is
+``{prefix}:recipe:{name}:slots``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from celery import Celery, shared_task
+
+from celery_throttled import throttled_task
+
+REDIS_URL = os.environ["REDIS_URL"]
+PREFIX = os.environ.get("BENCH_PREFIX", "bench")
+
+#: The caps of the rows; ``bench_cap.py`` reads them from here.
+NEVER_BINDS = 10_000
+WORK_CAP = 5
+HANDOFF_CAP = 1
+
+app = Celery("bench_app", broker=REDIS_URL, backend=REDIS_URL)
+app.conf.update(
+    task_default_queue=PREFIX,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    throttle_redis_url=REDIS_URL,
+    throttle_key_prefix=PREFIX,
+)
+
+probe = redis.Redis.from_url(REDIS_URL)
+
+_ENTER = probe.register_script(
+    """
+    local n = redis.call('INCR', KEYS[1])
+    local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if n > peak then redis.call('SET', KEYS[2], n) end
+    return n
+    """
+)
+
+# KEYS[1] - the recipe's slot counter; ARGV[1] - its limit; returns 1 (took a slot) or 0 (full)
+_TAKE_SLOT = probe.register_script(
+    """
+    local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+    if n < tonumber(ARGV[1]) then
+      redis.call('INCR', KEYS[1])
+      return 1
+    end
+    return 0
+    """
+)
+
+
+def probe_key(group: str, what: str) -> str:
+    return f"{PREFIX}:probe:{group}:{what}"
+
+
+def slots_key(recipe: str) -> str:
+    return f"{PREFIX}:recipe:{recipe}:slots"
+
+
+@contextlib.contextmanager
+def counted(group: str) -> Iterator[None]:
+    """Count the enclosed block in ``group``'s current and peak concurrency."""
+    now = probe_key(group, "now")
+    _ENTER([now, probe_key(group, "peak")])
+    try:
+        yield
+    finally:
+        probe.decr(now)
+
+
+# -- P1: no-op throughput -------------------------------------------------------------------
+@shared_task(name="bench.noop_plain")
+def noop_plain(track: bool = False) -> None:
+    if track:
+        with counted("noop_plain"):
+            pass
+
+
+@throttled_task(limit=NEVER_BINDS, name="bench.noop_throttled")
+def noop_throttled(track: bool = False) -> None:
+    if track:
+        with counted("noop_throttled"):
+            pass
+
+
+# -- P2, P3: 50 ms of work -----------------------------------------------------------------
+@shared_task(name="bench.work_plain")
+def work_plain(duration: float) -> None:
+    with counted("work_plain"):
+        time.sleep(duration)
+
+
+@throttled_task(limit=WORK_CAP, name="bench.work_throttled")
+def work_throttled(duration: float) -> None:
+    with counted("work_throttled"):
+        time.sleep(duration)
+
+
+@shared_task(bind=True, name="bench.recipe_retry")
+def recipe_retry(self: Any, duration: float, limit: int) -> None:
+    """Recipe (a): take a slot of a Redis counter, or retry in 100 ms."""
+    slots = slots_key("retry")
+    if not _TAKE_SLOT([slots], [limit]):
+        probe.incr(f"{PREFIX}:recipe:retry:retries")
+        raise self.retry(countdown=0.1, max_retries=None)
+    try:
+        with counted("recipe_retry"):
+            time.sleep(duration)
+    finally:
+        probe.decr(slots)
+
+
+@shared_task(bind=True, name="bench.recipe_spin")
+def recipe_spin(self: Any, duration: float, limit: int) -> None:
+    """Recipe (b): take a slot of a Redis counter, spinning every 10 ms until one is free."""
+    slots = slots_key("spin")
+    while not _TAKE_SLOT([slots], [limit]):
+        time.sleep(0.01)
+    try:
+        with counted("recipe_spin"):
+            time.sleep(duration)
+    finally:
+        probe.decr(slots)
+
+
+# -- P4: hand-off between workers ----------------------------------------------------------
+@throttled_task(limit=HANDOFF_CAP, bind=True, name="bench.handoff")
+def handoff(self: Any, label: int, duration: float) -> None:
+    """Sleep under a cap of one; log when the body started and ended, and on which worker."""
+    with counted("handoff"):
+        start = time.time()
+        time.sleep(duration)
+    end = time.time()
+    event = {"label": label, "host": self.request.hostname, "start": start, "end": end}
+    probe.rpush(probe_key("handoff", "events"), json.dumps(event))

