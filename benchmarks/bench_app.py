@@ -118,13 +118,17 @@ def work_throttled(duration: float) -> None:
         time.sleep(duration)
 
 
-@shared_task(bind=True, name="bench.recipe_retry")
+@shared_task(bind=True, max_retries=None, name="bench.recipe_retry")
 def recipe_retry(self: Any, duration: float, limit: int) -> None:
-    """Recipe (a): take a slot of a Redis counter, or retry in 100 ms."""
+    """Recipe (a): take a slot of a Redis counter, or retry in 100 ms, without end.
+
+    ``max_retries=None`` must be on the decorator: passed to ``self.retry()`` it means "the
+    task's default" (3), and the fourth retry fails with ``MaxRetriesExceededError``.
+    """
     slots = slots_key("retry")
     if not _TAKE_SLOT([slots], [limit]):
         probe.incr(f"{PREFIX}:recipe:retry:retries")
-        raise self.retry(countdown=0.1, max_retries=None)
+        raise self.retry(countdown=0.1)
     try:
         with counted("recipe_retry"):
             time.sleep(duration)

@@ -286,8 +286,8 @@ class Row:
         done = self.bench.wait(ids, started, timeout)
         if not done.complete:
             raise RuntimeError(
-                f"{self.prefix}: {done.missing} of {len(ids)} tasks did not finish within "
-                f"{timeout:.0f}s; statuses {dict(done.statuses)}"
+                f"{self.prefix}: of {len(ids)} tasks, {done.missing} had no result after "
+                f"{timeout:.0f}s and the others ended {dict(done.statuses)}"
             )
         return ids, done
 

@@ -29,7 +29,7 @@ def test_bad_limit_raises_at_decoration_naming_task_and_value(limit):
 
 @pytest.mark.parametrize("key", ["", 42, b"bytes", "x" * 2000])
 def test_bad_key_raises_at_decoration(key):
-    with pytest.raises(ConfigurationError, match="api.bad_key"):
+    with pytest.raises(ConfigurationError, match=r"api\.bad_key"):
 
         @throttled_task(limit=1, key=key, name="api.bad_key")
         def task() -> None: ...
