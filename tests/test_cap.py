@@ -132,3 +132,39 @@ def test_bad_key_function_fails_the_task_and_the_worker_carries_on(workers: Work
     # And the worker still serves throttled tasks
     assert client.send_task("t.limited", ("ok", 0)).get(timeout=30) == "ok"
     assert worker.alive()
+
+
+def test_fifo_within_a_worker_and_no_worker_starves(workers: Workers, client, probe, prefix):
+    # Given two workers sharing a cap of 1
+    names = [workers.start(pool="threads", concurrency=4).name for _ in range(2)]
+    # When 24 tasks are submitted in order
+    results = [client.send_task("t.fair", (i, 0.03)) for i in range(24)]
+    for r in results:
+        r.get(timeout=60)
+    runs = [label.split("@", 1) for label, _ in started(probe, prefix, "fair")]
+    # Then each worker started its tasks in the order they were submitted
+    for name in names:
+        mine = [int(index) for index, host in runs if host == name]
+        assert mine == sorted(mine)
+        # and neither worker was starved by the other
+        assert len(mine) >= 6, (name, mine)
+    assert peak(probe, prefix, "fair") == 1
+
+
+def test_hard_time_limit_and_terminate_free_the_slot(workers: Workers, client, probe, prefix):
+    # Given leases that would take two minutes to expire on their own
+    workers.start(pool="prefork", concurrency=3, LEASE_TTL=120)
+    # When a task that holds the only slot hits its hard time limit
+    slow = client.send_task("t.survivor", ("slow", 30), time_limit=0.5)
+    # Then the next one runs, long before the slow one could have finished
+    assert client.send_task("t.survivor", ("next", 0)).get(timeout=20) == "next"
+    assert slow.state == "FAILURE"
+    # When a running task is revoked with terminate=True
+    stuck = client.send_task("t.survivor", ("stuck", 30))
+    wait_until(lambda: "stuck" in [label for label, _ in started(probe, prefix, "fragile")], 20,
+               what="the stuck task to start")
+    client.control.revoke(stuck.id, terminate=True)
+    # Then its slot is freed too
+    assert client.send_task("t.survivor", ("after", 0)).get(timeout=20) == "after"
+    wait_until(lambda: stuck.state == "REVOKED", 10, what="the stuck task to be revoked")
+    wait_drained(probe, prefix, "fragile")

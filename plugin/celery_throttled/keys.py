@@ -31,7 +31,7 @@ class Family:
         base = f"{prefix}:{{{key}}}"
         return cls(f"{base}:h", f"{base}:w", f"{base}:we", f"{base}:m")
 
-    def keys(self) -> list[str]:
+    def all(self) -> list[str]:
         return [self.holders, self.waiters, self.waiter_expiry, self.meta]
 
 

@@ -105,7 +105,7 @@ class RedisLeases:
     def execute(self, ops: Sequence[Op]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         for op in ops:
-            keys = self.family(op.key).keys()
+            keys = self.family(op.key).all()
             if isinstance(op, Acquire):
                 self._acquire(keys, self._args(op.key, op.holder, op.cap), client=pipe)
             elif isinstance(op, Release):

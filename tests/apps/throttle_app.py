@@ -140,3 +140,8 @@ def rate_limited(label: str) -> str:
 @throttled_task(limit=1, name="t.late", acks_late=True)
 def late(label: str, duration: float = 0.1) -> str:
     return tracked("late", label, duration)
+
+
+@throttled_task(limit=1, name="t.fair", bind=True)
+def fair(self: Any, index: int, duration: float = 0.05) -> str:
+    return tracked("fair", f"{index}@{self.request.hostname}", duration)
