@@ -28,6 +28,7 @@ def test_killed_worker_slots_return_after_ttl_and_held_messages_run_once(
     results = [client.send_task("t.limited", (f"x{i}", 3.0)) for i in range(6)]
     wait_until(lambda: leases(probe, prefix, "t.limited") == {"holders": 2, "waiters": 4}, 30,
                what="2 running and 4 waiting")
+    wait_until(lambda: len(started(probe, prefix, "limited")) == 2, 30, what="2 to start")
     running = {label for label, _ in started(probe, prefix, "limited")}
     # When the whole worker is SIGKILLed
     os.killpg(doomed.proc.pid, signal.SIGKILL)
