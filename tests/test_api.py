@@ -77,7 +77,9 @@ def test_eager_mode_runs_inline():
         return n * 2
 
     with app:  # make it the current app for the shared task proxy
-        assert app.tasks["api.eager"].delay(21).get(timeout=1) == 42
+        envelope = app.tasks["api.eager"].delay(21).get(timeout=1)
+    assert envelope.ok and envelope.value == 42 and envelope.unwrap() == 42
+    assert envelope.started_at is not None and envelope.runtime is not None
 
 
 def test_settings_default_to_the_redis_broker_and_validate():

@@ -41,5 +41,5 @@ def test_in_process_worker_holds_the_cap(celery_app, redis_url: str):
 
     with start_worker(celery_app, pool="threads", concurrency=4, perform_ping_check=False):
         results = [one_at_a_time.delay(i) for i in range(6)]
-        assert [r.get(timeout=30) for r in results] == list(range(6))
+        assert [r.get(timeout=30).unwrap() for r in results] == list(range(6))
     assert int(probe.get("inprocess:peak") or 0) == 1

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigurationError", "KeyFunctionError", "ThrottleError"]
+__all__ = [
+    "Cancelled",
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "KeyFunctionError",
+    "ResultTooLarge",
+    "TaskFailed",
+    "ThrottleError",
+]
 
 
 class ThrottleError(Exception):
@@ -21,3 +29,30 @@ class KeyFunctionError(ThrottleError):
 
     The task does not run; it is recorded as failed with this error and the worker carries on.
     """
+
+
+class Cancelled(ThrottleError):
+    """Raised by ``current_context().check()`` once the task's cancellation was requested."""
+
+
+class DeadlineExceeded(ThrottleError):
+    """Raised by ``current_context().check()`` once the caller's deadline has passed."""
+
+
+class TaskFailed(ThrottleError):
+    """Carries a finished :class:`~.envelope.ErrorInfo` (as JSON) from the task to the backend.
+
+    Raised inside the worker in place of whatever the task raised, so that every failure reaches
+    Celery as an ordinary, picklable, JSON-describable exception.
+    """
+
+    def __init__(self, error: dict[str, object]) -> None:
+        self.error = error
+        super().__init__(f"[{error.get('kind')}] {error.get('type')}: {error.get('message')}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (TaskFailed, (self.error,))
+
+
+class ResultTooLarge(ThrottleError):
+    """A task returned a value larger than ``throttle_max_result_bytes`` once encoded."""

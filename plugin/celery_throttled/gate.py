@@ -31,11 +31,14 @@ from typing import Any
 import redis
 from celery.worker import state as worker_state
 
-from .errors import KeyFunctionError
+from .deadlines import HEADER
+from .envelope import ErrorInfo, dotted_name
+from .errors import DeadlineExceeded, KeyFunctionError, TaskFailed
 from .keys import holder_id
 from .leases import Acquire, RedisLeases, Release, Renew
 from .limiter import Limiter
 from .settings import Settings, _safe
+from .task import ThrottledTask
 
 __all__ = ["Gate"]
 
@@ -101,6 +104,7 @@ class Gate:
         self._widened = 0
         self._closed = False
         self._sweeper: Any = None
+        self.pool_kind = _pool_kind(consumer.pool)
         self._dispatch: Callable[[Any], Any] = consumer.on_task_request
         consumer.on_task_request = self.route
         self.limiter.start()
@@ -116,10 +120,27 @@ class Gate:
     # -- the event loop side -----------------------------------------------------------------
     def route(self, req: Any) -> Any:
         """Replaces ``consumer.on_task_request``: every request path (direct, ETA, rate limit)."""
-        limit = getattr(req.task, "throttle_limit", None)
-        if limit is None or getattr(req, "_throttle_admitted", False):
+        task = req.task
+        if not isinstance(task, ThrottledTask) or getattr(req, "_throttle_admitted", False):
             return self._dispatch(req)
+        req._request_dict["throttle"] = {"pool": self.pool_kind}
+        if _deadline_passed(req):
+            _settle_deadline(req, "while it was queued")
+            return None
+        limit = task.throttle_limit
+        if limit is None:
+            return self._run(req)
         return self.submit(req, limit)
+
+    def _run(self, req: Any) -> Any:
+        deadline = req._request_dict.get(HEADER)
+        if deadline is not None:  # the time left acts as the soft time limit
+            hard, soft = req.time_limits
+            left = max(float(deadline) - time.time(), 0.001)
+            soft = soft or req.task.soft_time_limit
+            req.time_limits = (hard, left if soft is None else min(soft, left))
+        req._throttle_admitted = True
+        return self._dispatch(req)
 
     def submit(self, req: Any, cap: int) -> None:
         try:
@@ -128,6 +149,7 @@ class Gate:
             logger.error("%s", exc)
             _fail_without_running(req, exc)
             return
+        req._request_dict["throttle"]["key"] = key
         holder = holder_id(self.worker, req.id)
         held = Held(req, key, cap, holder)
         with self._lock:
@@ -182,11 +204,15 @@ class Gate:
         if req.revoked():
             self.release(held)
             return
+        if _deadline_passed(req):
+            self.release(held)
+            _settle_deadline(req, f"while it waited for a slot of {held.key!r}")
+            return
+        req._request_dict["throttle"]["waited"] = time.monotonic() - held.since
         with self._lock:
             self._running[(held.key, held.holder)] = held
         _hook_end_paths(req, lambda: self.release(held))
-        req._throttle_admitted = True
-        self._dispatch(req)
+        self._run(req)
 
     def release(self, held: Held) -> None:
         """Give the slot (or the place in line) back. Idempotent; called from any thread."""
@@ -211,6 +237,10 @@ class Gate:
                 if req.revoked():
                     self._unwiden(held)
                     self.release(held)
+            elif _deadline_passed(req):
+                self._unwiden(held)
+                self.release(held)
+                _settle_deadline(req, f"while it waited for a slot of {held.key!r}")
             elif held.since < oldest:
                 logger.info(
                     "celery-throttled: %s[%s] waited %.0fs for a slot of %r; handing it back "
@@ -288,6 +318,26 @@ def _expired(req: Any) -> bool:
         return False
     now = datetime.now(timezone.utc if expires.tzinfo else None)
     return bool(now > expires)
+
+
+def _deadline_passed(req: Any) -> bool:
+    deadline = req._request_dict.get(HEADER)
+    return deadline is not None and time.time() >= float(deadline)
+
+
+def _settle_deadline(req: Any, where: str) -> None:
+    error = ErrorInfo(
+        "deadline",
+        dotted_name(DeadlineExceeded),
+        f"task {req.name}[{req.id}] passed its deadline {where}; it did not run",
+    )
+    logger.info("celery-throttled: %s", error.message)
+    _fail_without_running(req, TaskFailed(error.to_json()))
+
+
+def _pool_kind(pool: Any) -> str:
+    module = type(pool).__module__.rsplit(".", 1)[-1]
+    return {"thread": "threads"}.get(module, module)
 
 
 def _hook_end_paths(req: Any, release: Callable[[], None]) -> None:

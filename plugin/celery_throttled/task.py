@@ -8,7 +8,10 @@ from typing import Any, TypeVar, overload
 
 from celery import Task, shared_task
 
+from . import deadlines, execution
+from .context import current_context
 from .errors import ConfigurationError, KeyFunctionError
+from .results import EagerEnvelopeResult, EnvelopeResult, envelope_backend
 
 __all__ = ["ThrottledTask", "throttled_task"]
 
@@ -36,6 +39,68 @@ class ThrottledTask(Task):  # type: ignore[misc]
         from .strategy import ThrottleConsumerStep
 
         app.steps["consumer"].add(ThrottleConsumerStep)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request_stack.top
+        if request is None or request.called_directly:
+            return super().__call__(*args, **kwargs)  # a plain function call
+        return execution.run(self, self.run, args, kwargs)
+
+    @property
+    def backend(self) -> Any:
+        """Writes go through the envelope backend; see :mod:`celery_throttled.results`."""
+        if self._backend is not None:
+            return self._backend
+        return envelope_backend(self.app)
+
+    @backend.setter
+    def backend(self, value: Any) -> None:
+        self._backend = value
+
+    def AsyncResult(self, task_id: str, **kwargs: Any) -> EnvelopeResult:
+        app = self._get_app()
+        backend = kwargs.pop("backend", None) or self._backend or app.backend
+        return EnvelopeResult(task_id, backend=backend, task_name=self.name, app=app, **kwargs)
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's ``apply_async``, plus ``deadline=``: seconds from now or an aware datetime.
+
+        Inside a running throttled task the caller's own deadline flows down: the child gets
+        the earlier of the two.
+        """
+        deadline = deadlines.absolute(self.name, options.pop("deadline", None))
+        inherited = current_context().deadline
+        if inherited is not None:
+            deadline = inherited if deadline is None else min(deadline, inherited)
+        if deadline is not None:
+            headers = dict(options.pop("headers", None) or {})
+            headers["throttle_deadline"] = deadline
+            options["headers"] = headers
+        return super().apply_async(
+            args, kwargs, task_id, producer, link, link_error, shadow, **options
+        )
+
+    def apply(self, args: Any = None, kwargs: Any = None, *a: Any, **options: Any) -> Any:
+        """Eager execution: runs inline and returns an :class:`EagerEnvelopeResult`."""
+        options.pop("deadline", None)
+        result = super().apply(args, kwargs, *a, **options)
+        if isinstance(result, EagerEnvelopeResult):
+            return result
+        eager = EagerEnvelopeResult(
+            result.id, result._result, result._state, traceback=result.traceback, name=self.name
+        )
+        eager.throttle_envelope = execution.eager_details.pop(result.id, None)
+        return eager
 
     def throttle_key_for(self, args: Any, kwargs: Any) -> str:
         """The key a run with these arguments counts against."""

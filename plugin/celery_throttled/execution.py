@@ -1,0 +1,173 @@
+"""What happens where the task runs (pool process, thread, or the solo main thread).
+
+:func:`run` wraps ``Task.__call__`` for throttled tasks:
+
+1. enter the task's :class:`~.context.TaskContext` (deadline, cancellation);
+2. on pools without Celery's own time limits (threads, solo) arm the watchdog;
+3. run the task;
+4. check that the value is encodable by the result serializer and under
+   ``throttle_max_result_bytes``;
+5. turn *every* exception into :class:`~.errors.TaskFailed` carrying an
+   :class:`~.envelope.ErrorInfo` (``SystemExit``, ``KeyboardInterrupt``, ``MemoryError`` and
+   ``GeneratorExit`` included), so the pool and the worker survive whatever the task did, and the
+   caller always gets an envelope. Celery's control-flow exceptions (``Retry``, ``Ignore``,
+   ``Reject``) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from billiard.common import terminate_handler_fired
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+from kombu.exceptions import EncodeError
+from kombu.serialization import dumps
+
+from . import context
+from .envelope import ErrorInfo
+from .errors import Cancelled, DeadlineExceeded, ResultTooLarge, TaskFailed
+from .timeouts import watchdog
+
+__all__ = ["run"]
+
+logger = logging.getLogger(__name__)
+
+_PASS_THROUGH = (Retry, Ignore, Reject)
+#: envelope details of eager runs, picked up by ``ThrottledTask.apply`` on the same thread
+eager_details: dict[str, dict[str, Any]] = {}
+_NATIVE_TIME_LIMITS = {"prefork", "processes"}
+DEFAULT_MAX_RESULT_BYTES = 16 * 1024 * 1024
+_DEADLINE_SLACK = 0.1  # a soft limit armed for the deadline may fire a little early
+
+
+def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    request = task.request
+    info: dict[str, Any] = getattr(request, "throttle", None) or {}
+    deadline = getattr(request, "throttle_deadline", None)
+    ctx = context.TaskContext(task_id=request.id, deadline=deadline)
+    started = time.time()
+    details: dict[str, Any] = {
+        "task_name": task.name,
+        "key": info.get("key"),
+        "worker": getattr(request, "hostname", None),
+        "attempts": int(getattr(request, "retries", 0) or 0) + 1,
+        "waited": info.get("waited"),
+        "started_at": _iso(started),
+    }
+    request.throttle_envelope = details
+    if getattr(request, "is_eager", False):
+        eager_details[request.id] = details
+    timer = None
+    pool = info.get("pool")
+    if pool is not None and pool not in _NATIVE_TIME_LIMITS:
+        soft, hard = _limits(task, request, deadline, started)
+        if soft is not None or hard is not None:
+            timer = watchdog.arm(soft, hard, _hard_reporter(task, request, details, hard))
+    token = context.enter(ctx)
+    try:
+        try:
+            value = call(*args, **kwargs)
+            _check_result(task, value)
+        finally:
+            if timer is not None:
+                timer.cancel()
+    except _PASS_THROUGH:
+        _finish(details, started)
+        raise
+    except BaseException as exc:  # every panic becomes an envelope
+        _finish(details, started)
+        if isinstance(exc, SystemExit) and terminate_handler_fired():
+            raise  # the pool is terminating this process (hard time limit, revoke): let it go
+        if timer is not None and timer.hard_fired:
+            raise Ignore() from None  # the caller already has its hard_timeout envelope
+        error = ErrorInfo.from_exception(exc, _kind(exc, ctx))
+        raise TaskFailed(error.to_json()) from None
+    finally:
+        context.leave(token)
+    _finish(details, started)
+    if timer is not None and timer.hard_fired:
+        raise Ignore()
+    return value
+
+
+def _kind(exc: BaseException, ctx: context.TaskContext) -> str:
+    if isinstance(exc, TaskFailed):
+        return str(exc.error.get("kind", "error"))
+    if isinstance(exc, DeadlineExceeded):
+        return "deadline"
+    if isinstance(exc, Cancelled):
+        return "cancelled"
+    if isinstance(exc, SoftTimeLimitExceeded):
+        late = ctx.deadline is not None and time.time() >= ctx.deadline - _DEADLINE_SLACK
+        return "deadline" if late else "soft_timeout"
+    if isinstance(exc, _Unserializable):
+        return "unserializable"
+    return "error"
+
+
+class _Unserializable(Exception):
+    pass
+
+
+def _check_result(task: Any, value: Any) -> None:
+    serializer = task.app.conf.result_serializer
+    try:
+        _, _, data = dumps(value, serializer=serializer)  # type: ignore[no-untyped-call]
+    except (EncodeError, TypeError, ValueError, OverflowError) as exc:
+        raise _Unserializable(
+            f"task {task.name!r} returned a value of type {type(value).__name__} that the "
+            f"{serializer!r} result serializer cannot encode: {exc}"
+        ) from None
+    limit = task.app.conf.get("throttle_max_result_bytes") or DEFAULT_MAX_RESULT_BYTES
+    if len(data) > limit:
+        raise ResultTooLarge(
+            f"task {task.name!r} returned {len(data)} bytes once encoded, over "
+            f"throttle_max_result_bytes={limit}"
+        )
+
+
+def _limits(
+    task: Any, request: Any, deadline: float | None, started: float
+) -> tuple[float | None, float | None]:
+    hard, soft = request.timelimit or (None, None)
+    soft = soft or task.soft_time_limit
+    hard = hard or task.time_limit
+    if deadline is not None:
+        left = max(deadline - started, 0.001)
+        soft = left if soft is None else min(soft, left)
+    return soft, hard
+
+
+def _hard_reporter(task: Any, request: Any, details: dict[str, Any], hard: float | None) -> Any:
+    if hard is None:
+        return None
+
+    def report() -> None:
+        logger.warning(
+            "celery-throttled: %s[%s] passed its hard timeout (%ss) on a pool that cannot kill "
+            "it; the caller got a hard_timeout envelope, the late outcome will be discarded and "
+            "its slot stays taken until the code returns",
+            task.name,
+            request.id,
+            hard,
+        )
+        details["finished_at"] = _iso(time.time())
+        task.backend.mark_as_failure(request.id, TimeLimitExceeded(hard), request=request)
+
+    return report
+
+
+def _finish(details: dict[str, Any], started: float) -> None:
+    finished = time.time()
+    details["finished_at"] = _iso(finished)
+    details["runtime"] = finished - started
+
+
+def _iso(stamp: float) -> str:
+    from .envelope import utc_from_timestamp
+
+    moment = utc_from_timestamp(stamp)
+    assert moment is not None
+    return moment.isoformat()
