@@ -16,8 +16,12 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import time
+import uuid
+from decimal import Decimal
 from typing import Any
 
 from billiard.common import terminate_handler_fired
@@ -112,10 +116,19 @@ class _Unserializable(Exception):
 
 
 def _check_result(task: Any, value: Any) -> None:
+    """Refuse what the result serializer cannot carry, and what is over the size cap.
+
+    For the ``json`` serializer the check is strict JSON plus the few types kombu's JSON knows
+    (datetime, date, time, Decimal, UUID): ``bytes`` are refused even though kombu would smuggle
+    them through base64, since no other JSON client could read them back.
+    """
     serializer = task.app.conf.result_serializer
     try:
-        _, _, data = dumps(value, serializer=serializer)  # type: ignore[no-untyped-call]
-    except (EncodeError, TypeError, ValueError, OverflowError) as exc:
+        if serializer == "json":
+            data: bytes | str = json.dumps(value, default=_kombu_json_types)
+        else:
+            _, _, data = dumps(value, serializer=serializer)  # type: ignore[no-untyped-call]
+    except (EncodeError, TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise _Unserializable(
             f"task {task.name!r} returned a value of type {type(value).__name__} that the "
             f"{serializer!r} result serializer cannot encode: {exc}"
@@ -126,6 +139,12 @@ def _check_result(task: Any, value: Any) -> None:
             f"task {task.name!r} returned {len(data)} bytes once encoded, over "
             f"throttle_max_result_bytes={limit}"
         )
+
+
+def _kombu_json_types(value: Any) -> str:
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time, Decimal, uuid.UUID)):
+        return str(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _limits(

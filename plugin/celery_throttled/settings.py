@@ -40,6 +40,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "Messages one worker may hold while they wait, beyond its prefetch window. Past this, "
         "held messages occupy the ordinary prefetch window instead of widening it.",
     ),
+    "throttle_max_result_bytes": (
+        16 * 1024 * 1024,
+        "Largest encoded return value a throttled task may store; a larger one settles as an "
+        "error envelope (ResultTooLarge) instead of failing in the broker or backend.",
+    ),
     "throttle_sweep_interval": (
         0.25,
         "Seconds between checks of held messages for revocation, expiry and max_hold.",
@@ -61,6 +66,7 @@ class Settings:
     max_hold: float
     max_held: int
     sweep_interval: float
+    max_result_bytes: int
 
     @classmethod
     def from_app(cls, app: Any) -> Settings:
@@ -108,7 +114,12 @@ class Settings:
         if isinstance(max_held, bool) or not isinstance(max_held, int) or max_held < 0:
             raise ConfigurationError(f"throttle_max_held must be an integer >= 0, got {max_held!r}")
         sweep = _positive("throttle_sweep_interval", get("throttle_sweep_interval"))
-        return cls(redis_url, prefix, lease_ttl, max_hold, max_held, sweep)
+        max_result = get("throttle_max_result_bytes")
+        if isinstance(max_result, bool) or not isinstance(max_result, int) or max_result < 1:
+            raise ConfigurationError(
+                f"throttle_max_result_bytes must be a positive integer, got {max_result!r}"
+            )
+        return cls(redis_url, prefix, lease_ttl, max_hold, max_held, sweep, max_result)
 
 
 def _positive(name: str, value: Any) -> float:

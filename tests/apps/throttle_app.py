@@ -7,7 +7,10 @@ isolate one test from another) and ``LEASE_TTL``.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
+import threading
 import time
 from typing import Any
 
@@ -38,6 +41,7 @@ app.conf.update(
     throttle_lease_ttl=float(os.environ.get("LEASE_TTL", "30")),
     throttle_redis_url=os.environ.get("LIMITER_URL") or REDIS_URL,
 )
+app.conf.throttle_max_result_bytes = 1000
 if os.environ.get("MAX_HOLD"):
     app.conf.throttle_max_hold = float(os.environ["MAX_HOLD"])
 
@@ -145,3 +149,67 @@ def late(label: str, duration: float = 0.1) -> str:
 @throttled_task(limit=1, name="t.fair", bind=True)
 def fair(self: Any, index: int, duration: float = 0.05) -> str:
     return tracked("fair", f"{index}@{self.request.hostname}", duration)
+
+
+# -- the panic matrix ---------------------------------------------------------------------------
+class PickyError(Exception):
+    """Several required and keyword-only arguments, and an unpicklable lock."""
+
+    def __init__(self, code: int, reason: str, *, retry_after: float) -> None:
+        super().__init__(f"{code} {reason}")
+        self.lock = threading.Lock()
+        self.retry_after = retry_after
+
+
+def _recurse(n: int) -> int:
+    return _recurse(n + 1) + 1
+
+
+PANICS: dict[str, Any] = {
+    "ok": lambda: {"fine": True},
+    "error": lambda: (_ for _ in ()).throw(ValueError("boom")),
+    "picky": lambda: (_ for _ in ()).throw(PickyError(503, "busy", retry_after=1.5)),
+    "system_exit": lambda: sys.exit(3),
+    "keyboard_interrupt": lambda: (_ for _ in ()).throw(KeyboardInterrupt()),
+    "generator_exit": lambda: (_ for _ in ()).throw(GeneratorExit()),
+    "memory_error": lambda: (_ for _ in ()).throw(MemoryError()),
+    "recursion": lambda: _recurse(0),
+    "set": lambda: {1, 2},
+    "object": lambda: object(),
+    "bytes": lambda: b"raw",
+    "too_large": lambda: "x" * 5000,
+    "os_exit": lambda: os._exit(1),
+    "sigkill": lambda: os.kill(os.getpid(), 9),
+    "segfault": lambda: ctypes.string_at(0),
+}
+
+
+def _chained() -> None:
+    try:
+        raise KeyError("inner")
+    except KeyError as exc:
+        raise RuntimeError("outer") from exc
+
+
+PANICS["chained"] = _chained
+
+
+@throttled_task(limit=4, name="t.panic")
+def panic(case: str) -> Any:
+    return PANICS[case]()
+
+
+@throttled_task(limit=2, name="t.sleeper", bind=True)
+def sleeper(self: Any, seconds: float, step: float = 0.01, catch: bool = False) -> str:
+    """Sleep in small steps (so a soft timeout can land between them on any pool)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    end = time.time() + seconds
+    try:
+        while time.time() < end:
+            time.sleep(step)
+    except SoftTimeLimitExceeded:
+        if catch:
+            return "cleaned up"
+        raise
+    return "slept"
