@@ -30,11 +30,13 @@ from typing import Any
 
 import redis
 from celery.worker import state as worker_state
+from redis.connection import parse_url
 
 from .deadlines import HEADER
 from .envelope import ErrorInfo, dotted_name
 from .errors import DeadlineExceeded, KeyFunctionError, TaskFailed
-from .keys import holder_id
+from .hub import HubLimiter
+from .keys import grant_channel, holder_id
 from .leases import Acquire, RedisLeases, Release, Renew
 from .limiter import Limiter
 from .settings import Settings, _safe
@@ -84,17 +86,34 @@ class Gate:
             socket_connect_timeout=2,
             health_check_interval=10,
         )
-        self.store = RedisLeases(client, settings.key_prefix, settings.lease_ttl)
-        self.limiter = Limiter(
-            store=self.store,
-            client=client,
-            prefix=settings.key_prefix,
-            worker=self.worker,
-            lease_ttl=settings.lease_ttl,
-            snapshot=self.snapshot,
-            on_granted=self.granted,
-            where=_safe(settings.redis_url),
-        )
+        self.store = RedisLeases(client, settings.key_prefix, settings.lease_ttl, self.worker)
+        self.limiter: Limiter | HubLimiter
+        params = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
+        if consumer.hub is not None and "connection_class" not in params and "path" not in params:
+            self.transport = "event loop"
+            self.limiter = HubLimiter(
+                hub=consumer.hub,
+                codec=self.store.codec,
+                sync_store=self.store,
+                params=params,
+                channel=grant_channel(settings.key_prefix, self.worker),
+                lease_ttl=settings.lease_ttl,
+                snapshot=self.snapshot,
+                on_granted=self.granted,
+                where=_safe(settings.redis_url),
+            )
+        else:  # TLS, unix sockets, or a worker without an event loop: two threads
+            self.transport = "threads"
+            self.limiter = Limiter(
+                store=self.store,
+                client=client,
+                prefix=settings.key_prefix,
+                worker=self.worker,
+                lease_ttl=settings.lease_ttl,
+                snapshot=self.snapshot,
+                on_granted=self.granted,
+                where=_safe(settings.redis_url),
+            )
         self._lock = threading.Lock()
         self._waiting: dict[tuple[str, str], Held] = {}
         self._running: dict[tuple[str, str], Held] = {}
@@ -107,14 +126,18 @@ class Gate:
         self.pool_kind = _pool_kind(consumer.pool)
         self._dispatch: Callable[[Any], Any] = consumer.on_task_request
         consumer.on_task_request = self.route
-        self.limiter.start()
+        self._loop_thread = threading.get_ident()
+        if isinstance(self.limiter, Limiter):
+            self.limiter.start()
         atexit.register(self.limiter.stop)
         logger.info(
-            "celery-throttled: worker %s uses the limiter at %s (prefix %r, lease TTL %.1fs)",
+            "celery-throttled: worker %s uses the limiter at %s (prefix %r, lease TTL %.1fs, "
+            "through the %s)",
             self.worker,
             _safe(settings.redis_url),
             settings.key_prefix,
             settings.lease_ttl,
+            self.transport,
         )
 
     # -- the event loop side -----------------------------------------------------------------
@@ -167,6 +190,9 @@ class Gate:
 
     def granted(self, key: str, holder: str) -> None:
         """A slot was granted to ``holder``; called from any thread."""
+        if threading.get_ident() == self._loop_thread:
+            self._grant(key, holder)
+            return
         with self._lock:
             self._grants.append((key, holder))
             if self._drain_scheduled:
@@ -184,16 +210,19 @@ class Gate:
             grants = list(self._grants)
             self._grants.clear()
         for key, holder in grants:
-            with self._lock:
-                held = self._waiting.pop((key, holder), None)
-                running = (key, holder) in self._running
-                cap = self._caps.get(key, 1)
-            if held is not None:
-                self._admit(held)
-            elif not running:
-                # Granted to a request this worker no longer holds (revoked, handed back,
-                # or dropped on reconnect): give the slot straight back.
-                self.limiter.submit(Release(key, holder, cap))
+            self._grant(key, holder)
+
+    def _grant(self, key: str, holder: str) -> None:
+        with self._lock:
+            held = self._waiting.pop((key, holder), None)
+            running = (key, holder) in self._running
+            cap = self._caps.get(key, 1)
+        if held is not None:
+            self._admit(held)
+        elif not running:
+            # Granted to a request this worker no longer holds (revoked, handed back,
+            # or dropped on reconnect): give the slot straight back.
+            self.limiter.submit(Release(key, holder, cap))
 
     def _admit(self, held: Held) -> None:
         self._unwiden(held)
@@ -268,6 +297,9 @@ class Gate:
     # -- lifecycle (the consumer bootstep) ----------------------------------------------------
     def start(self) -> None:
         self._closed = False
+        self._loop_thread = threading.get_ident()
+        if isinstance(self.limiter, HubLimiter):
+            self.limiter.start()
         if self._sweeper is None:
             self._sweeper = self.consumer.timer.call_repeatedly(
                 self.settings.sweep_interval,
@@ -291,6 +323,8 @@ class Gate:
         if self._sweeper is not None:
             self.consumer.timer.cancel(self._sweeper)
             self._sweeper = None
+        if isinstance(self.limiter, HubLimiter):
+            self.limiter.suspend()
 
     def close(self) -> None:
         self._closed = True

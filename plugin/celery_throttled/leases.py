@@ -10,29 +10,29 @@ expiry that the holder's worker keeps pushing forward. Why a lease and not a cou
 
 A counter would have leaked the slot at t1 forever. Waiting holders queue in Redis too, in
 ticket order, so the oldest waiter in the cluster is served first and no worker starves.
+A grant to a waiter of the calling worker comes back in the script's reply; a grant to a
+waiter elsewhere is published on that worker's channel.
 
 The scripts live in ``lua/`` with a KEYS/ARGV/returns header each; ``grant.lua`` is shared.
+This module turns operations into script calls and replies into :class:`Outcome`; the
+transports (a redis-py pipeline here, the event loop's own connection in :mod:`.hub`) only
+move bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any
 
 import redis
 
 from .keys import Family, grant_channel_prefix
 
-__all__ = [
-    "Acquire",
-    "LeaseStore",
-    "RedisLeases",
-    "Release",
-    "Renew",
-    "RenewResult",
-]
+__all__ = ["Acquire", "Outcome", "RedisLeases", "Release", "Renew", "Scripts"]
 
 
 @dataclass(frozen=True)
@@ -57,77 +57,95 @@ class Renew:
     waiting: Sequence[str] = ()
 
 
-@dataclass
-class RenewResult:
-    restored: list[str] = field(default_factory=list)
-    granted: list[str] = field(default_factory=list)
-
-
 Op = Acquire | Release | Renew
 
 
-class LeaseStore(Protocol):
-    """Where leases live. Every method runs its operations in one round trip, in order.
+@dataclass
+class Outcome:
+    """What one operation did: ``granted`` lists this worker's holders of ``key`` granted now
+    (the caller itself included, for an acquire); ``restored`` the leases a renewal put back;
+    ``known`` whether a released holder held or waited."""
 
-    ``execute`` returns, per operation: for :class:`Acquire` whether the slot was granted;
-    for :class:`Release` whether the holder was known; for :class:`Renew` a
-    :class:`RenewResult`. Each operation is atomic on its own.
-    """
-
-    def execute(self, ops: Sequence[Op]) -> list[Any]: ...
-
-    def ping(self) -> None: ...
-
-
-def _script(name: str) -> str:
-    lua = resources.files(__package__).joinpath("lua")
-    return lua.joinpath("grant.lua").read_text() + "\n" + lua.joinpath(name).read_text()
+    key: str
+    granted: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
+    known: bool = True
 
 
-class RedisLeases:
-    """The Redis implementation of :class:`LeaseStore`."""
+@dataclass(frozen=True)
+class Script:
+    name: str
+    source: str
+    sha: str
 
-    def __init__(self, client: redis.Redis, prefix: str, lease_ttl: float) -> None:
-        self.client = client
+
+class Scripts:
+    """The three scripts, with ``grant.lua`` prepended, and their SHA1s for EVALSHA."""
+
+    @staticmethod
+    @cache
+    def get(name: str) -> Script:
+        lua = resources.files(__package__).joinpath("lua")
+        source = lua.joinpath("grant.lua").read_text() + "\n" + lua.joinpath(name).read_text()
+        return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+class Codec:
+    """Operations to script calls, replies to outcomes, for one worker and prefix."""
+
+    def __init__(self, prefix: str, lease_ttl: float, worker: str) -> None:
         self.prefix = prefix
         self.ttl_ms = int(lease_ttl * 1000)
+        self.worker = worker
         self.channel_prefix = grant_channel_prefix(prefix)
-        self._acquire = client.register_script(_script("acquire.lua"))
-        self._release = client.register_script(_script("release.lua"))
-        self._renew = client.register_script(_script("renew.lua"))
 
     def family(self, key: str) -> Family:
         return Family.of(self.prefix, key)
 
-    def ping(self) -> None:
-        self.client.ping()
-
-    def execute(self, ops: Sequence[Op]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for op in ops:
-            keys = self.family(op.key).all()
-            if isinstance(op, Acquire):
-                self._acquire(keys, self._args(op.key, op.holder, op.cap), client=pipe)
-            elif isinstance(op, Release):
-                self._release(keys, self._args(op.key, op.holder, op.cap), client=pipe)
-            else:
-                args: list[Any] = [op.key, op.cap, self.ttl_ms, self.channel_prefix]
-                args += [len(op.running), *op.running, *op.waiting]
-                self._renew(keys, args, client=pipe)
-        replies = pipe.execute()
-        return [self._decode(op, reply) for op, reply in zip(ops, replies, strict=True)]
-
-    def _args(self, key: str, holder: str, cap: int) -> list[Any]:
-        return [key, holder, cap, self.ttl_ms, self.channel_prefix]
+    def call(self, op: Op) -> tuple[Script, list[str], list[Any]]:
+        keys = self.family(op.key).all()
+        if isinstance(op, (Acquire, Release)):
+            name = "acquire.lua" if isinstance(op, Acquire) else "release.lua"
+            args = [op.key, op.holder, op.cap, self.ttl_ms, self.channel_prefix, self.worker]
+            return Scripts.get(name), keys, args
+        args = [op.key, op.cap, self.ttl_ms, self.channel_prefix, self.worker]
+        args += [len(op.running), *op.running, *op.waiting]
+        return Scripts.get("renew.lua"), keys, args
 
     @staticmethod
-    def _decode(op: Op, reply: Any) -> Any:
+    def decode(op: Op, reply: Any) -> Outcome:
         if isinstance(op, Acquire):
-            return bool(int(reply[0]))
+            granted = _text(reply[3])
+            if int(reply[0]):
+                granted.insert(0, op.holder)
+            return Outcome(op.key, granted)
         if isinstance(op, Release):
-            return bool(int(reply))
+            return Outcome(op.key, _text(reply[1]), known=bool(int(reply[0])))
         restored, granted = reply
-        return RenewResult(_text(restored), _text(granted))
+        return Outcome(op.key, _text(granted), _text(restored))
+
+
+class RedisLeases:
+    """Runs operations through redis-py, all pending ones in one pipelined round trip."""
+
+    def __init__(self, client: redis.Redis, prefix: str, lease_ttl: float, worker: str) -> None:
+        self.client = client
+        self.codec = Codec(prefix, lease_ttl, worker)
+        self._scripts = {
+            name: client.register_script(Scripts.get(name).source)
+            for name in ("acquire.lua", "release.lua", "renew.lua")
+        }
+
+    def family(self, key: str) -> Family:
+        return self.codec.family(key)
+
+    def execute(self, ops: Sequence[Op]) -> list[Outcome]:
+        pipe = self.client.pipeline(transaction=False)
+        for op in ops:
+            script, keys, args = self.codec.call(op)
+            self._scripts[script.name](keys, args, client=pipe)
+        replies = pipe.execute()
+        return [self.codec.decode(op, reply) for op, reply in zip(ops, replies, strict=True)]
 
 
 def _text(values: Iterable[bytes | str]) -> list[str]:

@@ -23,14 +23,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import redis
 
 from .keys import grant_channel
-from .leases import Acquire, LeaseStore, Op, Renew, RenewResult
+from .leases import Acquire, Op, Outcome, RedisLeases, Renew
 
-__all__ = ["Limiter"]
+__all__ = ["Limiter", "report_restored"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +37,21 @@ _BACKOFF = (0.05, 0.1, 0.25, 0.5)
 _OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
+def report_restored(outcome: Outcome) -> None:
+    if outcome.restored:
+        logger.warning(
+            "celery-throttled: %d lease(s) of key %r had vanished from Redis and were put back "
+            "(Redis restarted or lost data, or this worker stalled)",
+            len(outcome.restored),
+            outcome.key,
+        )
+
+
 class Limiter:
     def __init__(
         self,
         *,
-        store: LeaseStore,
+        store: RedisLeases,
         client: redis.Redis,
         prefix: str,
         worker: str,
@@ -126,7 +135,7 @@ class Limiter:
                     self._renew_all()
                     next_renew = time.monotonic() + self._renew_every
                 if batch:
-                    self._apply(batch, self._store.execute(batch))
+                    self._apply(self._store.execute(batch))
                 failures = 0
                 self._recovered()
             except _OUTAGE_ERRORS as exc:
@@ -165,22 +174,13 @@ class Limiter:
         renewals = self._snapshot()
         if not renewals:
             return
-        for op, result in zip(renewals, self._store.execute(renewals), strict=True):
-            assert isinstance(result, RenewResult)
-            if result.restored:
-                logger.warning(
-                    "celery-throttled: %d lease(s) of key %r had vanished from Redis and were "
-                    "put back (Redis restarted or lost data, or this worker stalled)",
-                    len(result.restored),
-                    op.key,
-                )
-            for holder in result.granted:
-                self._on_granted(op.key, holder)
+        self._apply(self._store.execute(renewals))
 
-    def _apply(self, batch: list[Op], results: list[Any]) -> None:
-        for op, result in zip(batch, results, strict=True):
-            if isinstance(op, Acquire) and result:
-                self._on_granted(op.key, op.holder)
+    def _apply(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            report_restored(outcome)
+            for holder in outcome.granted:
+                self._on_granted(outcome.key, holder)
 
     # -- listener thread ---------------------------------------------------------------------
     def _listen(self) -> None:

@@ -1,11 +1,13 @@
 -- grant.lua: shared by every script (prepended when the scripts are loaded).
 --
--- grant(key_name, cap_arg, ttl) reaps expired holders and waiters of the family
--- KEYS[1..4] (holders, waiters, waiter expiry, meta), then hands free slots to the
--- oldest waiters in ticket order, publishing each grant on the waiter's worker
--- channel (ARGV channel prefix .. worker) as the JSON array [key_name, holder].
+-- grant(key_name, cap_arg, ttl, channel_prefix, caller) reaps expired holders and
+-- waiters of the family KEYS[1..4] (holders, waiters, waiter expiry, meta), then hands
+-- free slots to the oldest waiters in ticket order. A grant to one of the calling
+-- worker's own waiters is returned to it; any other is published on the waiter's worker
+-- channel (channel_prefix .. worker) as the JSON array [key_name, holder].
 -- The effective cap is meta.override, else meta.cap, else cap_arg.
--- Returns now (ms), the effective cap and the number of holders after granting.
+-- Returns now (ms), the effective cap, the number of holders after granting, and the
+-- list of holders granted to the caller's worker.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -26,7 +28,7 @@ local function remove_all(zset, members)
   end
 end
 
-local function grant(key_name, cap_arg, ttl, channel_prefix, skip)
+local function grant(key_name, cap_arg, ttl, channel_prefix, caller)
   local now = now_ms()
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
   local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -37,18 +39,21 @@ local function grant(key_name, cap_arg, ttl, channel_prefix, skip)
   local cap = effective_cap(cap_arg)
   local running = redis.call('ZCARD', KEYS[1])
   local free = cap - running
+  local mine = {}
   if free > 0 then
     local lucky = redis.call('ZRANGE', KEYS[2], 0, free - 1)
     for _, holder in ipairs(lucky) do
       redis.call('ZADD', KEYS[1], now + ttl, holder)
       redis.call('ZREM', KEYS[2], holder)
       redis.call('ZREM', KEYS[3], holder)
-      if holder ~= skip then
-        local worker = string.sub(holder, 1, string.find(holder, ' ', 1, true) - 1)
+      local worker = string.sub(holder, 1, string.find(holder, ' ', 1, true) - 1)
+      if worker == caller then
+        table.insert(mine, holder)
+      else
         redis.call('PUBLISH', channel_prefix .. worker, cjson.encode({key_name, holder}))
       end
     end
     running = running + #lucky
   end
-  return now, cap, running
+  return now, cap, running, mine
 end

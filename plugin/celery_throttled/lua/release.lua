@@ -9,11 +9,13 @@
 -- ARGV[3] - declared cap (used only when the family has no meta yet)
 -- ARGV[4] - lease TTL in ms (for the leases it grants)
 -- ARGV[5] - grant channel prefix
--- returns 1 when the holder held a slot or waited, 0 when it was unknown (idempotent)
+-- ARGV[6] - the calling worker (its own waiters granted now are returned, not published)
+-- returns {1 when the holder held a slot or waited, 0 when unknown (idempotent),
+--          {holders of the calling worker granted now}}
 
 local holder = ARGV[2]
 local removed = redis.call('ZREM', KEYS[1], holder) + redis.call('ZREM', KEYS[2], holder)
 redis.call('ZREM', KEYS[3], holder)
-grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5], '')
-if removed > 0 then return 1 end
-return 0
+local _, _, _, mine = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6])
+if removed > 0 then return {1, mine} end
+return {0, mine}

@@ -8,26 +8,27 @@
 -- ARGV[2] - declared cap
 -- ARGV[3] - lease TTL in ms
 -- ARGV[4] - grant channel prefix
--- ARGV[5] - n, the number of holders that follow
--- ARGV[6 .. 5+n]  - holders running a task: their lease is extended; a lease that vanished
+-- ARGV[5] - the calling worker
+-- ARGV[6] - n, the number of running holders that follow
+-- ARGV[7 .. 6+n]  - holders running a task: their lease is extended; a lease that vanished
 --                   (Redis lost its data, or the lease expired during a long stall) is put back,
 --                   because the task really is running and must be counted
--- ARGV[6+n .. ]   - holders waiting for a slot: their liveness is extended; one that vanished
+-- ARGV[7+n .. ]   - holders waiting for a slot: their liveness is extended; one that vanished
 --                   from the line is enqueued again
--- returns {lost leases put back, waiters found already granted}
+-- returns {lost leases put back, waiters granted (found granted, or granted now)}
 --
 -- A waiter found among the holders was granted while its worker missed the grant message;
 -- it is reported so the worker dispatches it (the pub/sub fallback).
 
-local ttl, n = tonumber(ARGV[3]), tonumber(ARGV[5])
+local ttl, n = tonumber(ARGV[3]), tonumber(ARGV[6])
 redis.call('HSET', KEYS[4], 'cap', ARGV[2])
 local now = now_ms()
 local restored, granted = {}, {}
-for i = 6, 5 + n do
+for i = 7, 6 + n do
   if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then table.insert(restored, ARGV[i]) end
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
 end
-for i = 6 + n, #ARGV do
+for i = 7 + n, #ARGV do
   local holder = ARGV[i]
   if redis.call('ZSCORE', KEYS[1], holder) then
     table.insert(granted, holder)
@@ -38,5 +39,6 @@ for i = 6 + n, #ARGV do
     redis.call('ZADD', KEYS[3], now + ttl, holder)
   end
 end
-grant(ARGV[1], ARGV[2], ttl, ARGV[4], '')
+local _, _, _, mine = grant(ARGV[1], ARGV[2], ttl, ARGV[4], ARGV[5])
+for _, h in ipairs(mine) do table.insert(granted, h) end
 return {restored, granted}
