@@ -140,3 +140,42 @@ def test_ci_runs_the_readme_test_command_verbatim():
     first_lines = README.split("```sh\n", 1)[1].split("```", 1)[0].strip().splitlines()
     assert len(first_lines) == 2
     assert first_lines[1] in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"soft_timeout": 0}, "soft_timeout must be a positive number of seconds, got 0"),
+        ({"hard_timeout": -1}, "hard_timeout must be a positive number of seconds, got -1"),
+        ({"soft_timeout": "5"}, "soft_timeout must be a positive number of seconds, got '5'"),
+        ({"soft_time_limit": -2}, "soft_time_limit must be a positive number"),
+        ({"soft_timeout": 5, "hard_timeout": 5}, r"soft_timeout \(5.0\) must be shorter"),
+        ({"soft_timeout": 9, "hard_timeout": 3}, r"soft_timeout \(9.0\) must be shorter"),
+    ],
+)
+def test_bad_timeouts_raise_at_decoration_naming_the_task(options, message):
+    with pytest.raises(ConfigurationError, match=message) as info:
+
+        @throttled_task(limit=1, name="api.timeouts", **options)
+        def task() -> None: ...
+
+    assert "api.timeouts" in str(info.value)
+
+
+def test_timeouts_map_onto_celerys_time_limits():
+    app = Celery("timeouts", set_as_current=False)
+
+    @throttled_task(limit=1, name="api.timed", soft_timeout=2, hard_timeout=3)
+    def timed() -> None: ...
+
+    assert (app.tasks["api.timed"].soft_time_limit, app.tasks["api.timed"].time_limit) == (2, 3)
+
+
+def test_bad_deadline_is_refused_naming_the_task():
+    app = Celery("deadline", set_as_current=False)
+
+    @throttled_task(limit=1, name="api.deadline")
+    def task() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"api.deadline.*got -3"):
+        app.tasks["api.deadline"].apply_async(deadline=-3)

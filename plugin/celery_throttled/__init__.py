@@ -1,15 +1,35 @@
-"""celery-throttled: cluster-wide concurrency caps for Celery tasks."""
+"""celery-throttled: cluster-wide concurrency caps, panic-safe result envelopes, timeouts on
+every pool and caller-owned deadlines for Celery tasks."""
 
 from __future__ import annotations
 
-from .errors import ConfigurationError, KeyFunctionError, ThrottleError
+from .context import TaskContext, current_context
+from .envelope import Envelope, ErrorInfo, TaskError
+from .errors import (
+    Cancelled,
+    ConfigurationError,
+    DeadlineExceeded,
+    KeyFunctionError,
+    ResultTooLarge,
+    ThrottleError,
+)
+from .results import EnvelopeResult
 from .task import ThrottledTask, throttled_task
 
 __all__ = [
+    "Cancelled",
     "ConfigurationError",
+    "DeadlineExceeded",
+    "Envelope",
+    "EnvelopeResult",
+    "ErrorInfo",
     "KeyFunctionError",
+    "ResultTooLarge",
+    "TaskContext",
+    "TaskError",
     "ThrottleError",
     "ThrottledTask",
+    "current_context",
     "throttled_task",
 ]
 

@@ -141,6 +141,8 @@ def throttled_task(
     *,
     limit: int | None = None,
     key: KeySpec = None,
+    soft_timeout: float | None = None,
+    hard_timeout: float | None = None,
     **options: Any,
 ) -> Any:
     """Like ``@shared_task``, with a cluster-wide cap on concurrent runs.
@@ -148,12 +150,25 @@ def throttled_task(
     ``limit``: at most this many runs per key at once across every worker (``None``: no cap).
     ``key``: a string shared by every task type that should share the cap, or a callable
     ``key(*args, **kwargs) -> str`` for one cap per value; default: the task's name.
+    ``soft_timeout`` / ``hard_timeout``: seconds, honoured on every pool (Celery's
+    ``soft_time_limit`` / ``time_limit``, which are accepted too).
     Every other option goes to ``shared_task`` (``name``, ``bind``, ``queue``, ``acks_late``…).
     """
 
     def create(f: Callable[..., Any]) -> Any:
         name = options.get("name") or f"{f.__module__}.{f.__qualname__}"
         _validate(name, limit, key)
+        soft = _timeout(name, "soft_timeout", soft_timeout, options, "soft_time_limit")
+        hard = _timeout(name, "hard_timeout", hard_timeout, options, "time_limit")
+        if soft is not None and hard is not None and soft >= hard:
+            raise ConfigurationError(
+                f"task {name!r}: soft_timeout ({soft!r}) must be shorter than hard_timeout "
+                f"({hard!r})"
+            )
+        if soft is not None:
+            options["soft_time_limit"] = soft
+        if hard is not None:
+            options["time_limit"] = hard
         base = options.pop("base", ThrottledTask)
         if not (isinstance(base, type) and issubclass(base, ThrottledTask)):
             raise ConfigurationError(
@@ -192,6 +207,20 @@ def _validate(name: str, limit: Any, key: Any) -> None:
             f"task {name!r}: key {key!r} is already capped at {known[0]} by task "
             f"{known[1]!r}; tasks sharing a key must declare the same limit, got {limit!r}"
         )
+
+
+def _timeout(
+    name: str, setting: str, value: Any, options: dict[str, Any], celery_name: str
+) -> float | None:
+    if value is None:
+        value, setting = options.get(celery_name), celery_name
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigurationError(
+            f"task {name!r}: {setting} must be a positive number of seconds, got {value!r}"
+        )
+    return float(value)
 
 
 def _describe(fun: Any) -> str:
