@@ -241,7 +241,29 @@ class Gate:
         with self._lock:
             self._running[(held.key, held.holder)] = held
         _hook_end_paths(req, lambda: self.release(held))
+        req._throttle_slot = True
         self._run(req)
+        self._jump_pool_queue(req)
+
+    def _jump_pool_queue(self, req: Any) -> None:
+        """A request holding a cluster-wide slot goes ahead of unthrottled ones in the pool queue.
+
+        When every pool process is busy, Celery queues requests in the worker's semaphore, first
+        come first served; a granted request waiting there would keep its slot idle while
+        unthrottled work runs. It moves behind the other slot holders, ahead of the rest.
+        """
+        semaphore = getattr(self.consumer.controller, "semaphore", None)
+        waiting = getattr(semaphore, "_waiting", None)
+        if not waiting:
+            return
+        entry = waiting[-1]
+        if len(entry) < 2 or not entry[1] or entry[1][0] is not req:
+            return
+        waiting.pop()
+        position = 0
+        while position < len(waiting) and _holds_slot(waiting[position]):
+            position += 1
+        waiting.insert(position, entry)
 
     def release(self, held: Held) -> None:
         """Give the slot (or the place in line) back. Idempotent; called from any thread."""
@@ -352,6 +374,11 @@ def _expired(req: Any) -> bool:
         return False
     now = datetime.now(timezone.utc if expires.tzinfo else None)
     return bool(now > expires)
+
+
+def _holds_slot(entry: Any) -> bool:
+    args: tuple[Any, ...] = entry[1] if len(entry) > 1 else ()
+    return bool(args) and bool(getattr(args[0], "_throttle_slot", False))
 
 
 def _deadline_passed(req: Any) -> bool:
