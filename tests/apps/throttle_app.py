@@ -199,11 +199,13 @@ def panic(case: str) -> Any:
     return PANICS[case]()
 
 
-@throttled_task(limit=2, name="t.sleeper", bind=True)
-def sleeper(self: Any, seconds: float, step: float = 0.01, catch: bool = False) -> str:
-    """Sleep in small steps (so a soft timeout can land between them on any pool)."""
+@throttled_task(limit=1, key="sleepy", name="t.sleeper")
+def sleeper(label: str, seconds: float, step: float = 0.01, catch: bool = False) -> str:
+    """Sleep in small steps (a soft timeout lands between them on any pool); log the span."""
     from celery.exceptions import SoftTimeLimitExceeded
 
+    base = f"{PREFIX}:probe:sleepy"
+    probe.rpush(f"{base}:started", f"{label} {time.time()}")
     end = time.time() + seconds
     try:
         while time.time() < end:
@@ -212,4 +214,23 @@ def sleeper(self: Any, seconds: float, step: float = 0.01, catch: bool = False) 
         if catch:
             return "cleaned up"
         raise
+    finally:
+        probe.rpush(f"{base}:finished", f"{label} {time.time()}")
     return "slept"
+
+
+@throttled_task(limit=4, name="t.report_deadline")
+def report_deadline() -> float | None:
+    from celery_throttled import current_context
+
+    return current_context().deadline
+
+
+@throttled_task(limit=4, name="t.spawn")
+def spawn(child_deadline: float | None = None) -> dict[str, Any]:
+    """Submit a child throttled task from inside a throttled task; say what each saw."""
+    from celery_throttled import current_context
+
+    options = {} if child_deadline is None else {"deadline": child_deadline}
+    child = report_deadline.apply_async(**options)
+    return {"mine": current_context().deadline, "child_id": child.id}
