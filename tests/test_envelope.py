@@ -119,3 +119,26 @@ def test_envelope_json_round_trip():
     env = Envelope(ok=False, error=ErrorInfo("soft_timeout", "x.Y", "late", "tb", inner),
                    task_id="1", task_name="t", key="k", attempts=2, runtime=1.5, waited=0.25)
     assert Envelope.from_json(json.loads(json.dumps(env.to_json()))) == env
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_whole_worker_death_is_reported_by_a_survivor(workers: Workers, client: Celery, probe,
+                                                      prefix, pool: str):
+    # Given a task running on a threads/solo worker, whose death takes the whole process
+    doomed = workers.start(pool=pool, concurrency=1 if pool == "solo" else 2, name="doomed",
+                           LEASE_TTL=2)
+    result = client.send_task("t.sleeper", ("doomed", 60))
+    from .conftest import wait_until
+    from .probes import started
+
+    wait_until(lambda: started(probe, prefix, "sleepy"), 30, what="the task to start")
+    # When that worker is SIGKILLed, and another one is running
+    doomed.kill()
+    workers.start(pool="threads", concurrency=2, name="survivor", LEASE_TTL=2)
+    # Then the caller gets a worker_lost envelope once the dead worker's lease expires
+    env = envelope(client, result, timeout=30)
+    assert env.error is not None and env.error.kind == "worker_lost", env
+    assert "presumed dead" in env.error.message
+    assert result.state == "FAILURE"
+    # And the slot is free again
+    assert envelope(client, client.send_task("t.sleeper", ("after", 0))).ok

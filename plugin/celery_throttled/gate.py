@@ -29,6 +29,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import redis
+from billiard.exceptions import WorkerLostError
+from celery import states
+from celery.app.task import Context
 from celery.worker import state as worker_state
 from redis.connection import parse_url
 
@@ -36,9 +39,10 @@ from .deadlines import HEADER
 from .envelope import ErrorInfo, dotted_name
 from .errors import DeadlineExceeded, KeyFunctionError, TaskFailed
 from .hub import HubLimiter
-from .keys import grant_channel, holder_id
+from .keys import grant_channel, holder_id, registry
 from .leases import Acquire, RedisLeases, Release, Renew
 from .limiter import Limiter
+from .results import envelope_backend
 from .settings import Settings, _safe
 from .task import ThrottledTask
 
@@ -100,6 +104,8 @@ class Gate:
                 lease_ttl=settings.lease_ttl,
                 snapshot=self.snapshot,
                 on_granted=self.granted,
+                on_lost=self.lost,
+                registry=registry(settings.key_prefix),
                 where=_safe(settings.redis_url),
             )
         else:  # TLS, unix sockets, or a worker without an event loop: two threads
@@ -112,6 +118,7 @@ class Gate:
                 lease_ttl=settings.lease_ttl,
                 snapshot=self.snapshot,
                 on_granted=self.granted,
+                on_lost=self.lost,
                 where=_safe(settings.redis_url),
             )
         self._lock = threading.Lock()
@@ -181,7 +188,10 @@ class Gate:
                 n += 1
                 held.holder = f"{holder}#{n}"
             self._waiting[(key, held.holder)] = held
+            new_key = key not in self._caps
             self._caps[key] = cap
+        if new_key:
+            self.limiter.register(key)
         if self._widened < self.settings.max_held:
             self.consumer.qos.increment_eventually()
             self._widened += 1
@@ -363,9 +373,50 @@ class Gate:
             caps = dict(self._caps)
         return [Renew(key, caps.get(key, 1), run, wait) for key, (run, wait) in by_key.items()]
 
+    def lost(self, key: str, holders: list[str]) -> None:
+        """Leases that expired: their worker died (or stalled past the lease TTL).
+
+        This worker removed them, so it alone reports them: each task not already settled gets
+        a ``worker_lost`` envelope, so its caller never waits forever. Runs off the event loop.
+        """
+        with self._lock:
+            mine = {h for (k, h) in self._running if k == key}
+        orphans = [h for h in holders if h not in mine]
+        if orphans:
+            threading.Thread(
+                target=report_lost,
+                args=(self.consumer.app, key, orphans),
+                name="throttle-lost",
+                daemon=True,
+            ).start()
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             return {"waiting": len(self._waiting), "running": len(self._running)}
+
+
+def report_lost(app: Any, key: str, holders: list[str]) -> None:
+    backend = envelope_backend(app)
+    for holder in holders:
+        worker, task_id = holder.split(" ", 1) if " " in holder else ("?", holder)
+        try:
+            if backend.get_task_meta(task_id).get("status") in states.READY_STATES:
+                continue
+            logger.warning(
+                "celery-throttled: task %s held a slot of %r on worker %s, which stopped renewing "
+                "its lease: reporting it as worker_lost",
+                task_id,
+                key,
+                worker,
+            )
+            request = Context(id=task_id, throttle={"key": key}, hostname=worker.split("/")[0])
+            exc = WorkerLostError(
+                f"the worker running it ({worker.split('/')[0]}) stopped renewing its lease of "
+                f"{key!r} and is presumed dead"
+            )
+            backend.mark_as_failure(task_id, exc, request=request)
+        except Exception:
+            logger.exception("celery-throttled: could not report task %s as lost", task_id)
 
 
 def _expired(req: Any) -> bool:

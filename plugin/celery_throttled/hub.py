@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .leases import Acquire, Codec, Op, RedisLeases, Renew
-from .limiter import report_restored
+from .limiter import REGISTRY_BATCH, REGISTRY_WINDOW, foreign_keys, report_restored
 from .resp import Parser, ReplyError, pack
 
 __all__ = ["HubLimiter"]
@@ -187,9 +187,13 @@ class HubLimiter:
         lease_ttl: float,
         snapshot: Callable[[], list[Renew]],
         on_granted: Callable[[str, str], None],
+        on_lost: Callable[[str, list[str]], None],
+        registry: str,
         where: str,
     ) -> None:
         self.hub = hub
+        self._on_lost = on_lost
+        self._registry = registry
         self.codec = codec
         self._sync = sync_store
         self._snapshot = snapshot
@@ -271,6 +275,12 @@ class HubLimiter:
     def renew_soon(self) -> None:
         self.submit_callback(self._renew)
 
+    def register(self, key: str) -> None:
+        """Put ``key`` in the key registry (so any worker can reap its leases); loop thread."""
+        if self._cmd.up and not self._recovering:
+            self._command(pack("ZADD", self._registry, time.time(), key), lambda reply: None)
+        # otherwise the next renewal registers it
+
     # -- submitting (any thread) ---------------------------------------------------------------
     def submit(self, op: Op) -> None:
         if self._direct:
@@ -341,6 +351,8 @@ class HubLimiter:
             return
         outcome = self.codec.decode(op, reply)
         report_restored(outcome)
+        if outcome.reaped:
+            self._on_lost(outcome.key, outcome.reaped)
         for holder in outcome.granted:
             self._on_granted(outcome.key, holder)
 
@@ -365,11 +377,35 @@ class HubLimiter:
             self.hub.call_later(self._acquire_after - now, self._flush)
 
     def _renew(self) -> None:
-        if self._direct:
+        if self._direct or not self._cmd.up:
             return
-        for op in self._snapshot():
-            if self._cmd.up:
-                self._write(op)  # renewals jump the queue: they protect running leases
+        renewals = self._snapshot()
+        for op in renewals:
+            self._write(op)  # renewals jump the queue: they protect running leases
+        now = time.time()
+        known = {op.key for op in renewals}
+        if known:
+            pairs = [part for key in known for part in (now, key)]
+            self._command(pack("ZADD", self._registry, *pairs), lambda reply: None)
+        query = pack(
+            "ZREVRANGEBYSCORE",
+            self._registry,
+            "+inf",
+            now - REGISTRY_WINDOW,
+            "LIMIT",
+            0,
+            REGISTRY_BATCH,
+        )
+        self._command(query, lambda reply: self._reap(known, reply))
+
+    def _reap(self, known: set[str], reply: Any) -> None:
+        if isinstance(reply, list):
+            for op in foreign_keys(known, reply):
+                self._write(op)
+
+    def _command(self, data: bytes, callback: Callable[[Any], None]) -> None:
+        self._inflight.append((None, callback, time.monotonic()))
+        self._cmd.send(data)
 
     def _cmd_up(self) -> None:
         recovering = self._outage_since is not None or self._run_id is None
@@ -377,8 +413,7 @@ class HubLimiter:
             self._flush()
             return
         self._recovering = True
-        self._inflight.append((None, self._info, time.monotonic()))
-        self._cmd.send(pack("INFO", "server"))
+        self._command(pack("INFO", "server"), self._info)
 
     def _info(self, reply: Any) -> None:
         run_id = None

@@ -8,13 +8,15 @@ touches a single slot::
     {prefix}:{<key>}:we   ZSET  waiter liveness: member as above, score = expiry (ms)
     {prefix}:{<key>}:m    HASH  meta: cap (declared), override (live cap), seq (ticket counter)
     {prefix}:grant:<worker>     pub/sub channel on which a worker hears of slots granted to it
+    {prefix}:keys         ZSET  every key in use: member key, score = last seen (epoch s); lets
+                                any worker reap the leases of a dead one, and tools list keys
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Family", "grant_channel", "grant_channel_prefix", "holder_id"]
+__all__ = ["Family", "grant_channel", "grant_channel_prefix", "holder_id", "registry"]
 
 
 @dataclass(frozen=True)
@@ -46,3 +48,12 @@ def grant_channel(prefix: str, worker: str) -> str:
 def holder_id(worker: str, task_id: str) -> str:
     """A lease holder: the worker token (which never contains a space) and the task id."""
     return f"{worker} {task_id}"
+
+
+def registry(prefix: str) -> str:
+    return f"{prefix}:keys"
+
+
+def task_of(holder: str) -> str:
+    """The task id in a holder id (``holder_id`` in reverse)."""
+    return holder.split(" ", 1)[1] if " " in holder else holder

@@ -64,12 +64,15 @@ Op = Acquire | Release | Renew
 class Outcome:
     """What one operation did: ``granted`` lists this worker's holders of ``key`` granted now
     (the caller itself included, for an acquire); ``restored`` the leases a renewal put back;
-    ``known`` whether a released holder held or waited."""
+    ``reaped`` the holders whose lease expired and which this operation removed (reported as
+    lost by the caller, exactly once across the cluster); ``known`` whether a released holder
+    held or waited."""
 
     key: str
     granted: list[str] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)
     known: bool = True
+    reaped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -118,11 +121,13 @@ class Codec:
             granted = _text(reply[3])
             if int(reply[0]):
                 granted.insert(0, op.holder)
-            return Outcome(op.key, granted)
+            return Outcome(op.key, granted, reaped=_text(reply[4]))
         if isinstance(op, Release):
-            return Outcome(op.key, _text(reply[1]), known=bool(int(reply[0])))
-        restored, granted = reply
-        return Outcome(op.key, _text(granted), _text(restored))
+            return Outcome(
+                op.key, _text(reply[1]), known=bool(int(reply[0])), reaped=_text(reply[2])
+            )
+        restored, granted, reaped = reply
+        return Outcome(op.key, _text(granted), _text(restored), reaped=_text(reaped))
 
 
 class RedisLeases:

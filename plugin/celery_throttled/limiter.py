@@ -23,10 +23,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
-from .keys import grant_channel
+from .keys import grant_channel, registry
 from .leases import Acquire, Op, Outcome, RedisLeases, Renew
 
 __all__ = ["Limiter", "report_restored"]
@@ -35,6 +36,17 @@ logger = logging.getLogger(__name__)
 
 _BACKOFF = (0.05, 0.1, 0.25, 0.5)
 _OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+#: how far back the key registry is read for reaping, and how many keys at most per round
+REGISTRY_WINDOW = 3600.0
+REGISTRY_BATCH = 200
+
+
+def foreign_keys(known: set[str], members: list[Any]) -> list[Renew]:
+    """Reaping passes (cap unknown: 0) over registered keys this worker has nothing of."""
+    keys = (m.decode() if isinstance(m, bytes) else str(m) for m in members)
+    return [Renew(key, 0) for key in keys if key not in known]
 
 
 def report_restored(outcome: Outcome) -> None:
@@ -58,10 +70,13 @@ class Limiter:
         lease_ttl: float,
         snapshot: Callable[[], list[Renew]],
         on_granted: Callable[[str, str], None],
+        on_lost: Callable[[str, list[str]], None],
         where: str,
     ) -> None:
         self._store = store
         self._client = client
+        self._registry = registry(prefix)
+        self._on_lost = on_lost
         self._channel = grant_channel(prefix, worker)
         self._renew_every = lease_ttl / 3
         self._grace = min(1.0, lease_ttl / 3)
@@ -69,6 +84,7 @@ class Limiter:
         self._on_granted = on_granted
         self._where = where
         self._ops: deque[Op] = deque()
+        self._to_register: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
         self._renew_requested = False
@@ -89,6 +105,12 @@ class Limiter:
     def submit(self, op: Op) -> None:
         with self._cond:
             self._ops.append(op)
+            self._cond.notify()
+
+    def register(self, key: str) -> None:
+        """Put ``key`` in the key registry soon (so any worker can reap its leases)."""
+        with self._cond:
+            self._to_register.add(key)
             self._cond.notify()
 
     def renew_soon(self) -> None:
@@ -118,7 +140,12 @@ class Limiter:
         failures = 0
         while True:
             with self._cond:
-                while not self._stopping and not self._renew_requested and not self._ready():
+                while (
+                    not self._stopping
+                    and not self._renew_requested
+                    and not self._to_register
+                    and not self._ready()
+                ):
                     timeout = next_renew - time.monotonic()
                     if timeout <= 0:
                         break
@@ -130,7 +157,10 @@ class Limiter:
                 renew = self._renew_requested or time.monotonic() >= next_renew
                 self._renew_requested = False
                 batch = self._take()
+                register, self._to_register = self._to_register, set()
             try:
+                if register:
+                    self._client.zadd(self._registry, dict.fromkeys(register, time.time()))
                 if renew or failures:
                     self._renew_all()
                     next_renew = time.monotonic() + self._renew_every
@@ -141,6 +171,7 @@ class Limiter:
             except _OUTAGE_ERRORS as exc:
                 with self._cond:
                     self._ops.extendleft(reversed(batch))
+                    self._to_register |= register
                 self._outage(exc)
                 time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
                 failures += 1
@@ -172,13 +203,21 @@ class Limiter:
 
     def _renew_all(self) -> None:
         renewals = self._snapshot()
-        if not renewals:
-            return
-        self._apply(self._store.execute(renewals))
+        now = time.time()
+        if renewals:
+            self._client.zadd(self._registry, {op.key: now for op in renewals})
+        members = self._client.zrevrangebyscore(
+            self._registry, "+inf", now - REGISTRY_WINDOW, start=0, num=REGISTRY_BATCH
+        )
+        renewals += foreign_keys({op.key for op in renewals}, members)
+        if renewals:
+            self._apply(self._store.execute(renewals))
 
     def _apply(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
             report_restored(outcome)
+            if outcome.reaped:
+                self._on_lost(outcome.key, outcome.reaped)
             for holder in outcome.granted:
                 self._on_granted(outcome.key, holder)
 

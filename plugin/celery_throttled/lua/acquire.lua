@@ -10,7 +10,8 @@
 -- ARGV[4] - lease TTL in ms (also the waiter's liveness TTL)
 -- ARGV[5] - grant channel prefix
 -- ARGV[6] - the calling worker (holders of its own granted now are returned, not published)
--- returns {granted (1/0), effective cap, holders, {other holders of this worker granted now}}
+-- returns {granted (1/0), effective cap, holders, {other holders of this worker granted now},
+--          {holders whose lease expired, reaped now}}
 --
 -- Idempotent: a holder that already holds a slot keeps it (its lease is refreshed); a holder
 -- already waiting keeps its ticket. Grants go to the oldest live waiters first, so the caller
@@ -21,16 +22,16 @@ redis.call('HSET', KEYS[4], 'cap', ARGV[3])
 if redis.call('ZSCORE', KEYS[1], holder) then
   local now = now_ms()
   redis.call('ZADD', KEYS[1], now + ttl, holder)
-  return {1, effective_cap(ARGV[3]), redis.call('ZCARD', KEYS[1]), {}}
+  return {1, effective_cap(ARGV[3]), redis.call('ZCARD', KEYS[1]), {}, {}}
 end
 if not redis.call('ZSCORE', KEYS[2], holder) then
   redis.call('ZADD', KEYS[2], redis.call('HINCRBY', KEYS[4], 'seq', 1), holder)
 end
 redis.call('ZADD', KEYS[3], now_ms() + ttl, holder)
-local _, cap, running, mine = grant(ARGV[1], ARGV[3], ttl, ARGV[5], ARGV[6])
+local _, cap, running, mine, reaped = grant(ARGV[1], ARGV[3], ttl, ARGV[5], ARGV[6])
 local granted, others = 0, {}
 if redis.call('ZSCORE', KEYS[1], holder) then granted = 1 end
 for _, h in ipairs(mine) do
   if h ~= holder then table.insert(others, h) end
 end
-return {granted, cap, running, others}
+return {granted, cap, running, others, reaped}

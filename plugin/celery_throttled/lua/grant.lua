@@ -6,8 +6,9 @@
 -- worker's own waiters is returned to it; any other is published on the waiter's worker
 -- channel (channel_prefix .. worker) as the JSON array [key_name, holder].
 -- The effective cap is meta.override, else meta.cap, else cap_arg.
--- Returns now (ms), the effective cap, the number of holders after granting, and the
--- list of holders granted to the caller's worker.
+-- Returns now (ms), the effective cap, the number of holders after granting, the list
+-- of holders granted to the caller's worker, and the holders whose lease expired (their
+-- worker died or stalled): the caller reports those tasks as lost, exactly once.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -30,7 +31,8 @@ end
 
 local function grant(key_name, cap_arg, ttl, channel_prefix, caller)
   local now = now_ms()
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  local reaped = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+  if #reaped > 0 then remove_all(KEYS[1], reaped) end
   local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
   if #dead > 0 then
     remove_all(KEYS[2], dead)
@@ -55,5 +57,5 @@ local function grant(key_name, cap_arg, ttl, channel_prefix, caller)
     end
     running = running + #lucky
   end
-  return now, cap, running, mine
+  return now, cap, running, mine, reaped
 end

@@ -11,11 +11,11 @@
 -- ARGV[5] - grant channel prefix
 -- ARGV[6] - the calling worker (its own waiters granted now are returned, not published)
 -- returns {1 when the holder held a slot or waited, 0 when unknown (idempotent),
---          {holders of the calling worker granted now}}
+--          {holders of the calling worker granted now}, {holders reaped now}}
 
 local holder = ARGV[2]
 local removed = redis.call('ZREM', KEYS[1], holder) + redis.call('ZREM', KEYS[2], holder)
 redis.call('ZREM', KEYS[3], holder)
-local _, _, _, mine = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6])
-if removed > 0 then return {1, mine} end
-return {0, mine}
+local _, _, _, mine, reaped = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6])
+if removed > 0 then return {1, mine, reaped} end
+return {0, mine, reaped}

@@ -5,7 +5,8 @@
 -- KEYS[3] - waiter expiry ZSET
 -- KEYS[4] - meta HASH
 -- ARGV[1] - key name
--- ARGV[2] - declared cap
+-- ARGV[2] - declared cap, or 0 when the caller does not know it (a reaping pass over a key
+--           this worker has no task of)
 -- ARGV[3] - lease TTL in ms
 -- ARGV[4] - grant channel prefix
 -- ARGV[5] - the calling worker
@@ -15,13 +16,14 @@
 --                   because the task really is running and must be counted
 -- ARGV[7+n .. ]   - holders waiting for a slot: their liveness is extended; one that vanished
 --                   from the line is enqueued again
--- returns {lost leases put back, waiters granted (found granted, or granted now)}
+-- returns {lost leases put back, waiters granted (found granted, or granted now),
+--          holders whose lease expired, reaped now}
 --
 -- A waiter found among the holders was granted while its worker missed the grant message;
 -- it is reported so the worker dispatches it (the pub/sub fallback).
 
 local ttl, n = tonumber(ARGV[3]), tonumber(ARGV[6])
-redis.call('HSET', KEYS[4], 'cap', ARGV[2])
+if tonumber(ARGV[2]) > 0 then redis.call('HSET', KEYS[4], 'cap', ARGV[2]) end
 local now = now_ms()
 local restored, granted = {}, {}
 for i = 7, 6 + n do
@@ -39,6 +41,6 @@ for i = 7 + n, #ARGV do
     redis.call('ZADD', KEYS[3], now + ttl, holder)
   end
 end
-local _, _, _, mine = grant(ARGV[1], ARGV[2], ttl, ARGV[4], ARGV[5])
+local _, _, _, mine, reaped = grant(ARGV[1], ARGV[2], ttl, ARGV[4], ARGV[5])
 for _, h in ipairs(mine) do table.insert(granted, h) end
-return {restored, granted}
+return {restored, granted, reaped}
