@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+import redis
 
 from .conftest import RedisServer, Workers, make_client, wait_until
 from .probes import finished, leases, peak, started, wait_drained
@@ -123,3 +124,19 @@ def test_cap_holds_with_a_rabbitmq_broker(workers: Workers, probe, prefix, redis
         wait_drained(probe, prefix, "t.limited")
     finally:
         rabbit_client.close()
+
+
+def test_renewals_never_revive_released_leases(workers: Workers, client, probe, prefix,
+                                               private_redis: RedisServer):
+    # Given a limiter Redis that has never seen the scripts, and renewals every 0.1 s
+    worker = workers.start(pool="prefork", concurrency=4, LEASE_TTL=0.3,
+                           LIMITER_URL=private_redis.url)
+    # When many short capped tasks start and end while renewals run
+    results = [client.send_task("t.panic", ("ok",)) for _ in range(300)]
+    for r in results:
+        r.get(timeout=60)
+    # Then every lease is gone once they are done, and none was ever put back
+    limiter = redis.Redis.from_url(private_redis.url)
+    wait_until(lambda: limiter.zcard(f"{prefix}:{{t.panic}}:h") == 0, 10,
+               what="every lease to be released")
+    assert "vanished" not in worker.output()

@@ -105,6 +105,7 @@ class Gate:
                 snapshot=self.snapshot,
                 on_granted=self.granted,
                 on_lost=self.lost,
+                on_waiting=self.waiting,
                 registry=registry(settings.key_prefix),
                 where=_safe(settings.redis_url),
             )
@@ -119,6 +120,7 @@ class Gate:
                 snapshot=self.snapshot,
                 on_granted=self.granted,
                 on_lost=self.lost,
+                on_waiting=self.waiting,
                 where=_safe(settings.redis_url),
             )
         self._lock = threading.Lock()
@@ -192,11 +194,22 @@ class Gate:
             self._caps[key] = cap
         if new_key:
             self.limiter.register(key)
-        if self._widened < self.settings.max_held:
+        self.limiter.submit(Acquire(key, held.holder, cap))
+
+    def waiting(self, key: str, holder: str) -> None:
+        """No slot for ``holder`` right now: it waits, so widen the prefetch window by one.
+
+        Only requests that really wait widen it: an uncontended acquire costs no QoS change.
+        """
+        if threading.get_ident() != self._loop_thread:
+            self._on_loop(self.waiting, key, holder)  # from the threaded limiter
+            return
+        with self._lock:
+            held = self._waiting.get((key, holder))
+        if held is not None and not held.widened and self._widened < self.settings.max_held:
             self.consumer.qos.increment_eventually()
             self._widened += 1
             held.widened = True
-        self.limiter.submit(Acquire(key, held.holder, cap))
 
     def granted(self, key: str, holder: str) -> None:
         """A slot was granted to ``holder``; called from any thread."""
@@ -208,11 +221,15 @@ class Gate:
             if self._drain_scheduled:
                 return
             self._drain_scheduled = True
+        self._on_loop(self._drain)
+
+    def _on_loop(self, fun: Callable[..., Any], *args: Any) -> None:
+        """Run ``fun`` on the consumer's loop thread (from any thread)."""
         hub = self.consumer.hub
         if hub is not None:
-            hub.call_soon(self._drain)
+            hub.call_soon(fun, *args)
         else:
-            self.consumer.timer.call_after(0, self._drain)
+            self.consumer.timer.call_after(0, fun, args)
 
     def _drain(self) -> None:
         with self._lock:

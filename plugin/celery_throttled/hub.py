@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .leases import Acquire, Codec, Op, RedisLeases, Renew
+from .leases import Acquire, Codec, Op, RedisLeases, Renew, Scripts
 from .limiter import REGISTRY_BATCH, REGISTRY_WINDOW, foreign_keys, report_restored
 from .resp import Parser, ReplyError, pack
 
@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 
 _BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0)
 _REPLY_TIMEOUT = 5.0
+
+
+def _ignore(reply: Any) -> None:
+    if isinstance(reply, ReplyError):
+        logger.error("celery-throttled: Redis refused a setup command: %s", reply)
 
 
 class _Connection:
@@ -65,6 +70,8 @@ class _Connection:
         self._out = bytearray()
         self._parser = Parser()
         self._handshake_left = 0
+        self._flush_scheduled = False
+        self._writer_registered = False
 
     def open(self) -> None:
         self.close()
@@ -100,37 +107,36 @@ class _Connection:
         self._write(data)
 
     def _write(self, data: bytes) -> None:
-        sock = self.sock
-        if sock is None:
+        """Buffer ``data``; everything written in one pass of the loop goes out in one send."""
+        if self.sock is None:
             return
-        if self._out:
-            self._out += data
+        self._out += data
+        if not self._flush_scheduled and not self._writer_registered:
+            self._flush_scheduled = True
+            self.hub.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        sock = self.sock
+        if sock is None or not self._out:
             return
         try:
-            sent = sock.send(data)
+            sent = sock.send(self._out)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
             self._fail(exc)
             return
-        if sent < len(data):
-            self._out += data[sent:]
+        del self._out[:sent]
+        if self._out and not self._writer_registered:
+            self._writer_registered = True
             self.hub.add_writer(sock.fileno(), self._writable)
+        elif not self._out and self._writer_registered:
+            self._writer_registered = False
+            self.hub.remove_writer(sock.fileno())
 
     def _writable(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        try:
-            sent = sock.send(self._out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._fail(exc)
-            return
-        del self._out[:sent]
-        if not self._out:
-            self.hub.remove_writer(sock.fileno())
+        self._flush()
 
     def _readable(self) -> None:
         sock = self.sock
@@ -166,6 +172,7 @@ class _Connection:
         sock, self.sock = self.sock, None
         self.up = False
         self._out.clear()
+        self._writer_registered = False
         if sock is not None:
             fd = sock.fileno()
             if fd >= 0:
@@ -188,10 +195,12 @@ class HubLimiter:
         snapshot: Callable[[], list[Renew]],
         on_granted: Callable[[str, str], None],
         on_lost: Callable[[str, list[str]], None],
+        on_waiting: Callable[[str, str], None],
         registry: str,
         where: str,
     ) -> None:
         self.hub = hub
+        self._on_waiting = on_waiting
         self._on_lost = on_lost
         self._registry = registry
         self.codec = codec
@@ -278,7 +287,7 @@ class HubLimiter:
     def register(self, key: str) -> None:
         """Put ``key`` in the key registry (so any worker can reap its leases); loop thread."""
         if self._cmd.up and not self._recovering:
-            self._command(pack("ZADD", self._registry, time.time(), key), lambda reply: None)
+            self._command(pack("ZADD", self._registry, time.time(), key), _ignore)
         # otherwise the next renewal registers it
 
     # -- submitting (any thread) ---------------------------------------------------------------
@@ -344,8 +353,9 @@ class HubLimiter:
 
     def _result(self, op: Op, reply: Any) -> None:
         if isinstance(reply, ReplyError):
-            if str(reply).startswith("NOSCRIPT"):
-                self._write(op, full_script=True)
+            if str(reply).startswith("NOSCRIPT"):  # the scripts were flushed meanwhile
+                if not isinstance(op, Renew):  # a late renewal could revive released leases
+                    self._write(op, full_script=True)
                 return
             logger.error("celery-throttled: Redis refused a lease operation %r: %s", op, reply)
             return
@@ -355,6 +365,8 @@ class HubLimiter:
             self._on_lost(outcome.key, outcome.reaped)
         for holder in outcome.granted:
             self._on_granted(outcome.key, holder)
+        if isinstance(op, Acquire) and op.holder not in outcome.granted:
+            self._on_waiting(op.key, op.holder)
 
     def _reply(self, reply: Any) -> None:
         if self._inflight:
@@ -386,7 +398,7 @@ class HubLimiter:
         known = {op.key for op in renewals}
         if known:
             pairs = [part for key in known for part in (now, key)]
-            self._command(pack("ZADD", self._registry, *pairs), lambda reply: None)
+            self._command(pack("ZADD", self._registry, *pairs), _ignore)
         query = pack(
             "ZREVRANGEBYSCORE",
             self._registry,
@@ -408,11 +420,15 @@ class HubLimiter:
         self._cmd.send(data)
 
     def _cmd_up(self) -> None:
-        recovering = self._outage_since is not None or self._run_id is None
-        if not recovering:
-            self._flush()
-            return
+        """Load the scripts and learn the server's run id before anything else is sent.
+
+        Replies come in order, so by the time INFO answers the scripts are there: no call
+        meets NOSCRIPT and is sent again out of order (a renewal sent again after a release
+        would put the released lease back).
+        """
         self._recovering = True
+        for name in ("acquire.lua", "release.lua", "renew.lua"):
+            self._command(pack("SCRIPT", "LOAD", Scripts.get(name).source), _ignore)
         self._command(pack("INFO", "server"), self._info)
 
     def _info(self, reply: Any) -> None:
@@ -470,7 +486,11 @@ class HubLimiter:
             self._reconnect = self.hub.call_later(delay, self._reopen)
 
     def _requeue_inflight(self) -> list[Op]:
-        ops = [op for op, _, _ in self._inflight if op is not None]
+        # Acquires and releases are idempotent and go out again; a renewal is a snapshot of
+        # that moment and must not: sent late it would put back leases released since.
+        ops: list[Op] = [
+            op for op, _, _ in self._inflight if op is not None and not isinstance(op, Renew)
+        ]
         self._inflight.clear()
         return ops
 

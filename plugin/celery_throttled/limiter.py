@@ -71,9 +71,11 @@ class Limiter:
         snapshot: Callable[[], list[Renew]],
         on_granted: Callable[[str, str], None],
         on_lost: Callable[[str, list[str]], None],
+        on_waiting: Callable[[str, str], None],
         where: str,
     ) -> None:
         self._store = store
+        self._on_waiting = on_waiting
         self._client = client
         self._registry = registry(prefix)
         self._on_lost = on_lost
@@ -165,7 +167,7 @@ class Limiter:
                     self._renew_all()
                     next_renew = time.monotonic() + self._renew_every
                 if batch:
-                    self._apply(self._store.execute(batch))
+                    self._apply(batch, self._store.execute(batch))
                 failures = 0
                 self._recovered()
             except _OUTAGE_ERRORS as exc:
@@ -211,15 +213,17 @@ class Limiter:
         )
         renewals += foreign_keys({op.key for op in renewals}, members)
         if renewals:
-            self._apply(self._store.execute(renewals))
+            self._apply(renewals, self._store.execute(renewals))
 
-    def _apply(self, outcomes: list[Outcome]) -> None:
-        for outcome in outcomes:
+    def _apply(self, ops: list[Op] | list[Renew], outcomes: list[Outcome]) -> None:
+        for op, outcome in zip(ops, outcomes, strict=True):
             report_restored(outcome)
             if outcome.reaped:
                 self._on_lost(outcome.key, outcome.reaped)
             for holder in outcome.granted:
                 self._on_granted(outcome.key, holder)
+            if isinstance(op, Acquire) and op.holder not in outcome.granted:
+                self._on_waiting(op.key, op.holder)
 
     # -- listener thread ---------------------------------------------------------------------
     def _listen(self) -> None:
