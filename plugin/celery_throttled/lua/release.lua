@@ -16,6 +16,11 @@
 local holder = ARGV[2]
 local removed = redis.call('ZREM', KEYS[1], holder) + redis.call('ZREM', KEYS[2], holder)
 redis.call('ZREM', KEYS[3], holder)
+-- Fast path, nobody waiting: nothing to hand on (expired leases are reaped by the next
+-- acquire or by a renewal pass).
+if redis.call('ZCARD', KEYS[2]) == 0 then
+  return {removed > 0 and 1 or 0, {}, {}}
+end
 local _, _, _, mine, reaped = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6])
 if removed > 0 then return {1, mine, reaped} end
 return {0, mine, reaped}
