@@ -7,6 +7,7 @@ peak concurrency is measured inside the tasks, never inferred::
 
     {prefix}:probe:{group}:now     INCR on entry, DECR on exit
     {prefix}:probe:{group}:peak    the highest value ``now`` ever reached (set atomically)
+    {prefix}:probe:{group}:spans   "<start> <end>" (epoch seconds) of every run
 
 The two recipes are what people write by hand without this package; their slot counter is
 ``{prefix}:recipe:{name}:slots``.
@@ -81,13 +82,18 @@ def slots_key(recipe: str) -> str:
 
 @contextlib.contextmanager
 def counted(group: str) -> Iterator[None]:
-    """Count the enclosed block in ``group``'s current and peak concurrency."""
+    """Count the enclosed block in ``group``'s current and peak concurrency; log its span."""
     now = probe_key(group, "now")
     _ENTER([now, probe_key(group, "peak")])
+    start = time.time()
     try:
         yield
     finally:
-        probe.decr(now)
+        end = time.time()
+        pipe = probe.pipeline(transaction=False)
+        pipe.decr(now)
+        pipe.rpush(probe_key(group, "spans"), f"{start} {end}")
+        pipe.execute()
 
 
 # -- P1: no-op throughput -------------------------------------------------------------------

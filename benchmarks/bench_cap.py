@@ -7,7 +7,8 @@ Every row runs real ``celery worker`` subprocesses (prefork, concurrency 8, pref
 queue and ``throttle_key_prefix``, with its workers stopped before the next row starts:
 
 * P1  no-op throughput: ``@throttled_task(limit=10000)`` (a cap that never binds) against
-      ``@shared_task``, alternating plain/throttled twice, best of each.
+      ``@shared_task``, alternating plain/throttled twice, best of each; with the CPU each
+      task cost the worker's main process, its pool and Redis (from /proc and INFO cpu).
 * P2  200 x 50 ms at a cap of 5, against the recipes "counter + retry" and "counter + spin".
 * P3  200 capped + 200 uncapped 50 ms tasks interleaved on one queue; the same with the spin
       recipe.
@@ -15,8 +16,11 @@ queue and ``throttle_key_prefix``, with its workers stopped before the next row 
 
 Times run from the first submission to the last result's ``date_done`` (stamped by the worker
 that stored it, so the client's polling does not count). Peak concurrency is counted inside the
-tasks with a Redis counter. Redis: ``REDIS_URL`` when set, else a private redis-server on a free
-loopback port, stopped at the end. Worker logs stay in a temporary directory (printed).
+tasks with a Redis counter; each body also logs its span, from which P2 and P3 report how long
+a freed slot stayed empty ("slot refill") and the share of slot-time spent in bodies.
+
+Redis: ``REDIS_URL`` when set, else a private redis-server on a free loopback port, stopped at
+the end. Worker logs stay in a temporary directory (printed).
 
 Prints a markdown table and writes every raw figure to ``benchmarks/results/bench_cap.json``.
 Exit status: 0 even when a target is missed; 1 when any cap was exceeded (VIOLATION); 2 when a
@@ -85,7 +89,7 @@ class Sizes:
 
     @classmethod
     def of(cls, quick: bool) -> Sizes:
-        return cls(noop=300, work=60, handoff=40) if quick else cls(2000, 200, 100)
+        return cls(noop=300, work=60, handoff=40) if quick else cls(1000, 200, 100)
 
 
 @dataclass
@@ -97,9 +101,12 @@ class Line:
     value: str
     target: str = ""
     met: bool | None = None
+    violation: bool = False
 
     def cells(self) -> list[str]:
         met = "" if self.met is None else ("yes" if self.met else "**no**")
+        if self.violation:
+            met = "**VIOLATION**"
         return [self.row, self.measure, self.value, self.target, met]
 
 
@@ -121,7 +128,7 @@ class Report:
             self.add(Line(row, f"peak concurrency, {what}", str(peak)))
             return
         ok = peak <= cap
-        self.add(Line(row, f"peak concurrency, {what}", str(peak), f"<= {cap}", ok))
+        self.add(Line(row, f"peak concurrency, {what}", str(peak), f"<= {cap}", ok, not ok))
         if not ok:
             message = f"VIOLATION: {row} {what}: peak concurrency {peak} > cap {cap}"
             self.violations.append(message)
@@ -190,6 +197,27 @@ def redis_for_bench() -> Iterator[str]:
             proc.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (all its threads), from /proc; 0.0 elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 @dataclass
 class Worker:
     node: str
@@ -233,6 +261,11 @@ class Worker:
         with contextlib.suppress(ProcessLookupError):  # no pool child may outlive its worker
             os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of the main process (with its threads) and of its pool."""
+        pool = sum(cpu_seconds(child) for child in child_pids(self.proc.pid))
+        return cpu_seconds(self.proc.pid), pool
 
     def problems(self) -> dict[str, Any]:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -295,8 +328,28 @@ class Row:
         """Let every pool process open its connections and load the scripts before timing."""
         self.run([(name, args)] * n, timeout=60)
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far: the workers' main processes, their pools, and Redis."""
+        usage = [worker.cpu() for worker in self.workers]
+        info = self.bench.redis.info("cpu")
+        return {
+            "worker_main": sum(main for main, _ in usage),
+            "worker_pool": sum(pool for _, pool in usage),
+            "redis": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
+        }
+
     def peak(self, group: str) -> int:
         return int(self.bench.redis.get(f"{self.prefix}:probe:{group}:peak") or 0)
+
+    def spans(self, group: str) -> list[tuple[float, float]]:
+        """(start, end) of every body of ``group`` since the last :meth:`forget`."""
+        raw = self.bench.redis.lrange(f"{self.prefix}:probe:{group}:spans", 0, -1)
+        return [(float(a), float(b)) for a, b in (item.split() for item in raw)]
+
+    def forget(self, *groups: str) -> None:
+        """Drop the spans logged so far (the warm-up's); peaks are kept for the whole row."""
+        for group in groups:
+            self.bench.redis.delete(f"{self.prefix}:probe:{group}:spans")
 
     def counter(self, key: str) -> int:
         return int(self.bench.redis.get(f"{self.prefix}:{key}") or 0)
@@ -354,8 +407,10 @@ class Bench:
             for worker in started:
                 code = worker.stop()
                 self.report.logs[f"{tag}/{worker.node}"] = {"exit": code, **worker.problems()}
-            if os.environ.get("REDIS_URL"):  # a shared Redis: leave no probe or limiter keys
-                for key in self.redis.scan_iter(match=f"{prefix}*", count=1000):
+            if os.environ.get("REDIS_URL"):  # a shared Redis: leave no queue, probe or lease
+                self.redis.delete(prefix, f"_kombu.binding.{prefix}",
+                                  f"_kombu.binding_permanent.{prefix}")
+                for key in self.redis.scan_iter(match=f"{prefix}:*", count=1000):
                     self.redis.delete(key)
 
     def wait(self, ids: Sequence[str], started: float, timeout: float) -> Done:
@@ -400,6 +455,33 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def slot_profile(spans: Sequence[tuple[float, float]], cap: int,
+                 submitted: float) -> dict[str, float]:
+    """How well the bodies kept ``cap`` slots busy.
+
+    ``refill``: from the k-th body end to the (k + cap)-th body start, i.e. how long a freed
+    slot stayed empty while the backlog lasted.
+    """
+    starts = sorted(start for start, _ in spans)
+    ends = sorted(end for _, end in spans)
+    refill = [(starts[k + cap] - ends[k]) * 1000 for k in range(len(ends) - cap)]
+    busy = sum(end - start for start, end in spans)
+    return {
+        "first_start_s": starts[0] - submitted,
+        "last_end_s": ends[-1] - submitted,
+        "body_mean_ms": busy / len(spans) * 1000,
+        "occupancy": busy / (cap * (ends[-1] - starts[0])),
+        "refill_p50_ms": percentile(refill, 50),
+        "refill_p99_ms": percentile(refill, 99),
+    }
+
+
+def profile_line(row: str, label: str, profile: dict[str, float]) -> Line:
+    return Line(row, f"{label}: slot refill p50 / p99; occupancy; first start",
+                f"{profile['refill_p50_ms']:.1f} / {profile['refill_p99_ms']:.1f} ms; "
+                f"{profile['occupancy']:.0%}; {profile['first_start_s'] * 1000:.0f} ms")
+
+
 def cap_check(report: Report, row: str, state: dict[str, Any], declared: int) -> None:
     recorded = state["recorded_cap"]
     if recorded is not None and recorded != declared:
@@ -413,12 +495,17 @@ def p1_noop(bench: Bench, sizes: Sizes) -> None:
     report, n = bench.report, sizes.noop
     timeout = max(120.0, n / 20)
     makespans: dict[str, list[float]] = {NOOP_PLAIN: [], NOOP_THROTTLED: []}
+    cpu: dict[str, dict[str, list[float]]] = {NOOP_PLAIN: {}, NOOP_THROTTLED: {}}
     with bench.row("P1") as row:
         row.warm_up(NOOP_PLAIN, [False])
         row.warm_up(NOOP_THROTTLED, [False])
         for name in (NOOP_PLAIN, NOOP_THROTTLED, NOOP_PLAIN, NOOP_THROTTLED):
+            before = row.cpu()
             _, done = row.run([(name, [False])] * n, timeout)
+            after = row.cpu()
             makespans[name].append(done.makespan())
+            for part, seconds in after.items():
+                cpu[name].setdefault(part, []).append((seconds - before[part]) / n * 1e6)
         # The timed runs skip the probe (two Redis calls per task would dilute the ratio);
         # one more throttled batch counts its concurrency.
         row.run([(NOOP_THROTTLED, [True])] * max(n // 4, 4 * CONCURRENCY), timeout)
@@ -434,12 +521,20 @@ def p1_noop(bench: Bench, sizes: Sizes) -> None:
         Line("P1", "throughput ratio throttled / plain", f"{ratio:.2f}", ">= 0.90", ratio >= 0.90),
         Line("P1", "overhead per task (makespan difference / N)", f"{overhead_us:.0f} µs"),
     )
+    mean_cpu = {name: {part: sum(v) / len(v) for part, v in parts.items()}
+                for name, parts in cpu.items()}
+    for part, label in (("worker_main", "worker main process (with its threads)"),
+                        ("worker_pool", "pool processes"), ("redis", "Redis server")):
+        report.add(Line("P1", f"CPU per task, {label}: plain / throttled",
+                        f"{mean_cpu[NOOP_PLAIN][part]:.0f} / "
+                        f"{mean_cpu[NOOP_THROTTLED][part]:.0f} µs"))
     report.peak("P1", f"throttled no-op (cap {NEVER_BINDS})", peak, NEVER_BINDS)
     cap_check(report, "P1", state, NEVER_BINDS)
     report.raw["P1"] = {
         "n": n, "makespans_s": makespans, "best_plain_s": plain, "best_throttled_s": throttled,
         "throughput_plain": n / plain, "throughput_throttled": n / throttled, "ratio": ratio,
-        "overhead_us_per_task": overhead_us, "peak_throttled": peak, "limiter": state,
+        "overhead_us_per_task": overhead_us, "cpu_us_per_task": cpu,
+        "cpu_us_per_task_mean": mean_cpu, "peak_throttled": peak, "limiter": state,
     }
 
 
@@ -448,46 +543,35 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
     ideal = n * WORK / WORK_CAP
     timeout = max(120.0, 30 * ideal)
     raw: dict[str, Any] = {"n": n, "work_s": WORK, "cap": WORK_CAP, "ideal_s": ideal}
-
-    with bench.row("P2") as row:
-        row.warm_up(WORK_THROTTLED, [0.0])
-        _, done = row.run([(WORK_THROTTLED, [WORK])] * n, timeout)
-        peak = row.peak("work_throttled")
-        state = row.limiter_state(WORK_THROTTLED)
-    ratio = done.makespan() / ideal
-    report.add(Line("P2", f"@throttled_task(limit={WORK_CAP}): {n} x 50 ms, makespan / ideal "
-                    f"({ideal:.1f} s)", f"{ratio:.3f} ({done.makespan():.2f} s)", "<= 1.05",
-                    ratio <= 1.05))
-    report.peak("P2", "throttled", peak, WORK_CAP)
-    cap_check(report, "P2", state, WORK_CAP)
-    raw["throttled"] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak,
-                        "limiter": state}
-
-    with bench.row("P2a") as row:
-        row.warm_up(RECIPE_RETRY, [0.0, WORK_CAP])
-        before = row.counter("recipe:retry:retries")
-        _, done = row.run([(RECIPE_RETRY, [WORK, WORK_CAP])] * n, timeout)
-        retries = row.counter("recipe:retry:retries") - before
-        peak = row.peak("recipe_retry")
-    ratio = done.makespan() / ideal
-    report.add(
-        Line("P2", "recipe counter + retry(countdown=0.1): makespan / ideal",
-             f"{ratio:.3f} ({done.makespan():.2f} s)"),
-        Line("P2", "recipe counter + retry: retries", f"{retries} ({retries / n:.1f} per task)"),
+    variants = (
+        ("P2", WORK_THROTTLED, [WORK], "work_throttled",
+         f"@throttled_task(limit={WORK_CAP})"),
+        ("P2a", RECIPE_RETRY, [WORK, WORK_CAP], "recipe_retry",
+         "recipe counter + retry(countdown=0.1)"),
+        ("P2b", RECIPE_SPIN, [WORK, WORK_CAP], "recipe_spin", "recipe counter + spin (10 ms)"),
     )
-    report.peak("P2", "counter + retry", peak, WORK_CAP)
-    raw["recipe_retry"] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak,
-                           "retries": retries}
-
-    with bench.row("P2b") as row:
-        row.warm_up(RECIPE_SPIN, [0.0, WORK_CAP])
-        _, done = row.run([(RECIPE_SPIN, [WORK, WORK_CAP])] * n, timeout)
-        peak = row.peak("recipe_spin")
-    ratio = done.makespan() / ideal
-    report.add(Line("P2", "recipe counter + spin (10 ms): makespan / ideal",
-                    f"{ratio:.3f} ({done.makespan():.2f} s)"))
-    report.peak("P2", "counter + spin", peak, WORK_CAP)
-    raw["recipe_spin"] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak}
+    for tag, name, args, group, label in variants:
+        with bench.row(tag) as row:
+            row.warm_up(name, [0.0, *args[1:]])
+            row.forget(group)
+            before = row.counter("recipe:retry:retries")
+            _, done = row.run([(name, args)] * n, timeout)
+            retries = row.counter("recipe:retry:retries") - before
+            peak = row.peak(group)
+            profile = slot_profile(row.spans(group), WORK_CAP, done.started)
+            state = row.limiter_state(name) if name == WORK_THROTTLED else None
+        ratio = done.makespan() / ideal
+        line = Line("P2", f"{label}: {n} x 50 ms, makespan / ideal ({ideal:.1f} s)",
+                    f"{ratio:.3f} ({done.makespan():.2f} s)")
+        if state is not None:
+            line.target, line.met = "<= 1.05", ratio <= 1.05
+            cap_check(report, tag, state, WORK_CAP)
+        report.add(line, profile_line("P2", label, profile))
+        if name == RECIPE_RETRY:
+            report.add(Line("P2", f"{label}: retries", f"{retries} ({retries / n:.1f} per task)"))
+        report.peak("P2", label, peak, WORK_CAP)
+        raw[group] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak,
+                      "retries": retries, "slots": profile, "limiter": state}
     report.raw["P2"] = raw
 
 
@@ -498,17 +582,20 @@ def p3_mixed_queue(bench: Bench, sizes: Sizes) -> None:
     timeout = max(120.0, 30 * ideal)
     raw: dict[str, Any] = {"n_capped": n, "n_plain": n, "ideal_s": ideal}
 
-    variants = (("P3", WORK_THROTTLED, [WORK], "work_throttled", "@throttled_task(limit=5)"),
+    variants = (("P3", WORK_THROTTLED, [WORK], "work_throttled",
+                 f"@throttled_task(limit={WORK_CAP})"),
                 ("P3b", RECIPE_SPIN, [WORK, WORK_CAP], "recipe_spin", "recipe counter + spin"))
     for tag, capped, args, group, label in variants:
         with bench.row(tag) as row:
             row.warm_up(capped, [0.0, *args[1:]])
             row.warm_up(WORK_PLAIN, [0.0])
+            row.forget(group)
             jobs: list[Job] = []
             for _ in range(n):
                 jobs += [(capped, args), (WORK_PLAIN, [WORK])]
             ids, done = row.run(jobs, timeout)
             peak, peak_plain = row.peak(group), row.peak("work_plain")
+            profile = slot_profile(row.spans(group), WORK_CAP, done.started)
             state = row.limiter_state(capped) if capped == WORK_THROTTLED else None
         ratio = done.makespan() / ideal
         plain_done = done.makespan(ids[1::2])
@@ -518,13 +605,17 @@ def p3_mixed_queue(bench: Bench, sizes: Sizes) -> None:
         if state is not None:
             line.target, line.met = "<= 1.10", ratio <= 1.10
             cap_check(report, tag, state, WORK_CAP)
-        report.add(line, Line("P3", f"{label}: plain tasks all done after",
-                              f"{plain_done:.2f} s"))
+        report.add(
+            line,
+            Line("P3", f"{label}: capped / plain tasks all done after",
+                 f"{capped_done:.2f} / {plain_done:.2f} s"),
+            profile_line("P3", label, profile),
+        )
         report.peak("P3", label, peak, WORK_CAP)
         report.peak("P3", f"plain beside {label}", peak_plain, None)
         raw[group] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak,
                       "peak_plain": peak_plain, "plain_done_s": plain_done,
-                      "capped_done_s": capped_done, "limiter": state}
+                      "capped_done_s": capped_done, "slots": profile, "limiter": state}
     report.raw["P3"] = raw
 
 
