@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .leases import Acquire, Codec, Op, RedisLeases, Renew, Scripts
-from .limiter import REGISTRY_BATCH, REGISTRY_WINDOW, foreign_keys, report_restored
+from .limiter import REGISTRY_BATCH, REGISTRY_WINDOW, Outage, foreign_keys, report_restored
 from .resp import Parser, ReplyError, pack
 
 __all__ = ["HubLimiter"]
@@ -207,7 +207,6 @@ class HubLimiter:
         self._sync = sync_store
         self._snapshot = snapshot
         self._on_granted = on_granted
-        self._where = where
         self._renew_every = lease_ttl / 3
         self._grace = min(1.0, lease_ttl / 3)
         handshake = []
@@ -234,7 +233,7 @@ class HubLimiter:
         self._loop_thread: int | None = None
         self._timers: list[Any] = []
         self._failures = 0
-        self._outage_since: float | None = None
+        self._outage = Outage(where)
         self._reconnect: Any = None
         self._acquire_after = 0.0
         self._run_id: bytes | None = None
@@ -441,13 +440,7 @@ class HubLimiter:
             self._acquire_after = time.monotonic() + self._grace
         self._run_id = run_id
         self._recovering = False
-        if self._outage_since is not None:
-            logger.warning(
-                "celery-throttled: the limiter's Redis at %s is reachable again after %.1f s",
-                self._where,
-                time.monotonic() - self._outage_since,
-            )
-            self._outage_since = None
+        self._outage.up()
         self._failures = 0
         self._renew()
         self._flush()
@@ -469,14 +462,7 @@ class HubLimiter:
     def _down(self, exc: BaseException) -> None:
         if self._direct or self._stopped:
             return
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-            logger.error(
-                "celery-throttled: the limiter's Redis at %s is unreachable (%s); throttled "
-                "tasks wait until it is back, unthrottled tasks keep running",
-                self._where,
-                exc,
-            )
+        self._outage.down(exc)
         self._pending.extendleft(reversed(self._requeue_inflight()))
         self._cmd.close()
         self._sub.close()

@@ -49,6 +49,40 @@ def foreign_keys(known: set[str], members: list[Any]) -> list[Renew]:
     return [Renew(key, 0) for key in keys if key not in known]
 
 
+class Outage:
+    """One error when the limiter's Redis goes away, one warning when it is back."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.since: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ongoing(self) -> bool:
+        return self.since is not None
+
+    def down(self, exc: BaseException) -> None:
+        with self._lock:
+            if self.since is None:
+                self.since = time.monotonic()
+                logger.error(
+                    "celery-throttled: the limiter's Redis at %s is unreachable (%s); throttled "
+                    "tasks wait until it is back, unthrottled tasks keep running",
+                    self.where,
+                    exc,
+                )
+
+    def up(self) -> None:
+        with self._lock:
+            if self.since is not None:
+                logger.warning(
+                    "celery-throttled: the limiter's Redis at %s is reachable again after %.1f s",
+                    self.where,
+                    time.monotonic() - self.since,
+                )
+                self.since = None
+
+
 def report_restored(outcome: Outcome) -> None:
     if outcome.restored:
         logger.warning(
@@ -84,7 +118,6 @@ class Limiter:
         self._grace = min(1.0, lease_ttl / 3)
         self._snapshot = snapshot
         self._on_granted = on_granted
-        self._where = where
         self._ops: deque[Op] = deque()
         self._to_register: set[str] = set()
         self._cond = threading.Condition()
@@ -92,8 +125,7 @@ class Limiter:
         self._renew_requested = False
         self._run_id: str | None = None
         self._acquire_after = 0.0
-        self._outage_since: float | None = None
-        self._outage_lock = threading.Lock()
+        self._outage = Outage(where)
         self._threads = [
             threading.Thread(target=self._operate, name="throttle-ops", daemon=True),
             threading.Thread(target=self._listen, name="throttle-listen", daemon=True),
@@ -124,7 +156,7 @@ class Limiter:
         """Send what is queued (bounded by ``timeout``), then stop both threads."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._ops and time.monotonic() < deadline and self._outage_since is None:
+            while self._ops and time.monotonic() < deadline and not self._outage.ongoing:
                 self._cond.wait(0.05)
             self._stopping = True
             self._cond.notify_all()
@@ -174,7 +206,7 @@ class Limiter:
                 with self._cond:
                     self._ops.extendleft(reversed(batch))
                     self._to_register |= register
-                self._outage(exc)
+                self._outage.down(exc)
                 time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
                 failures += 1
                 if self._stopping:
@@ -240,7 +272,7 @@ class Limiter:
                     if message is not None and message["type"] == "message":
                         self._grant_message(message["data"])
             except _OUTAGE_ERRORS as exc:
-                self._outage(exc)
+                self._outage.down(exc)
                 time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
                 failures += 1
             finally:
@@ -255,34 +287,16 @@ class Limiter:
             return
         self._on_granted(key, holder)
 
-    # -- outages -------------------------------------------------------------------------------
-    def _outage(self, exc: BaseException) -> None:
-        with self._outage_lock:
-            if self._outage_since is None:
-                self._outage_since = time.monotonic()
-                logger.error(
-                    "celery-throttled: the limiter's Redis at %s is unreachable (%s); throttled "
-                    "tasks wait until it is back, unthrottled tasks keep running",
-                    self._where,
-                    exc,
-                )
-
+    # -- outages ---------------------------------------------------------------------------
     def _recovered(self) -> None:
-        if self._outage_since is None and self._run_id is not None:
+        if not self._outage.ongoing and self._run_id is not None:
             return
         try:
             run_id = str(self._client.info("server").get("run_id"))
         except _OUTAGE_ERRORS:
             return
-        with self._outage_lock:
-            if self._run_id is not None and run_id != self._run_id:
-                self._acquire_after = time.monotonic() + self._grace
-                self.renew_soon()
-            self._run_id = run_id
-            if self._outage_since is not None:
-                logger.warning(
-                    "celery-throttled: the limiter's Redis at %s is reachable again after %.1f s",
-                    self._where,
-                    time.monotonic() - self._outage_since,
-                )
-                self._outage_since = None
+        if self._run_id is not None and run_id != self._run_id:
+            self._acquire_after = time.monotonic() + self._grace
+            self.renew_soon()
+        self._run_id = run_id
+        self._outage.up()
