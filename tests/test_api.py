@@ -179,3 +179,14 @@ def test_bad_deadline_is_refused_naming_the_task():
 
     with pytest.raises(ConfigurationError, match=r"api.deadline.*got -3"):
         app.tasks["api.deadline"].apply_async(deadline=-3)
+
+
+def test_key_function_gets_the_tasks_arguments():
+    app = Celery("keys", set_as_current=False)
+
+    @throttled_task(limit=1, key=lambda tenant_id, **kw: f"tenant:{tenant_id}", name="api.tenant")
+    def sync(tenant_id: str, full: bool = False) -> None: ...
+
+    task = app.tasks["api.tenant"]
+    assert task.throttle_key_for(("acme",), {"full": True}) == "tenant:acme"
+    assert task.throttle_key_for((), {"tenant_id": "globex"}) == "tenant:globex"

@@ -14,6 +14,7 @@ from .errors import (
     ThrottleError,
 )
 from .results import EnvelopeResult
+from .status import KeyStatus, UnknownKey, inspect, reset_cap, set_cap
 from .task import ThrottledTask, throttled_task
 
 __all__ = [
@@ -24,12 +25,17 @@ __all__ = [
     "EnvelopeResult",
     "ErrorInfo",
     "KeyFunctionError",
+    "KeyStatus",
     "ResultTooLarge",
     "TaskContext",
     "TaskError",
     "ThrottleError",
     "ThrottledTask",
+    "UnknownKey",
     "current_context",
+    "inspect",
+    "reset_cap",
+    "set_cap",
     "throttled_task",
 ]
 

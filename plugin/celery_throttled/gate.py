@@ -32,6 +32,7 @@ import redis
 from billiard.exceptions import WorkerLostError
 from celery import states
 from celery.app.task import Context
+from celery.exceptions import Retry
 from celery.worker import state as worker_state
 from redis.connection import parse_url
 
@@ -50,13 +51,11 @@ __all__ = ["Gate"]
 
 logger = logging.getLogger(__name__)
 
-_END_PATHS = ("on_success", "on_failure", "_announce_revoked", "_announce_cancelled")
-
 
 class Held:
     """One request this worker holds or runs under a lease."""
 
-    __slots__ = ("cap", "holder", "key", "released", "req", "since", "widened")
+    __slots__ = ("cap", "holder", "key", "released", "req", "since", "waited", "widened")
 
     def __init__(self, req: Any, key: str, cap: int, holder: str) -> None:
         self.req = req
@@ -66,6 +65,7 @@ class Held:
         self.since = time.monotonic()
         self.widened = False
         self.released = False
+        self.waited: float | None = None
 
 
 class Gate:
@@ -264,10 +264,11 @@ class Gate:
             self.release(held)
             _settle_deadline(req, f"while it waited for a slot of {held.key!r}")
             return
-        req._request_dict["throttle"]["waited"] = time.monotonic() - held.since
+        held.waited = time.monotonic() - held.since
+        req._request_dict["throttle"]["waited"] = held.waited
         with self._lock:
             self._running[(held.key, held.holder)] = held
-        _hook_end_paths(req, lambda: self.release(held))
+        _hook_end_paths(req, lambda outcome: self.release(held, outcome))
         req._throttle_slot = True
         self._run(req)
         self._jump_pool_queue(req)
@@ -292,15 +293,18 @@ class Gate:
             position += 1
         waiting.insert(position, entry)
 
-    def release(self, held: Held) -> None:
-        """Give the slot (or the place in line) back. Idempotent; called from any thread."""
+    def release(self, held: Held, outcome: str = "") -> None:
+        """Give the slot (or the place in line) back. Idempotent; called from any thread.
+
+        ``outcome`` ("done", "failed", "retried") is counted per key for ``celery throttle``.
+        """
         with self._lock:
             if held.released:
                 return
             held.released = True
             self._running.pop((held.key, held.holder), None)
             self._waiting.pop((held.key, held.holder), None)
-        self.limiter.submit(Release(held.key, held.holder, held.cap))
+        self.limiter.submit(Release(held.key, held.holder, held.cap, outcome, held.waited))
 
     def sweep(self) -> None:
         """Discard revoked or expired held requests; hand back ones held too long."""
@@ -469,33 +473,48 @@ def _pool_kind(pool: Any) -> str:
     return {"thread": "threads"}.get(module, module)
 
 
-def _hook_end_paths(req: Any, release: Callable[[], None]) -> None:
+def _hook_end_paths(req: Any, release: Callable[[str], None]) -> None:
     """Release the slot on every way a running request can end.
 
     Celery builds a request class per task whose ``on_success`` does not call ``super()``, so
-    the hooks are set on the instance, where ``execute_using_pool`` looks them up.
+    the hooks are set on the instance, where ``execute_using_pool`` looks them up. A failed run
+    reaches ``on_failure`` from inside ``on_success``: the inner hook releases first, as failed.
     """
-    for name in _END_PATHS:
-        original = getattr(req, name)
+    on_success, on_failure, on_timeout = req.on_success, req.on_failure, req.on_timeout
 
-        def hooked(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                release()
+    def on_success_hooked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return on_success(*args, **kwargs)
+        finally:
+            release("done")
 
-        setattr(req, name, hooked)
-
-    on_timeout = req.on_timeout
+    def on_failure_hooked(exc_info: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return on_failure(exc_info, *args, **kwargs)
+        finally:
+            retried = isinstance(getattr(exc_info, "exception", None), Retry)
+            release("retried" if retried else "failed")
 
     def on_timeout_hooked(soft: bool, timeout: float) -> Any:
         try:
             return on_timeout(soft, timeout)
         finally:
             if not soft:
-                release()
+                release("failed")
 
+    req.on_success = on_success_hooked
+    req.on_failure = on_failure_hooked
     req.on_timeout = on_timeout_hooked
+    for name in ("_announce_revoked", "_announce_cancelled"):
+        original = getattr(req, name)
+
+        def hooked(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                release("failed")
+
+        setattr(req, name, hooked)
 
 
 def _fail_without_running(req: Any, exc: Exception) -> None:

@@ -6,7 +6,9 @@ touches a single slot::
     {prefix}:{<key>}:h    ZSET  holders: member "<worker> <task id>", score = lease expiry (ms)
     {prefix}:{<key>}:w    ZSET  waiters: member as above, score = ticket (FIFO order)
     {prefix}:{<key>}:we   ZSET  waiter liveness: member as above, score = expiry (ms)
-    {prefix}:{<key>}:m    HASH  meta: cap (declared), override (live cap), seq (ticket counter)
+    {prefix}:{<key>}:m    HASH  meta: cap (declared), override (live cap), seq (ticket counter),
+                                done / failed (runs ended, by outcome)
+    {prefix}:{<key>}:wt   LIST  the last 1000 waits for a slot, in ms (newest first)
     {prefix}:grant:<worker>     pub/sub channel on which a worker hears of slots granted to it
     {prefix}:keys         ZSET  every key in use: member key, score = last seen (epoch s); lets
                                 any worker reap the leases of a dead one, and tools list keys
@@ -27,14 +29,15 @@ class Family:
     waiters: str
     waiter_expiry: str
     meta: str
+    waits: str
 
     @classmethod
     def of(cls, prefix: str, key: str) -> Family:
         base = f"{prefix}:{{{key}}}"
-        return cls(f"{base}:h", f"{base}:w", f"{base}:we", f"{base}:m")
+        return cls(f"{base}:h", f"{base}:w", f"{base}:we", f"{base}:m", f"{base}:wt")
 
     def all(self) -> list[str]:
-        return [self.holders, self.waiters, self.waiter_expiry, self.meta]
+        return [self.holders, self.waiters, self.waiter_expiry, self.meta, self.waits]
 
 
 def grant_channel_prefix(prefix: str) -> str:

@@ -47,6 +47,10 @@ class Release:
     key: str
     holder: str
     cap: int
+    #: how the run ended ("done", "failed"), counted per key; "" when it never ran
+    outcome: str = ""
+    #: seconds it waited for its slot, kept for the wait-time percentiles; None: not recorded
+    waited: float | None = None
 
 
 @dataclass(frozen=True)
@@ -107,10 +111,13 @@ class Codec:
 
     def call(self, op: Op) -> tuple[Script, list[str], list[Any]]:
         keys = self.family(op.key).all()
-        if isinstance(op, (Acquire, Release)):
-            name = "acquire.lua" if isinstance(op, Acquire) else "release.lua"
+        if isinstance(op, Acquire):
             args = [op.key, op.holder, op.cap, self.ttl_ms, self.channel_prefix, self.worker]
-            return Scripts.get(name), keys, args
+            return Scripts.get("acquire.lua"), keys, args
+        if isinstance(op, Release):
+            waited = -1 if op.waited is None else int(op.waited * 1000)
+            args = [op.key, op.holder, op.cap, self.ttl_ms, self.channel_prefix, self.worker]
+            return Scripts.get("release.lua"), keys, [*args, op.outcome, waited]
         args = [op.key, op.cap, self.ttl_ms, self.channel_prefix, self.worker]
         args += [len(op.running), *op.running, *op.waiting]
         return Scripts.get("renew.lua"), keys, args

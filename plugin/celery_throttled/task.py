@@ -174,7 +174,9 @@ def throttled_task(
             raise ConfigurationError(
                 f"task {name!r}: base must be a subclass of ThrottledTask, got {base!r}"
             )
-        return shared_task(base=base, throttle_limit=limit, throttle_key=key, **options)(f)
+        # a function stored on the class would be bound to the task: keep it a plain function
+        stored = staticmethod(key) if callable(key) else key
+        return shared_task(base=base, throttle_limit=limit, throttle_key=stored, **options)(f)
 
     if fun is not None:
         if not callable(fun):

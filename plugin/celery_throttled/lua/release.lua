@@ -4,18 +4,29 @@
 -- KEYS[2] - waiters ZSET
 -- KEYS[3] - waiter expiry ZSET
 -- KEYS[4] - meta HASH
+-- KEYS[5] - waits LIST (ms, newest first, at most 1000)
 -- ARGV[1] - key name
 -- ARGV[2] - holder
 -- ARGV[3] - declared cap (used only when the family has no meta yet)
 -- ARGV[4] - lease TTL in ms (for the leases it grants)
 -- ARGV[5] - grant channel prefix
 -- ARGV[6] - the calling worker (its own waiters granted now are returned, not published)
+-- ARGV[7] - how the run ended, counted in meta: "done", "failed", or "" (not counted)
+-- ARGV[8] - how long it waited for its slot in ms, or -1 (not recorded)
 -- returns {1 when the holder held a slot or waited, 0 when unknown (idempotent),
 --          {holders of the calling worker granted now}, {holders reaped now}}
 
 local holder = ARGV[2]
-local removed = redis.call('ZREM', KEYS[1], holder) + redis.call('ZREM', KEYS[2], holder)
+local held = redis.call('ZREM', KEYS[1], holder)
+local removed = held + redis.call('ZREM', KEYS[2], holder)
 redis.call('ZREM', KEYS[3], holder)
+if held > 0 and ARGV[7] ~= '' then
+  redis.call('HINCRBY', KEYS[4], ARGV[7], 1)
+  if tonumber(ARGV[8]) >= 0 then
+    redis.call('LPUSH', KEYS[5], ARGV[8])
+    redis.call('LTRIM', KEYS[5], 0, 999)
+  end
+end
 -- Fast path, nobody waiting: nothing to hand on (expired leases are reaped by the next
 -- acquire or by a renewal pass).
 if redis.call('ZCARD', KEYS[2]) == 0 then

@@ -4,6 +4,7 @@
 -- KEYS[2] - waiters ZSET
 -- KEYS[3] - waiter expiry ZSET
 -- KEYS[4] - meta HASH
+-- KEYS[5] - waits LIST (unused here)
 -- ARGV[1] - key name
 -- ARGV[2] - declared cap, or 0 when the caller does not know it (a reaping pass over a key
 --           this worker has no task of)

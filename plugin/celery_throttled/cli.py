@@ -1,0 +1,144 @@
+"""``celery -A proj throttle …``: see and change the caps of a running cluster.
+
+Registered through the ``celery.commands`` entry point, so it is a subcommand of Celery's own
+CLI and finds the app the usual way (``-A``)::
+
+    celery -A proj throttle status [KEY ...] [--json]
+    celery -A proj throttle set KEY N
+    celery -A proj throttle reset KEY
+
+Unknown keys, bad numbers and an unreachable Redis print one clear line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+import redis
+
+from .errors import ThrottleError
+from .status import KeyStatus, inspect, reset_cap, set_cap
+
+__all__ = ["throttle"]
+
+
+def _fail_cleanly(fun: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fun)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fun(*args, **kwargs)
+        except ThrottleError as exc:
+            raise click.ClickException(str(exc)) from None
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise click.ClickException(f"the limiter's Redis is unreachable: {exc}") from None
+
+    return wrapper
+
+
+@click.group(name="throttle")
+@click.pass_context
+def throttle(ctx: click.Context) -> None:
+    """See and change celery-throttled's caps."""
+
+
+def _app(ctx: click.Context) -> Any:
+    obj = ctx.obj
+    return obj.app if hasattr(obj, "app") else obj
+
+
+@throttle.command()
+@click.argument("keys", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document, for scripts.")
+@click.pass_context
+@_fail_cleanly
+def status(ctx: click.Context, keys: tuple[str, ...], as_json: bool) -> None:
+    """Per key: cap and its source, running, waiting, holders, outcomes, waits."""
+    statuses = inspect(_app(ctx), list(keys) or None)
+    if as_json:
+        click.echo(json.dumps([s.to_json() for s in statuses], indent=2))
+        return
+    if not statuses:
+        click.echo("no throttled key is in use")
+        return
+    click.echo(render(statuses))
+
+
+def render(statuses: list[KeyStatus]) -> str:
+    header = (
+        "key",
+        "cap",
+        "source",
+        "running",
+        "waiting",
+        "done",
+        "failed",
+        "wait p50",
+        "wait p99",
+    )
+    rows = [header]
+    for s in statuses:
+        rows.append(
+            (
+                s.key,
+                _num(s.cap),
+                s.cap_source,
+                str(s.running),
+                str(s.waiting),
+                str(s.done),
+                str(s.failed),
+                _secs(s.wait_p50),
+                _secs(s.wait_p99),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    for s in statuses:
+        for worker, n in sorted(s.waiting_by_worker.items()):
+            lines.append(f"  {s.key}: {n} waiting on {worker}")
+        for h in s.holders:
+            lines.append(f"  {s.key}: held by {h.task_id} on {h.worker} ({h.age:.1f}s)")
+    return "\n".join(lines)
+
+
+def _num(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f}ms"
+
+
+@throttle.command(name="set")
+@click.argument("key")
+@click.argument("cap", type=click.IntRange(min=1))
+@click.pass_context
+@_fail_cleanly
+def set_command(ctx: click.Context, key: str, cap: int) -> None:
+    """Override KEY's cap with CAP across the cluster, until `reset`."""
+    s = set_cap(_app(ctx), key, cap)
+    click.echo(
+        f"{key}: cap {s.cap} (override; declared {_num(s.declared)}), "
+        f"{s.running} running, {s.waiting} waiting"
+    )
+
+
+@throttle.command()
+@click.argument("key")
+@click.pass_context
+@_fail_cleanly
+def reset(ctx: click.Context, key: str) -> None:
+    """Back to the cap KEY's tasks declare."""
+    s = reset_cap(_app(ctx), key)
+    click.echo(f"{key}: cap {_num(s.cap)} (decorator), {s.running} running, {s.waiting} waiting")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(throttle())
