@@ -104,7 +104,8 @@ def render(statuses: list[KeyStatus]) -> str:
         for worker, n in sorted(s.waiting_by_worker.items()):
             lines.append(f"  {s.key}: {n} waiting on {worker}")
         for h in s.holders:
-            lines.append(f"  {s.key}: held by {h.task_id} on {h.worker} (lease renewed {h.age:.1f}s ago)")
+            renewed = f"lease renewed {h.age:.1f}s ago"
+            lines.append(f"  {s.key}: held by {h.task_id} on {h.worker} ({renewed})")
     return "\n".join(lines)
 
 
