@@ -190,3 +190,35 @@ def test_key_function_gets_the_tasks_arguments():
     task = app.tasks["api.tenant"]
     assert task.throttle_key_for(("acme",), {"full": True}) == "tenant:acme"
     assert task.throttle_key_for((), {"tenant_id": "globex"}) == "tenant:globex"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_wait": 0}, "max_wait must be a positive number of seconds, got 0"),
+        ({"on_full": "drop"}, "on_full must be one of"),
+        ({"fallback": "cached"}, "fallback must be callable"),
+        ({"retry": 3}, "retry must be a RetryPolicy, got 3"),
+    ],
+)
+def test_bad_policies_raise_at_decoration(options, message):
+    with pytest.raises(ConfigurationError, match=message) as info:
+
+        @throttled_task(limit=1, name="api.policies", **options)
+        def task() -> None: ...
+
+    assert "api.policies" in str(info.value)
+
+
+def test_retry_policy_maps_onto_celery_autoretry():
+    from celery_throttled.policies import RetryPolicy
+
+    app = Celery("retry", set_as_current=False)
+
+    @throttled_task(limit=1, name="api.retry", retry=RetryPolicy(4, on=(OSError,), backoff=2))
+    def task() -> None: ...
+
+    bound = app.tasks["api.retry"]
+    assert (bound.autoretry_for, bound.max_retries, bound.retry_backoff) == ((OSError,), 3, 2)
+    with pytest.raises(ConfigurationError, match="max_attempts must be an int >= 1, got 0"):
+        RetryPolicy(0).celery_options("api.retry")

@@ -10,9 +10,11 @@ from .errors import (
     ConfigurationError,
     DeadlineExceeded,
     KeyFunctionError,
+    Rejected,
     ResultTooLarge,
     ThrottleError,
 )
+from .policies import RetryPolicy
 from .results import EnvelopeResult
 from .status import KeyStatus, UnknownKey, inspect, reset_cap, set_cap
 from .task import ThrottledTask, throttled_task
@@ -26,7 +28,9 @@ __all__ = [
     "ErrorInfo",
     "KeyFunctionError",
     "KeyStatus",
+    "Rejected",
     "ResultTooLarge",
+    "RetryPolicy",
     "TaskContext",
     "TaskError",
     "ThrottleError",

@@ -7,6 +7,7 @@ __all__ = [
     "ConfigurationError",
     "DeadlineExceeded",
     "KeyFunctionError",
+    "Rejected",
     "ResultTooLarge",
     "TaskFailed",
     "ThrottleError",
@@ -56,3 +57,7 @@ class TaskFailed(ThrottleError):
 
 class ResultTooLarge(ThrottleError):
     """A task returned a value larger than ``throttle_max_result_bytes`` once encoded."""
+
+
+class Rejected(ThrottleError):
+    """The error type of a ``rejected`` envelope: the task's wait policy refused it a slot."""

@@ -87,12 +87,42 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         if timer is not None and timer.hard_fired:
             raise Ignore() from None  # the caller already has its hard_timeout envelope
         error = ErrorInfo.from_exception(exc, _kind(exc, ctx))
-        raise TaskFailed(error.to_json()) from None
+        fallback = getattr(task, "throttle_fallback", None)
+        if fallback is None or isinstance(exc, TaskFailed):
+            raise TaskFailed(error.to_json()) from None
+        return _degrade(task, fallback, error, details, args, kwargs)
     finally:
         context.leave(token)
     _finish(details, started)
     if timer is not None and timer.hard_fired:
         raise Ignore()
+    return value
+
+
+def _degrade(
+    task: Any,
+    fallback: Any,
+    error: ErrorInfo,
+    details: dict[str, Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The task failed and has a fallback: its value stands in, the envelope says so."""
+    try:
+        value = fallback(error, *args, **kwargs)
+        _check_result(task, value)
+    except BaseException as exc:
+        failed = ErrorInfo.from_exception(exc, _kind(exc, context.current_context()))
+        failed = ErrorInfo(
+            failed.kind,
+            failed.type,
+            f"the fallback failed too: {failed.message}",
+            failed.traceback,
+            error,
+        )
+        raise TaskFailed(failed.to_json()) from None
+    details["degraded"] = True
+    details["error"] = error.to_json()
     return value
 
 

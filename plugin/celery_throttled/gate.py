@@ -38,7 +38,7 @@ from redis.connection import parse_url
 
 from .deadlines import HEADER
 from .envelope import ErrorInfo, dotted_name
-from .errors import DeadlineExceeded, KeyFunctionError, TaskFailed
+from .errors import DeadlineExceeded, KeyFunctionError, Rejected, TaskFailed
 from .hub import HubLimiter
 from .keys import grant_channel, holder_id, registry
 from .leases import Acquire, RedisLeases, Release, Renew
@@ -206,6 +206,9 @@ class Gate:
             return
         with self._lock:
             held = self._waiting.get((key, holder))
+        if held is not None and held.req.task.throttle_on_full == "reject":
+            self._reject(held, f"no slot of {key!r} was free (on_full='reject')")
+            return
         if held is not None and not held.widened and self._widened < self.settings.max_held:
             self.consumer.qos.increment_eventually()
             self._widened += 1
@@ -310,7 +313,8 @@ class Gate:
         """Discard revoked or expired held requests; hand back ones held too long."""
         revoked_ids = worker_state.revoked
         check_stamps = bool(worker_state.revoked_stamps)
-        oldest = time.monotonic() - self.settings.max_hold
+        now = time.monotonic()
+        oldest = now - self.settings.max_hold
         with self._lock:
             waiting = list(self._waiting.values())
         for held in waiting:
@@ -323,6 +327,15 @@ class Gate:
                 self._unwiden(held)
                 self.release(held)
                 _settle_deadline(req, f"while it waited for a slot of {held.key!r}")
+            elif req.task.throttle_max_wait is not None and (
+                now - held.since >= req.task.throttle_max_wait
+            ):
+                waited = now - held.since
+                self._reject(
+                    held,
+                    f"waited {waited:.1f}s for a slot of {held.key!r} "
+                    f"(max_wait={req.task.throttle_max_wait})",
+                )
             elif held.since < oldest:
                 logger.info(
                     "celery-throttled: %s[%s] waited %.0fs for a slot of %r; handing it back "
@@ -334,6 +347,17 @@ class Gate:
                 )
                 self._unwiden(held)
                 self._give_back(held, requeue=True)
+
+    def _reject(self, held: Held, reason: str) -> None:
+        """The wait policy refuses ``held`` a slot: it settles as ``rejected`` without running."""
+        self._unwiden(held)
+        self.release(held, "rejected")
+        req = held.req
+        error = ErrorInfo(
+            "rejected", dotted_name(Rejected), f"task {req.name}[{req.id}] was rejected: {reason}"
+        )
+        logger.info("celery-throttled: %s", error.message)
+        _fail_without_running(req, TaskFailed(error.to_json()))
 
     def _give_back(self, held: Held, requeue: bool = False) -> None:
         self.release(held)

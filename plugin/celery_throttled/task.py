@@ -11,6 +11,7 @@ from celery import Task, shared_task
 from . import deadlines, execution
 from .context import current_context
 from .errors import ConfigurationError, KeyFunctionError
+from .policies import RetryPolicy, validate_wait
 from .results import EagerEnvelopeResult, EnvelopeResult, envelope_backend
 
 __all__ = ["ThrottledTask", "throttled_task"]
@@ -33,6 +34,9 @@ class ThrottledTask(Task):  # type: ignore[misc]
     Strategy = "celery_throttled.strategy:throttled"
     throttle_limit: int | None = None
     throttle_key: KeySpec = None
+    throttle_max_wait: float | None = None
+    throttle_on_full: str = "wait"
+    throttle_fallback: Callable[..., Any] | None = None
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
@@ -143,6 +147,10 @@ def throttled_task(
     key: KeySpec = None,
     soft_timeout: float | None = None,
     hard_timeout: float | None = None,
+    max_wait: float | None = None,
+    on_full: str = "wait",
+    retry: RetryPolicy | None = None,
+    fallback: Callable[..., Any] | None = None,
     **options: Any,
 ) -> Any:
     """Like ``@shared_task``, with a cluster-wide cap on concurrent runs.
@@ -152,12 +160,20 @@ def throttled_task(
     ``key(*args, **kwargs) -> str`` for one cap per value; default: the task's name.
     ``soft_timeout`` / ``hard_timeout``: seconds, honoured on every pool (Celery's
     ``soft_time_limit`` / ``time_limit``, which are accepted too).
+    ``max_wait``, ``on_full``, ``retry``, ``fallback``: see :mod:`celery_throttled.policies`.
     Every other option goes to ``shared_task`` (``name``, ``bind``, ``queue``, ``acks_late``…).
     """
 
     def create(f: Callable[..., Any]) -> Any:
         name = options.get("name") or f"{f.__module__}.{f.__qualname__}"
         _validate(name, limit, key)
+        validate_wait(name, max_wait, on_full, fallback)
+        if retry is not None:
+            if not isinstance(retry, RetryPolicy):
+                raise ConfigurationError(
+                    f"task {name!r}: retry must be a RetryPolicy, got {retry!r}"
+                )
+            options.update(retry.celery_options(name))
         soft = _timeout(name, "soft_timeout", soft_timeout, options, "soft_time_limit")
         hard = _timeout(name, "hard_timeout", hard_timeout, options, "time_limit")
         if soft is not None and hard is not None and soft >= hard:
@@ -176,7 +192,15 @@ def throttled_task(
             )
         # a function stored on the class would be bound to the task: keep it a plain function
         stored = staticmethod(key) if callable(key) else key
-        return shared_task(base=base, throttle_limit=limit, throttle_key=stored, **options)(f)
+        return shared_task(
+            base=base,
+            throttle_limit=limit,
+            throttle_key=stored,
+            throttle_max_wait=max_wait,
+            throttle_on_full=on_full,
+            throttle_fallback=staticmethod(fallback) if fallback else None,
+            **options,
+        )(f)
 
     if fun is not None:
         if not callable(fun):

@@ -234,3 +234,42 @@ def spawn(child_deadline: float | None = None) -> dict[str, Any]:
     options = {} if child_deadline is None else {"deadline": child_deadline}
     child = report_deadline.apply_async(**options)
     return {"mine": current_context().deadline, "child_id": child.id}
+
+
+# -- wait and failure policies --------------------------------------------------------------
+from celery_throttled.policies import RetryPolicy  # noqa: E402
+
+
+@throttled_task(limit=1, key="sleepy", on_full="reject", name="t.reject_when_full")
+def reject_when_full(label: str) -> str:
+    return tracked("sleepy_policy", label, 0)
+
+
+@throttled_task(limit=1, key="sleepy", max_wait=0.3, name="t.impatient")
+def impatient(label: str) -> str:
+    return tracked("sleepy_policy", label, 0)
+
+
+@throttled_task(
+    limit=1, key="policy", name="t.retrying", bind=True,
+    retry=RetryPolicy(max_attempts=3, on=(OSError,), backoff=0.6, jitter=False),
+)
+def retrying(self: Any, label: str) -> str:
+    tracked("policy", f"{label}#{self.request.retries}", 0.05)
+    if self.request.retries < 2:
+        raise OSError("downstream hiccup")
+    return label
+
+
+@throttled_task(limit=1, key="policy", name="t.policy_quick")
+def policy_quick(label: str) -> str:
+    return tracked("policy", label, 0)
+
+
+def _cached_price(error: Any, sku: str) -> dict[str, Any]:
+    return {"sku": sku, "price": 9.99, "stale": True, "because": error.type}
+
+
+@throttled_task(limit=2, name="t.degrading", fallback=_cached_price)
+def degrading(sku: str) -> dict[str, Any]:
+    raise ValueError(f"pricing service down for {sku}")

@@ -11,7 +11,8 @@
 -- ARGV[4] - lease TTL in ms (for the leases it grants)
 -- ARGV[5] - grant channel prefix
 -- ARGV[6] - the calling worker (its own waiters granted now are returned, not published)
--- ARGV[7] - how the run ended, counted in meta: "done", "failed", or "" (not counted)
+-- ARGV[7] - how the run ended, counted in meta: "done", "failed", "retried", "rejected"
+--           (counted for a waiter too), or "" (not counted)
 -- ARGV[8] - how long it waited for its slot in ms, or -1 (not recorded)
 -- returns {1 when the holder held a slot or waited, 0 when unknown (idempotent),
 --          {holders of the calling worker granted now}, {holders reaped now}}
@@ -20,7 +21,7 @@ local holder = ARGV[2]
 local held = redis.call('ZREM', KEYS[1], holder)
 local removed = held + redis.call('ZREM', KEYS[2], holder)
 redis.call('ZREM', KEYS[3], holder)
-if held > 0 and ARGV[7] ~= '' then
+if ARGV[7] ~= '' and (held > 0 or ARGV[7] == 'rejected') then
   redis.call('HINCRBY', KEYS[4], ARGV[7], 1)
   if tonumber(ARGV[8]) >= 0 then
     redis.call('LPUSH', KEYS[5], ARGV[8])
