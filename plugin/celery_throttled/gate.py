@@ -43,6 +43,7 @@ from .hub import HubLimiter
 from .keys import grant_channel, holder_id, registry
 from .leases import Acquire, RedisLeases, Release, Renew
 from .limiter import Limiter
+from .metrics import Metrics
 from .results import envelope_backend
 from .settings import Settings, _safe
 from .task import ThrottledTask
@@ -55,7 +56,17 @@ logger = logging.getLogger(__name__)
 class Held:
     """One request this worker holds or runs under a lease."""
 
-    __slots__ = ("cap", "holder", "key", "released", "req", "since", "waited", "widened")
+    __slots__ = (
+        "admitted_at",
+        "cap",
+        "holder",
+        "key",
+        "released",
+        "req",
+        "since",
+        "waited",
+        "widened",
+    )
 
     def __init__(self, req: Any, key: str, cap: int, holder: str) -> None:
         self.req = req
@@ -66,6 +77,7 @@ class Held:
         self.widened = False
         self.released = False
         self.waited: float | None = None
+        self.admitted_at: float | None = None
 
 
 class Gate:
@@ -132,6 +144,10 @@ class Gate:
         self._widened = 0
         self._closed = False
         self._sweeper: Any = None
+        self.metrics: Metrics | None = None
+        if settings.metrics_port is not None:
+            self.metrics = Metrics(self._metric_counts)
+            self.metrics.serve(settings.metrics_port, settings.metrics_addr)
         self.pool_kind = _pool_kind(consumer.pool)
         self._dispatch: Callable[[Any], Any] = consumer.on_task_request
         consumer.on_task_request = self.route
@@ -267,7 +283,10 @@ class Gate:
             self.release(held)
             _settle_deadline(req, f"while it waited for a slot of {held.key!r}")
             return
-        held.waited = time.monotonic() - held.since
+        held.admitted_at = time.monotonic()
+        held.waited = held.admitted_at - held.since
+        if self.metrics is not None:
+            self.metrics.admitted(held.key, held.waited)
         req._request_dict["throttle"]["waited"] = held.waited
         with self._lock:
             self._running[(held.key, held.holder)] = held
@@ -308,6 +327,9 @@ class Gate:
             self._running.pop((held.key, held.holder), None)
             self._waiting.pop((held.key, held.holder), None)
         self.limiter.submit(Release(held.key, held.holder, held.cap, outcome, held.waited))
+        if self.metrics is not None:
+            ran = None if held.admitted_at is None else time.monotonic() - held.admitted_at
+            self.metrics.ended(held.key, outcome, ran)
 
     def sweep(self) -> None:
         """Discard revoked or expired held requests; hand back ones held too long."""
@@ -434,6 +456,16 @@ class Gate:
                 name="throttle-lost",
                 daemon=True,
             ).start()
+
+    def _metric_counts(self) -> dict[str, tuple[int, int, int]]:
+        """Per key: declared cap, running here, waiting here (for the metrics gauges)."""
+        with self._lock:
+            out = {key: [cap, 0, 0] for key, cap in self._caps.items()}
+            for key, _ in self._running:
+                out.setdefault(key, [0, 0, 0])[1] += 1
+            for key, _ in self._waiting:
+                out.setdefault(key, [0, 0, 0])[2] += 1
+        return {key: (c, r, w) for key, (c, r, w) in out.items()}
 
     def counts(self) -> dict[str, int]:
         with self._lock:

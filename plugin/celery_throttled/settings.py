@@ -45,6 +45,12 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "Largest encoded return value a throttled task may store; a larger one settles as an "
         "error envelope (ResultTooLarge) instead of failing in the broker or backend.",
     ),
+    "throttle_metrics_port": (
+        None,
+        "Port on which each worker serves Prometheus metrics (needs the 'metrics' extra); "
+        "None: no metrics server.",
+    ),
+    "throttle_metrics_addr": ("127.0.0.1", "Address the metrics server binds to."),
     "throttle_sweep_interval": (
         0.25,
         "Seconds between checks of held messages for revocation, expiry and max_hold.",
@@ -67,6 +73,8 @@ class Settings:
     max_held: int
     sweep_interval: float
     max_result_bytes: int
+    metrics_port: int | None
+    metrics_addr: str
 
     @classmethod
     def from_app(cls, app: Any) -> Settings:
@@ -119,7 +127,17 @@ class Settings:
             raise ConfigurationError(
                 f"throttle_max_result_bytes must be a positive integer, got {max_result!r}"
             )
-        return cls(redis_url, prefix, lease_ttl, max_hold, max_held, sweep, max_result)
+        port = get("throttle_metrics_port")
+        if port is not None and (
+            isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+        ):
+            raise ConfigurationError(
+                f"throttle_metrics_port must be a TCP port (1-65535) or None, got {port!r}"
+            )
+        addr = get("throttle_metrics_addr")
+        if not isinstance(addr, str) or not addr:
+            raise ConfigurationError(f"throttle_metrics_addr must be an address, got {addr!r}")
+        return cls(redis_url, prefix, lease_ttl, max_hold, max_held, sweep, max_result, port, addr)
 
 
 def _positive(name: str, value: Any) -> float:

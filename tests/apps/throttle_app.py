@@ -42,6 +42,8 @@ app.conf.update(
     throttle_redis_url=os.environ.get("LIMITER_URL") or REDIS_URL,
 )
 app.conf.throttle_max_result_bytes = 1000
+if os.environ.get("METRICS_PORT"):
+    app.conf.throttle_metrics_port = int(os.environ["METRICS_PORT"])
 if os.environ.get("MAX_HOLD"):
     app.conf.throttle_max_hold = float(os.environ["MAX_HOLD"])
 

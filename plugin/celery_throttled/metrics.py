@@ -1,0 +1,110 @@
+"""Prometheus metrics of one worker, per key: served when ``throttle_metrics_port`` is set.
+
+========================================  =========  ==============================================
+name                                      type       meaning (labels: ``key``)
+========================================  =========  ==============================================
+``celery_throttle_cap``                   gauge      the cap the key's tasks declare
+``celery_throttle_running``               gauge      tasks of the key running on this worker
+``celery_throttle_waiting``               gauge      tasks of the key waiting for a slot here
+``celery_throttle_started_total``         counter    runs admitted (a slot granted)
+``celery_throttle_finished_total``        counter    runs ended, label ``outcome``: done, failed,
+                                                     retried
+``celery_throttle_rejected_total``        counter    tasks refused by their wait policy
+``celery_throttle_wait_seconds``          histogram  time from arrival to a slot
+``celery_throttle_run_seconds``           histogram  time from admission to release
+========================================  =========  ==============================================
+
+Each worker serves its own numbers (sum them across workers for the cluster); ``celery throttle
+status`` reads the cluster-wide view from Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .errors import ConfigurationError
+
+__all__ = ["Metrics"]
+
+logger = logging.getLogger(__name__)
+
+_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    def __init__(self, counts: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+        try:
+            import prometheus_client as prom
+            from prometheus_client.core import GaugeMetricFamily
+        except ImportError:  # pragma: no cover - exercised by installs without the extra
+            raise ConfigurationError(
+                "throttle_metrics_port is set but prometheus-client is not installed: "
+                "pip install 'celery-throttled[metrics]'"
+            ) from None
+        self.registry = prom.CollectorRegistry(auto_describe=True)
+        self._started = prom.Counter(
+            "celery_throttle_started", "Runs admitted.", ["key"], registry=self.registry
+        )
+        self._finished = prom.Counter(
+            "celery_throttle_finished",
+            "Runs ended, by outcome.",
+            ["key", "outcome"],
+            registry=self.registry,
+        )
+        self._rejected = prom.Counter(
+            "celery_throttle_rejected",
+            "Tasks refused by their wait policy.",
+            ["key"],
+            registry=self.registry,
+        )
+        self._wait = prom.Histogram(
+            "celery_throttle_wait_seconds",
+            "Time from arrival to a slot.",
+            ["key"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self._run = prom.Histogram(
+            "celery_throttle_run_seconds",
+            "Time from admission to release.",
+            ["key"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+
+        class _Gauges:
+            def collect(self) -> Iterator[Any]:
+                cap = GaugeMetricFamily("celery_throttle_cap", "The key's cap.", labels=["key"])
+                running = GaugeMetricFamily(
+                    "celery_throttle_running", "Running on this worker.", labels=["key"]
+                )
+                waiting = GaugeMetricFamily(
+                    "celery_throttle_waiting", "Waiting for a slot here.", labels=["key"]
+                )
+                for key, (c, r, w) in sorted(counts().items()):
+                    cap.add_metric([key], c)
+                    running.add_metric([key], r)
+                    waiting.add_metric([key], w)
+                yield from (cap, running, waiting)
+
+        self.registry.register(_Gauges())
+        self._prom = prom
+
+    def serve(self, port: int, addr: str) -> None:
+        self._prom.start_http_server(port, addr=addr, registry=self.registry)
+        logger.info("celery-throttled: metrics on http://%s:%d/metrics", addr, port)
+
+    def admitted(self, key: str, waited: float) -> None:
+        self._started.labels(key).inc()
+        self._wait.labels(key).observe(waited)
+
+    def ended(self, key: str, outcome: str, runtime: float | None) -> None:
+        if outcome == "rejected":
+            self._rejected.labels(key).inc()
+            return
+        if outcome:
+            self._finished.labels(key, outcome).inc()
+        if runtime is not None:
+            self._run.labels(key).observe(runtime)
