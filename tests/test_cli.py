@@ -113,3 +113,21 @@ def test_the_celery_command_itself(workers: Workers, client, prefix, redis_url):
     assert out.returncode == 0, out.stderr
     keys = {doc["key"]: doc for doc in json.loads(out.stdout)}
     assert keys["t.limited"]["done"] == 1 and keys["t.limited"]["cap"] == 2
+
+
+def test_top_renders_a_frame_sorted_by_pressure(workers: Workers, client, probe, prefix,
+                                                redis_url):
+    app = limiter_app(redis_url, prefix)
+    workers.start(pool="threads", concurrency=6)
+    results = [client.send_task("t.limited", (f"x{i}", 1.0)) for i in range(5)]
+    results.append(client.send_task("t.shared_a", ("a", 0.0)))
+    wait_until(lambda: inspect(app, ["t.limited"])[0].waiting == 3, 30, what="3 waiting")
+    out = run(app, "top", "--once")
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    limited = next(i for i, line in enumerate(lines) if "t.limited" in line)
+    shared = next(i for i, line in enumerate(lines) if "shared-downstream" in line)
+    assert limited < shared  # 5 against a cap of 2 comes before an idle key
+    assert "█" in lines[limited] and "▒" in lines[limited]
+    for r in results:
+        r.get(timeout=30)

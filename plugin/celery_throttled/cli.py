@@ -6,6 +6,7 @@ CLI and finds the app the usual way (``-A``)::
     celery -A proj throttle status [KEY ...] [--json]
     celery -A proj throttle set KEY N
     celery -A proj throttle reset KEY
+    celery -A proj throttle top [--interval S] [--once]
 
 Unknown keys, bad numbers and an unreachable Redis print one clear line and exit non-zero.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
@@ -139,6 +141,80 @@ def reset(ctx: click.Context, key: str) -> None:
     """Back to the cap KEY's tasks declare."""
     s = reset_cap(_app(ctx), key)
     click.echo(f"{key}: cap {_num(s.cap)} (decorator), {s.running} running, {s.waiting} waiting")
+
+
+@throttle.command()
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and logs).")
+@click.pass_context
+@_fail_cleanly
+def top(ctx: click.Context, interval: float, once: bool) -> None:
+    """A live view of every key, most pressed first (Ctrl-C to leave)."""
+    from rich.console import Console
+    from rich.live import Live
+
+    app = _app(ctx)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    if once:
+        console.print(frame(inspect(app)))
+        return
+    with Live(frame(inspect(app)), console=console, refresh_per_second=4, screen=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(frame(inspect(app)))
+        except KeyboardInterrupt:
+            pass
+
+
+def frame(statuses: list[KeyStatus]) -> Any:
+    """One screen of ``top``: a table with a bar per key: running (█) and waiting (▒) against
+    the cap, or against the demand when it exceeds the cap."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"celery throttle top  {time.strftime('%H:%M:%S')}", expand=False)
+    for column in (
+        "key",
+        "cap",
+        "running",
+        "waiting",
+        "load",
+        "done",
+        "failed",
+        "rejected",
+        "wait p99",
+    ):
+        table.add_column(column, justify="left" if column in ("key", "load") else "right")
+    for s in statuses:
+        width = 20
+        scale = max(s.cap or 0, s.running + s.waiting, 1)  # the bar is the cap, or the demand
+        used = min(width, round(width * s.running / scale))
+        queued = min(width - used, round(width * s.waiting / scale))
+        bar = Text("█" * used, style="green") + Text("▒" * queued, style="yellow")
+        bar += Text("·" * (width - used - queued), style="dim")
+        cap_text = f"{_num(s.cap)}{'*' if s.cap_source == 'override' else ''}"
+        table.add_row(
+            s.key,
+            cap_text,
+            str(s.running),
+            str(s.waiting),
+            bar,
+            str(s.done),
+            str(s.failed),
+            str(s.rejected),
+            _secs(s.wait_p99),
+        )
+    if not statuses:
+        table.add_row("no throttled key is in use", *[""] * 8)
+    table.caption = "* a live override (celery throttle set); reset with celery throttle reset"
+    return table
 
 
 if __name__ == "__main__":  # pragma: no cover
