@@ -59,7 +59,8 @@ def test_status_set_reset_and_clear_errors(workers: Workers, client, probe, pref
     assert run(app, "reset", "t.limited").output.startswith("t.limited: cap 2 (decorator)")
     for r in results:
         r.get(timeout=30)
-    s = inspect(app, ["t.limited"])[0]
+    s = wait_until(lambda: (s := inspect(app, ["t.limited"])[0]).running == 0 and s, 10,
+                   what="the last release (asynchronous) to land")
     assert (s.done, s.failed, s.running, s.waiting) == (5, 0, 0, 0)
     assert s.wait_p50 is not None and s.wait_p99 is not None and s.wait_p99 >= s.wait_p50
 

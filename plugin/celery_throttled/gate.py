@@ -3,7 +3,8 @@
 The data path, all on the worker's main process::
 
     message -> strategy -> Gate.route -> (limit set?) -> Gate.submit: hold, unacknowledged
-            -> Acquire (limiter thread) -> granted now, or later by a release anywhere
+            -> Acquire (hub.py on the event loop, or limiter.py's threads) -> granted now,
+               or later by a release anywhere in the cluster
             -> Gate._admit on the event loop -> the pool runs the task
             -> on_success / on_failure / hard timeout / revoke / cancel -> Gate.release
 
@@ -29,23 +30,19 @@ from datetime import datetime, timezone
 from typing import Any
 
 import redis
-from billiard.exceptions import WorkerLostError
-from celery import states
-from celery.app.task import Context
-from celery.exceptions import Retry
 from celery.worker import state as worker_state
 from redis.connection import parse_url
 
 from .deadlines import HEADER
-from .envelope import ErrorInfo, dotted_name
-from .errors import DeadlineExceeded, KeyFunctionError, Rejected, TaskFailed
+from .endpaths import hook_end_paths
+from .errors import KeyFunctionError
 from .hub import HubLimiter
 from .keys import grant_channel, holder_id, registry
 from .leases import Acquire, RedisLeases, Release, Renew
 from .limiter import Limiter
 from .metrics import Metrics
-from .results import envelope_backend
 from .settings import Settings, _safe
+from .settle import fail_without_running, report_lost, settle_deadline, settle_rejected
 from .task import ThrottledTask
 
 __all__ = ["Gate"]
@@ -173,7 +170,7 @@ class Gate:
             return self._dispatch(req)
         req._request_dict["throttle"] = {"pool": self.pool_kind}
         if _deadline_passed(req):
-            _settle_deadline(req, "while it was queued")
+            settle_deadline(req, "while it was queued")
             return None
         limit = task.throttle_limit
         if limit is None:
@@ -195,7 +192,7 @@ class Gate:
             key = req.task.throttle_key_for(req.args, req.kwargs)
         except KeyFunctionError as exc:
             logger.error("%s", exc)
-            _fail_without_running(req, exc)
+            fail_without_running(req, exc)
             return
         req._request_dict["throttle"]["key"] = key
         holder = holder_id(self.worker, req.id)
@@ -281,7 +278,7 @@ class Gate:
             return
         if _deadline_passed(req):
             self.release(held)
-            _settle_deadline(req, f"while it waited for a slot of {held.key!r}")
+            settle_deadline(req, f"while it waited for a slot of {held.key!r}")
             return
         held.admitted_at = time.monotonic()
         held.waited = held.admitted_at - held.since
@@ -290,7 +287,7 @@ class Gate:
         req._request_dict["throttle"]["waited"] = held.waited
         with self._lock:
             self._running[(held.key, held.holder)] = held
-        _hook_end_paths(req, lambda outcome: self.release(held, outcome))
+        hook_end_paths(req, lambda outcome: self.release(held, outcome))
         req._throttle_slot = True
         self._run(req)
         self._jump_pool_queue(req)
@@ -348,7 +345,7 @@ class Gate:
             elif _deadline_passed(req):
                 self._unwiden(held)
                 self.release(held)
-                _settle_deadline(req, f"while it waited for a slot of {held.key!r}")
+                settle_deadline(req, f"while it waited for a slot of {held.key!r}")
             elif req.task.throttle_max_wait is not None and (
                 now - held.since >= req.task.throttle_max_wait
             ):
@@ -374,12 +371,7 @@ class Gate:
         """The wait policy refuses ``held`` a slot: it settles as ``rejected`` without running."""
         self._unwiden(held)
         self.release(held, "rejected")
-        req = held.req
-        error = ErrorInfo(
-            "rejected", dotted_name(Rejected), f"task {req.name}[{req.id}] was rejected: {reason}"
-        )
-        logger.info("celery-throttled: %s", error.message)
-        _fail_without_running(req, TaskFailed(error.to_json()))
+        settle_rejected(held.req, reason)
 
     def _give_back(self, held: Held, requeue: bool = False) -> None:
         self.release(held)
@@ -467,34 +459,6 @@ class Gate:
                 out.setdefault(key, [0, 0, 0])[2] += 1
         return {key: (c, r, w) for key, (c, r, w) in out.items()}
 
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            return {"waiting": len(self._waiting), "running": len(self._running)}
-
-
-def report_lost(app: Any, key: str, holders: list[str]) -> None:
-    backend = envelope_backend(app)
-    for holder in holders:
-        worker, task_id = holder.split(" ", 1) if " " in holder else ("?", holder)
-        try:
-            if backend.get_task_meta(task_id).get("status") in states.READY_STATES:
-                continue
-            logger.warning(
-                "celery-throttled: task %s held a slot of %r on worker %s, which stopped renewing "
-                "its lease: reporting it as worker_lost",
-                task_id,
-                key,
-                worker,
-            )
-            request = Context(id=task_id, throttle={"key": key}, hostname=worker.split("/")[0])
-            exc = WorkerLostError(
-                f"the worker running it ({worker.split('/')[0]}) stopped renewing its lease of "
-                f"{key!r} and is presumed dead"
-            )
-            backend.mark_as_failure(task_id, exc, request=request)
-        except Exception:
-            logger.exception("celery-throttled: could not report task %s as lost", task_id)
-
 
 def _expired(req: Any) -> bool:
     expires = req.expires
@@ -514,75 +478,6 @@ def _deadline_passed(req: Any) -> bool:
     return deadline is not None and time.time() >= float(deadline)
 
 
-def _settle_deadline(req: Any, where: str) -> None:
-    error = ErrorInfo(
-        "deadline",
-        dotted_name(DeadlineExceeded),
-        f"task {req.name}[{req.id}] passed its deadline {where}; it did not run",
-    )
-    logger.info("celery-throttled: %s", error.message)
-    _fail_without_running(req, TaskFailed(error.to_json()))
-
-
 def _pool_kind(pool: Any) -> str:
     module = type(pool).__module__.rsplit(".", 1)[-1]
     return {"thread": "threads"}.get(module, module)
-
-
-def _hook_end_paths(req: Any, release: Callable[[str], None]) -> None:
-    """Release the slot on every way a running request can end.
-
-    Celery builds a request class per task whose ``on_success`` does not call ``super()``, so
-    the hooks are set on the instance, where ``execute_using_pool`` looks them up. A failed run
-    reaches ``on_failure`` from inside ``on_success``: the inner hook releases first, as failed.
-    """
-    on_success, on_failure, on_timeout = req.on_success, req.on_failure, req.on_timeout
-
-    def on_success_hooked(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return on_success(*args, **kwargs)
-        finally:
-            release("done")
-
-    def on_failure_hooked(exc_info: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return on_failure(exc_info, *args, **kwargs)
-        finally:
-            retried = isinstance(getattr(exc_info, "exception", None), Retry)
-            release("retried" if retried else "failed")
-
-    def on_timeout_hooked(soft: bool, timeout: float) -> Any:
-        try:
-            return on_timeout(soft, timeout)
-        finally:
-            if not soft:
-                release("failed")
-
-    req.on_success = on_success_hooked
-    req.on_failure = on_failure_hooked
-    req.on_timeout = on_timeout_hooked
-    for name in ("_announce_revoked", "_announce_cancelled"):
-        original = getattr(req, name)
-
-        def hooked(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                release("failed")
-
-        setattr(req, name, hooked)
-
-
-def _fail_without_running(req: Any, exc: Exception) -> None:
-    """Record a failure for a request that will not run, and let its message go."""
-    try:
-        req.task.backend.mark_as_failure(
-            req.id,
-            exc,
-            request=req._context,
-            store_result=req.store_errors,
-        )
-    finally:
-        worker_state.task_ready(req)
-        req.send_event("task-failed", exception=repr(exc))
-        req.acknowledge()

@@ -171,7 +171,7 @@ def set_cap(app: Any, key: str, cap: int | None) -> KeyStatus:
     ]
     _, _, reaped = script(family.all(), args)
     if reaped:
-        from .gate import report_lost
+        from .settle import report_lost
 
         report_lost(app, key, [str(h) for h in reaped])
     return inspect(app, [key])[0]

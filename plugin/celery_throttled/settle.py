@@ -1,0 +1,81 @@
+"""Outcomes the worker's main process decides itself, for tasks that will not run (or that
+died): a bad key, a passed deadline, a wait policy's refusal, a lost worker.
+
+Each is written as an envelope through the task's backend, the message is acknowledged and the
+request leaves the worker's bookkeeping, so nothing submitted is silently lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from billiard.exceptions import WorkerLostError
+from celery import states
+from celery.app.task import Context
+from celery.worker import state as worker_state
+
+from .envelope import ErrorInfo, dotted_name
+from .errors import DeadlineExceeded, Rejected, TaskFailed
+from .results import envelope_backend
+
+__all__ = ["fail_without_running", "report_lost", "settle_deadline", "settle_rejected"]
+
+logger = logging.getLogger(__name__)
+
+
+def fail_without_running(req: Any, exc: Exception) -> None:
+    """Record a failure for a request that will not run, and let its message go."""
+    try:
+        req.task.backend.mark_as_failure(
+            req.id,
+            exc,
+            request=req._context,
+            store_result=req.store_errors,
+        )
+    finally:
+        worker_state.task_ready(req)
+        req.send_event("task-failed", exception=repr(exc))
+        req.acknowledge()
+
+
+def settle_deadline(req: Any, where: str) -> None:
+    error = ErrorInfo(
+        "deadline",
+        dotted_name(DeadlineExceeded),
+        f"task {req.name}[{req.id}] passed its deadline {where}; it did not run",
+    )
+    logger.info("celery-throttled: %s", error.message)
+    fail_without_running(req, TaskFailed(error.to_json()))
+
+
+def settle_rejected(req: Any, reason: str) -> None:
+    error = ErrorInfo(
+        "rejected", dotted_name(Rejected), f"task {req.name}[{req.id}] was rejected: {reason}"
+    )
+    logger.info("celery-throttled: %s", error.message)
+    fail_without_running(req, TaskFailed(error.to_json()))
+
+
+def report_lost(app: Any, key: str, holders: list[str]) -> None:
+    backend = envelope_backend(app)
+    for holder in holders:
+        worker, task_id = holder.split(" ", 1) if " " in holder else ("?", holder)
+        try:
+            if backend.get_task_meta(task_id).get("status") in states.READY_STATES:
+                continue
+            logger.warning(
+                "celery-throttled: task %s held a slot of %r on worker %s, which stopped renewing "
+                "its lease: reporting it as worker_lost",
+                task_id,
+                key,
+                worker,
+            )
+            request = Context(id=task_id, throttle={"key": key}, hostname=worker.split("/")[0])
+            exc = WorkerLostError(
+                f"the worker running it ({worker.split('/')[0]}) stopped renewing its lease of "
+                f"{key!r} and is presumed dead"
+            )
+            backend.mark_as_failure(task_id, exc, request=request)
+        except Exception:
+            logger.exception("celery-throttled: could not report task %s as lost", task_id)
