@@ -9,8 +9,8 @@ The data path, all on the worker's main process::
             -> on_success / on_failure / hard timeout / revoke / cancel -> Gate.release
 
 A held request occupies no pool process or thread, is not re-published and costs no retry.
-Each one widens the prefetch window by one (up to ``throttle_max_held``) so that unrelated
-tasks on the same queue keep flowing. Held requests are checked every
+Each one that has to wait widens the prefetch window by one (up to ``throttle_max_held``) so
+that unrelated tasks on the same queue keep flowing. Held requests are checked every
 ``throttle_sweep_interval``: a revoked or expired one is discarded as Celery would, and one
 held longer than ``throttle_max_hold`` is handed back to the broker before the broker's own
 redelivery timeout could make it run twice.
