@@ -39,7 +39,7 @@ from .errors import KeyFunctionError
 from .hub import HubLimiter
 from .keys import grant_channel, holder_id, registry
 from .leases import Acquire, RedisLeases, Release, Renew
-from .limiter import Limiter
+from .limiter import Callbacks, Limiter
 from .metrics import Metrics
 from .settings import Settings, _safe
 from .settle import fail_without_running, report_lost, settle_deadline, settle_rejected
@@ -101,6 +101,7 @@ class Gate:
         )
         self.store = RedisLeases(client, settings.key_prefix, settings.lease_ttl, self.worker)
         self.limiter: Limiter | HubLimiter
+        callbacks = Callbacks(self.snapshot, self.granted, self.lost, self.waiting)
         params = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
         if consumer.hub is not None and "connection_class" not in params and "path" not in params:
             self.transport = "event loop"
@@ -111,10 +112,7 @@ class Gate:
                 params=params,
                 channel=grant_channel(settings.key_prefix, self.worker),
                 lease_ttl=settings.lease_ttl,
-                snapshot=self.snapshot,
-                on_granted=self.granted,
-                on_lost=self.lost,
-                on_waiting=self.waiting,
+                callbacks=callbacks,
                 registry=registry(settings.key_prefix),
                 where=_safe(settings.redis_url),
             )
@@ -126,10 +124,7 @@ class Gate:
                 prefix=settings.key_prefix,
                 worker=self.worker,
                 lease_ttl=settings.lease_ttl,
-                snapshot=self.snapshot,
-                on_granted=self.granted,
-                on_lost=self.lost,
-                on_waiting=self.waiting,
+                callbacks=callbacks,
                 where=_safe(settings.redis_url),
             )
         self._lock = threading.Lock()

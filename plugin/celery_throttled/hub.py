@@ -31,7 +31,14 @@ from collections.abc import Callable
 from typing import Any
 
 from .leases import Acquire, Codec, Op, RedisLeases, Renew, Scripts
-from .limiter import REGISTRY_BATCH, REGISTRY_WINDOW, Outage, foreign_keys, report_restored
+from .limiter import (
+    REGISTRY_BATCH,
+    REGISTRY_WINDOW,
+    Callbacks,
+    Outage,
+    foreign_keys,
+    report_restored,
+)
 from .resp import Parser, ReplyError, pack
 
 __all__ = ["HubLimiter"]
@@ -192,21 +199,15 @@ class HubLimiter:
         params: dict[str, Any],
         channel: str,
         lease_ttl: float,
-        snapshot: Callable[[], list[Renew]],
-        on_granted: Callable[[str, str], None],
-        on_lost: Callable[[str, list[str]], None],
-        on_waiting: Callable[[str, str], None],
+        callbacks: Callbacks,
         registry: str,
         where: str,
     ) -> None:
         self.hub = hub
-        self._on_waiting = on_waiting
-        self._on_lost = on_lost
+        self._cb = callbacks
         self._registry = registry
         self.codec = codec
         self._sync = sync_store
-        self._snapshot = snapshot
-        self._on_granted = on_granted
         self._renew_every = lease_ttl / 3
         self._grace = min(1.0, lease_ttl / 3)
         handshake = []
@@ -361,11 +362,11 @@ class HubLimiter:
         outcome = self.codec.decode(op, reply)
         report_restored(outcome)
         if outcome.reaped:
-            self._on_lost(outcome.key, outcome.reaped)
+            self._cb.lost(outcome.key, outcome.reaped)
         for holder in outcome.granted:
-            self._on_granted(outcome.key, holder)
+            self._cb.granted(outcome.key, holder)
         if isinstance(op, Acquire) and op.holder not in outcome.granted:
-            self._on_waiting(op.key, op.holder)
+            self._cb.waiting(op.key, op.holder)
 
     def _reply(self, reply: Any) -> None:
         if self._inflight:
@@ -390,7 +391,7 @@ class HubLimiter:
     def _renew(self) -> None:
         if self._direct or not self._cmd.up:
             return
-        renewals = self._snapshot()
+        renewals = self._cb.snapshot()
         for op in renewals:
             self._write(op)  # renewals jump the queue: they protect running leases
         now = time.time()
@@ -456,7 +457,7 @@ class HubLimiter:
             except (ValueError, TypeError):
                 logger.error("celery-throttled: ignoring malformed grant message %r", reply[2])
                 return
-            self._on_granted(key, holder)
+            self._cb.granted(key, holder)
 
     # -- outages ---------------------------------------------------------------------------
     def _down(self, exc: BaseException) -> None:

@@ -23,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -30,7 +31,7 @@ import redis
 from .keys import grant_channel, registry
 from .leases import Acquire, Op, Outcome, RedisLeases, Renew
 
-__all__ = ["Limiter", "report_restored"]
+__all__ = ["Callbacks", "Limiter", "report_restored"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,20 @@ def foreign_keys(known: set[str], members: list[Any]) -> list[Renew]:
     """Reaping passes (cap unknown: 0) over registered keys this worker has nothing of."""
     keys = (m.decode() if isinstance(m, bytes) else str(m) for m in members)
     return [Renew(key, 0) for key in keys if key not in known]
+
+
+@dataclass(frozen=True)
+class Callbacks:
+    """What a limiter (either transport) reports to its gate."""
+
+    #: the renewals to send: this worker's running and waiting holders, per key
+    snapshot: Callable[[], list[Renew]]
+    #: a slot was granted to one of this worker's holders
+    granted: Callable[[str, str], None]
+    #: leases of dead workers this worker reaped (report their tasks as lost)
+    lost: Callable[[str, list[str]], None]
+    #: an acquire was not granted at once: the holder waits
+    waiting: Callable[[str, str], None]
 
 
 class Outage:
@@ -102,22 +117,16 @@ class Limiter:
         prefix: str,
         worker: str,
         lease_ttl: float,
-        snapshot: Callable[[], list[Renew]],
-        on_granted: Callable[[str, str], None],
-        on_lost: Callable[[str, list[str]], None],
-        on_waiting: Callable[[str, str], None],
+        callbacks: Callbacks,
         where: str,
     ) -> None:
         self._store = store
-        self._on_waiting = on_waiting
         self._client = client
         self._registry = registry(prefix)
-        self._on_lost = on_lost
         self._channel = grant_channel(prefix, worker)
         self._renew_every = lease_ttl / 3
         self._grace = min(1.0, lease_ttl / 3)
-        self._snapshot = snapshot
-        self._on_granted = on_granted
+        self._cb = callbacks
         self._ops: deque[Op] = deque()
         self._to_register: set[str] = set()
         self._cond = threading.Condition()
@@ -236,7 +245,7 @@ class Limiter:
         return batch
 
     def _renew_all(self) -> None:
-        renewals = self._snapshot()
+        renewals = self._cb.snapshot()
         now = time.time()
         if renewals:
             self._client.zadd(self._registry, {op.key: now for op in renewals})
@@ -251,11 +260,11 @@ class Limiter:
         for op, outcome in zip(ops, outcomes, strict=True):
             report_restored(outcome)
             if outcome.reaped:
-                self._on_lost(outcome.key, outcome.reaped)
+                self._cb.lost(outcome.key, outcome.reaped)
             for holder in outcome.granted:
-                self._on_granted(outcome.key, holder)
+                self._cb.granted(outcome.key, holder)
             if isinstance(op, Acquire) and op.holder not in outcome.granted:
-                self._on_waiting(op.key, op.holder)
+                self._cb.waiting(op.key, op.holder)
 
     # -- listener thread ---------------------------------------------------------------------
     def _listen(self) -> None:
@@ -285,7 +294,7 @@ class Limiter:
         except (ValueError, TypeError):
             logger.error("celery-throttled: ignoring malformed grant message %r", data)
             return
-        self._on_granted(key, holder)
+        self._cb.granted(key, holder)
 
     # -- outages ---------------------------------------------------------------------------
     def _recovered(self) -> None:
