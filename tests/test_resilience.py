@@ -140,3 +140,15 @@ def test_renewals_never_revive_released_leases(workers: Workers, client, probe, 
     wait_until(lambda: limiter.zcard(f"{prefix}:{{t.panic}}:h") == 0, 10,
                what="every lease to be released")
     assert "vanished" not in worker.output()
+
+
+def test_limiter_url_by_name_tries_every_address(workers: Workers, client, probe, prefix,
+                                                 private_redis: RedisServer):
+    # Given a limiter URL naming "localhost", whose Redis listens on 127.0.0.1 only (the name
+    # may resolve to ::1 first)
+    url = f"redis://localhost:{private_redis.port}/0"
+    workers.start(pool="prefork", concurrency=4, LIMITER_URL=url)
+    # Then the worker's event-loop connections reach it and the cap holds
+    results = [client.send_task("t.limited", (f"x{i}", 0.1)) for i in range(6)]
+    assert sorted(r.get(timeout=30) for r in results) == [f"x{i}" for i in range(6)]
+    assert peak(probe, prefix, "limited") == 2

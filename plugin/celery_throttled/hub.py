@@ -79,17 +79,37 @@ class _Connection:
         self._handshake_left = 0
         self._flush_scheduled = False
         self._writer_registered = False
+        self._candidates: list[tuple[int, Any]] = []
 
     def open(self) -> None:
+        """Connect without blocking, trying each address the host resolves to in turn."""
         self.close()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:  # a name resolves here (localhost, an IPv6 literal, a service name)
+            self._candidates = [
+                (family, target)
+                for family, _, _, _, target in socket.getaddrinfo(
+                    *self.address, type=socket.SOCK_STREAM
+                )
+            ]
+        except OSError as exc:
+            self.on_down(exc)
+            return
+        self._try_next(None)
+
+    def _try_next(self, error: BaseException | None) -> None:
+        if not self._candidates:
+            self._fail(error or OSError(f"no address to connect to for {self.address}"))
+            return
+        family, target = self._candidates.pop(0)
+        self._drop_socket()
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self._parser = Parser()
-        code = sock.connect_ex(self.address)
+        code = sock.connect_ex(target)
         if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
-            self._fail(OSError(code, f"connect to {self.address}: {errno.errorcode.get(code)}"))
+            self._try_next(OSError(code, f"connect to {target}: {errno.errorcode.get(code)}"))
             return
         self.hub.add_writer(sock.fileno(), self._connected)
 
@@ -100,7 +120,7 @@ class _Connection:
         self.hub.remove_writer(sock.fileno())
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
-            self._fail(OSError(code, f"connect to {self.address}: {errno.errorcode.get(code)}"))
+            self._try_next(OSError(code, f"connect to {self.address}: {errno.errorcode.get(code)}"))
             return
         self.hub.add_reader(sock.fileno(), self._readable)
         self._handshake_left = len(self.handshake)
@@ -176,6 +196,10 @@ class _Connection:
         self.on_down(exc)
 
     def close(self) -> None:
+        self._candidates = []
+        self._drop_socket()
+
+    def _drop_socket(self) -> None:
         sock, self.sock = self.sock, None
         self.up = False
         self._out.clear()
