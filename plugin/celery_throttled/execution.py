@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from decimal import Decimal
 from typing import Any
 
@@ -30,7 +31,7 @@ from kombu.exceptions import EncodeError
 from kombu.serialization import dumps
 
 from . import context
-from .envelope import ErrorInfo
+from .envelope import ErrorInfo, utc_from_timestamp
 from .errors import Cancelled, DeadlineExceeded, ResultTooLarge, TaskFailed
 from .timeouts import watchdog
 
@@ -152,7 +153,7 @@ def _check_result(task: Any, value: Any) -> None:
     (datetime, date, time, Decimal, UUID): ``bytes`` are refused even though kombu would smuggle
     them through base64, since no other JSON client could read them back.
     """
-    serializer = task.app.conf.result_serializer
+    serializer, limit = _result_rules(task.app)
     try:
         if serializer == "json":
             data: bytes | str = json.dumps(value, default=_kombu_json_types)
@@ -163,12 +164,24 @@ def _check_result(task: Any, value: Any) -> None:
             f"task {task.name!r} returned a value of type {type(value).__name__} that the "
             f"{serializer!r} result serializer cannot encode: {exc}"
         ) from None
-    limit = task.app.conf.get("throttle_max_result_bytes") or DEFAULT_MAX_RESULT_BYTES
     if len(data) > limit:
         raise ResultTooLarge(
             f"task {task.name!r} returned {len(data)} bytes once encoded, over "
             f"throttle_max_result_bytes={limit}"
         )
+
+
+_rules: weakref.WeakKeyDictionary[Any, tuple[str, int]] = weakref.WeakKeyDictionary()
+
+
+def _result_rules(app: Any) -> tuple[str, int]:
+    """The result serializer and ``throttle_max_result_bytes`` of ``app``, read once (the hot
+    path would otherwise pay two Celery settings lookups per task)."""
+    rules = _rules.get(app)
+    if rules is None:
+        limit = app.conf.get("throttle_max_result_bytes") or DEFAULT_MAX_RESULT_BYTES
+        rules = _rules[app] = (app.conf.result_serializer, int(limit))
+    return rules
 
 
 def _kombu_json_types(value: Any) -> str:
@@ -215,8 +228,6 @@ def _finish(details: dict[str, Any], started: float) -> None:
 
 
 def _iso(stamp: float) -> str:
-    from .envelope import utc_from_timestamp
-
     moment = utc_from_timestamp(stamp)
     assert moment is not None
     return moment.isoformat()

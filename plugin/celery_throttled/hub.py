@@ -383,14 +383,7 @@ class HubLimiter:
                 return
             logger.error("celery-throttled: Redis refused a lease operation %r: %s", op, reply)
             return
-        outcome = self.codec.decode(op, reply)
-        report_restored(outcome)
-        if outcome.reaped:
-            self._cb.lost(outcome.key, outcome.reaped)
-        for holder in outcome.granted:
-            self._cb.granted(outcome.key, holder)
-        if isinstance(op, Acquire) and op.holder not in outcome.granted:
-            self._cb.waiting(op.key, op.holder)
+        self._cb.deliver(op, self.codec.decode(op, reply))
 
     def _reply(self, reply: Any) -> None:
         if self._inflight:

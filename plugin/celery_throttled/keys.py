@@ -18,7 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Family", "grant_channel", "grant_channel_prefix", "holder_id", "registry"]
+__all__ = [
+    "Family",
+    "grant_channel",
+    "grant_channel_prefix",
+    "holder_id",
+    "node_of",
+    "registry",
+    "task_of",
+]
 
 
 @dataclass(frozen=True)
@@ -60,3 +68,8 @@ def registry(prefix: str) -> str:
 def task_of(holder: str) -> str:
     """The task id in a holder id (``holder_id`` in reverse)."""
     return holder.split(" ", 1)[1] if " " in holder else holder
+
+
+def node_of(holder: str) -> str:
+    """The worker's node name in a holder id (the worker token without its pid and nonce)."""
+    return holder.split(" ", 1)[0].split("/", 1)[0] if " " in holder else "?"

@@ -63,6 +63,16 @@ class Callbacks:
     #: an acquire was not granted at once: the holder waits
     waiting: Callable[[str, str], None]
 
+    def deliver(self, op: Op, outcome: Outcome) -> None:
+        """Report what one operation did, whichever transport carried it."""
+        report_restored(outcome)
+        if outcome.reaped:
+            self.lost(outcome.key, outcome.reaped)
+        for holder in outcome.granted:
+            self.granted(outcome.key, holder)
+        if isinstance(op, Acquire) and op.holder not in outcome.granted:
+            self.waiting(op.key, op.holder)
+
 
 class Outage:
     """One error when the limiter's Redis goes away, one warning when it is back."""
@@ -173,10 +183,6 @@ class Limiter:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()) + 0.5)
 
-    @property
-    def pending(self) -> int:
-        return len(self._ops)
-
     # -- operations thread -----------------------------------------------------------------
     def _operate(self) -> None:
         next_renew = time.monotonic() + self._renew_every
@@ -258,13 +264,7 @@ class Limiter:
 
     def _apply(self, ops: list[Op] | list[Renew], outcomes: list[Outcome]) -> None:
         for op, outcome in zip(ops, outcomes, strict=True):
-            report_restored(outcome)
-            if outcome.reaped:
-                self._cb.lost(outcome.key, outcome.reaped)
-            for holder in outcome.granted:
-                self._cb.granted(outcome.key, holder)
-            if isinstance(op, Acquire) and op.holder not in outcome.granted:
-                self._cb.waiting(op.key, op.holder)
+            self._cb.deliver(op, outcome)
 
     # -- listener thread ---------------------------------------------------------------------
     def _listen(self) -> None:

@@ -22,7 +22,6 @@ Failure policies (applied where the task runs):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +93,3 @@ def validate_wait(task_name: str, max_wait: Any, on_full: Any, fallback: Any) ->
             f"task {task_name!r}: fallback must be callable(error, *args, **kwargs), "
             f"got {fallback!r}"
         )
-
-
-Fallback = Callable[..., Any]

@@ -15,6 +15,7 @@ app's backend untouched.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -135,21 +136,15 @@ def envelope_from_meta(meta: dict[str, Any], task_id: str, task_name: str | None
     if status == states.SUCCESS:
         if base is None:
             return Envelope(ok=True, value=result, **common)
-        return _replace(base, ok=True, value=result, **common)
+        return replace(base, ok=True, value=result, **common)
     if base is not None and base.error is not None:
-        return _replace(base, ok=False, value=None, **common)
+        return replace(base, ok=False, value=None, **common)
     exc = result if isinstance(result, BaseException) else Exception(str(result))
     kind = "revoked" if status == states.REVOKED else "error"
     error = error_for(exc) if kind == "error" else ErrorInfo.from_exception(exc, kind)
     if base is not None:
-        return _replace(base, ok=False, value=None, error=error, **common)
+        return replace(base, ok=False, value=None, error=error, **common)
     return Envelope(ok=False, error=error, **common)
-
-
-def _replace(envelope: Envelope, **changes: Any) -> Envelope:
-    from dataclasses import replace
-
-    return replace(envelope, **changes)
 
 
 class EnvelopeResult(AsyncResult):  # type: ignore[misc]

@@ -17,6 +17,7 @@ from celery.worker import state as worker_state
 
 from .envelope import ErrorInfo, dotted_name
 from .errors import DeadlineExceeded, Rejected, TaskFailed
+from .keys import node_of, task_of
 from .results import envelope_backend
 
 __all__ = ["fail_without_running", "report_lost", "settle_deadline", "settle_rejected"]
@@ -60,7 +61,7 @@ def settle_rejected(req: Any, reason: str) -> None:
 def report_lost(app: Any, key: str, holders: list[str]) -> None:
     backend = envelope_backend(app)
     for holder in holders:
-        worker, task_id = holder.split(" ", 1) if " " in holder else ("?", holder)
+        task_id, worker = task_of(holder), node_of(holder)
         try:
             if backend.get_task_meta(task_id).get("status") in states.READY_STATES:
                 continue
@@ -71,9 +72,9 @@ def report_lost(app: Any, key: str, holders: list[str]) -> None:
                 key,
                 worker,
             )
-            request = Context(id=task_id, throttle={"key": key}, hostname=worker.split("/")[0])
+            request = Context(id=task_id, throttle={"key": key}, hostname=worker)
             exc = WorkerLostError(
-                f"the worker running it ({worker.split('/')[0]}) stopped renewing its lease of "
+                f"the worker running it ({worker}) stopped renewing its lease of "
                 f"{key!r} and is presumed dead"
             )
             backend.mark_as_failure(task_id, exc, request=request)

@@ -16,7 +16,7 @@ from typing import Any
 import redis
 
 from .errors import ConfigurationError, ThrottleError
-from .keys import Family, grant_channel_prefix, registry
+from .keys import Family, grant_channel_prefix, node_of, registry, task_of
 from .leases import Scripts
 from .settings import Settings
 
@@ -80,7 +80,10 @@ def known_keys(client: redis.Redis, prefix: str) -> list[str]:
 
 def inspect(app: Any, keys: list[str] | None = None) -> list[KeyStatus]:
     """The status of ``keys`` (default: every key in use), most pressed first."""
-    client, settings = _client(app)
+    return _inspect(*_client(app), keys)
+
+
+def _inspect(client: redis.Redis, settings: Settings, keys: list[str] | None) -> list[KeyStatus]:
     known = known_keys(client, settings.key_prefix)
     for key in keys or ():
         if key not in known and not client.exists(Family.of(settings.key_prefix, key).meta):
@@ -126,9 +129,9 @@ def _status(
         override=override,
         running=len(live),
         waiting=len(waiters),
-        waiting_by_worker=dict(Counter(_worker(w) for w in waiters)),
+        waiting_by_worker=dict(Counter(node_of(w) for w in waiters)),
         holders=[
-            Holder(_task(h), _worker(h), round(max(0.0, ttl_ms - (score - now_ms)) / 1000, 3))
+            Holder(task_of(h), node_of(h), round(max(0.0, ttl_ms - (score - now_ms)) / 1000, 3))
             for h, score in live
         ],
         done=int(meta.get("done", 0)),
@@ -138,14 +141,6 @@ def _status(
         wait_p50=_percentile(samples, 0.50),
         wait_p99=_percentile(samples, 0.99),
     )
-
-
-def _worker(holder: str) -> str:
-    return holder.split(" ", 1)[0].split("/", 1)[0]
-
-
-def _task(holder: str) -> str:
-    return holder.split(" ", 1)[1] if " " in holder else holder
 
 
 def _percentile(samples: list[float], q: float) -> float | None:
@@ -174,7 +169,7 @@ def set_cap(app: Any, key: str, cap: int | None) -> KeyStatus:
         from .settle import report_lost
 
         report_lost(app, key, [str(h) for h in reaped])
-    return inspect(app, [key])[0]
+    return _inspect(client, settings, [key])[0]
 
 
 def reset_cap(app: Any, key: str) -> KeyStatus:
