@@ -165,3 +165,39 @@ def handoff(self: Any, label: int, duration: float) -> None:
     end = time.time()
     event = {"label": label, "host": self.request.hostname, "start": start, "end": end}
     probe.rpush(probe_key("handoff", "events"), json.dumps(event))
+
+
+# -- P7: errgroup against a plain chord -----------------------------------------------------
+def _sibling(label: str, seconds: float, fail_after: float | None, poll: bool) -> str:
+    """Work for ``seconds`` in 10 ms steps (or fail after ``fail_after``); log start and end."""
+    from celery_throttled import current_context
+
+    probe.rpush(probe_key("p7", "starts"), f"{label} {time.time()}")
+    began = time.time()
+    try:
+        while time.time() < began + seconds:
+            if fail_after is not None and time.time() >= began + fail_after:
+                raise RuntimeError(f"sibling {label} failed")
+            if poll:
+                current_context().check()
+            time.sleep(0.01)
+    finally:
+        probe.rpush(probe_key("p7", "ends"), f"{label} {time.time()}")
+    return label
+
+
+@shared_task(name="bench.sibling_plain")
+def sibling_plain(label: str, seconds: float, fail_after: float | None = None) -> str:
+    return _sibling(label, seconds, fail_after, poll=False)
+
+
+@throttled_task(limit=None, name="bench.sibling")
+def sibling(
+    label: str, seconds: float, fail_after: float | None = None, poll: bool = False
+) -> str:
+    return _sibling(label, seconds, fail_after, poll)
+
+
+@shared_task(name="bench.chord_body")
+def chord_body(values: list[Any]) -> int:
+    return len(values)

@@ -1,10 +1,11 @@
 """celery-throttled: cluster-wide concurrency caps, panic-safe result envelopes, timeouts on
-every pool and caller-owned deadlines for Celery tasks."""
+every pool, caller-owned deadlines and fail-fast errgroups for Celery tasks."""
 
 from __future__ import annotations
 
 from .context import TaskContext, current_context
 from .envelope import Envelope, ErrorInfo, TaskError
+from .errgroup import Errgroup, ErrgroupResult, errgroup
 from .errors import (
     Cancelled,
     ConfigurationError,
@@ -25,6 +26,8 @@ __all__ = [
     "DeadlineExceeded",
     "Envelope",
     "EnvelopeResult",
+    "Errgroup",
+    "ErrgroupResult",
     "ErrorInfo",
     "KeyFunctionError",
     "KeyStatus",
@@ -37,6 +40,7 @@ __all__ = [
     "ThrottledTask",
     "UnknownKey",
     "current_context",
+    "errgroup",
     "inspect",
     "reset_cap",
     "set_cap",

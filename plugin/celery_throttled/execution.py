@@ -30,8 +30,8 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, Time
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps
 
-from . import context
-from .envelope import ErrorInfo, utc_from_timestamp
+from . import cancellation, context
+from .envelope import ErrorInfo, dotted_name, utc_from_timestamp
 from .errors import Cancelled, DeadlineExceeded, ResultTooLarge, TaskFailed
 from .timeouts import watchdog
 
@@ -52,6 +52,9 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     info: dict[str, Any] = getattr(request, "throttle", None) or {}
     deadline = getattr(request, "throttle_deadline", None)
     ctx = context.TaskContext(task_id=request.id, deadline=deadline)
+    group = cancellation.group_of(request)
+    if group is not None:
+        ctx._cancel_probe = cancellation.probe(task.app, group["id"])
     started = time.time()
     details: dict[str, Any] = {
         "task_name": task.name,
@@ -73,6 +76,8 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     token = context.enter(ctx)
     try:
         try:
+            if group is not None and ctx.cancelled:  # admitted, then its group was cancelled
+                raise TaskFailed(_never_ran(task, request, group).to_json())
             value = call(*args, **kwargs)
             _check_result(task, value)
         finally:
@@ -89,7 +94,7 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             raise Ignore() from None  # the caller already has its hard_timeout envelope
         error = ErrorInfo.from_exception(exc, _kind(exc, ctx))
         fallback = getattr(task, "throttle_fallback", None)
-        if fallback is None or isinstance(exc, TaskFailed):
+        if fallback is None or isinstance(exc, (TaskFailed, Cancelled)):
             raise TaskFailed(error.to_json()) from None
         return _degrade(task, fallback, error, details, args, kwargs)
     finally:
@@ -98,6 +103,15 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     if timer is not None and timer.hard_fired:
         raise Ignore()
     return value
+
+
+def _never_ran(task: Any, request: Any, group: dict[str, Any]) -> ErrorInfo:
+    return ErrorInfo(
+        "cancelled",
+        dotted_name(Cancelled),
+        f"task {task.name}[{request.id}] never ran: its errgroup {group['id']} was cancelled "
+        "before it started",
+    )
 
 
 def _degrade(

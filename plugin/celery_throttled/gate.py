@@ -33,11 +33,13 @@ import redis
 from celery.worker import state as worker_state
 from redis.connection import parse_url
 
+from .cancellation import group_of, write_cancelled
 from .deadlines import HEADER
 from .endpaths import hook_end_paths
+from .errgroup_store import CANCELLED, STARTED, UNKNOWN, GroupStore
 from .errors import KeyFunctionError
 from .hub import HubLimiter
-from .keys import grant_channel, holder_id, registry
+from .keys import ERRGROUP_KEY_PREFIX, errgroup_channel, grant_channel, holder_id, registry
 from .leases import Acquire, RedisLeases, Release, Renew
 from .limiter import Callbacks, Limiter
 from .metrics import Metrics
@@ -58,6 +60,8 @@ class Held:
         "cap",
         "holder",
         "key",
+        "next_cap",
+        "outer",
         "released",
         "req",
         "since",
@@ -75,6 +79,10 @@ class Held:
         self.released = False
         self.waited: float | None = None
         self.admitted_at: float | None = None
+        #: the slot held while this one is waited for (an errgroup's own limit)
+        self.outer: Held | None = None
+        #: once this slot is granted, the task's own cap to wait for next
+        self.next_cap: int | None = None
 
 
 class Gate:
@@ -101,7 +109,10 @@ class Gate:
         )
         self.store = RedisLeases(client, settings.key_prefix, settings.lease_ttl, self.worker)
         self.limiter: Limiter | HubLimiter
-        callbacks = Callbacks(self.snapshot, self.granted, self.lost, self.waiting)
+        self.groups = GroupStore(client, settings.key_prefix, settings.errgroup_ttl)
+        callbacks = Callbacks(
+            self.snapshot, self.granted, self.lost, self.waiting, self.group_cancelled
+        )
         params = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
         if consumer.hub is not None and "connection_class" not in params and "path" not in params:
             self.transport = "event loop"
@@ -110,7 +121,10 @@ class Gate:
                 codec=self.store.codec,
                 sync_store=self.store,
                 params=params,
-                channel=grant_channel(settings.key_prefix, self.worker),
+                channels=(
+                    grant_channel(settings.key_prefix, self.worker),
+                    errgroup_channel(settings.key_prefix),
+                ),
                 lease_ttl=settings.lease_ttl,
                 callbacks=callbacks,
                 registry=registry(settings.key_prefix),
@@ -168,7 +182,15 @@ class Gate:
             settle_deadline(req, "while it was queued")
             return None
         limit = task.throttle_limit
+        group = group_of(req)
+        if group is not None and group.get("limit"):
+            # an errgroup's own limit first, then the task's cap (always in that order)
+            return self.submit(
+                req, int(group["limit"]), key=ERRGROUP_KEY_PREFIX + group["id"], then=limit
+            )
         if limit is None:
+            if not self._may_start(req, None):
+                return None
             return self._run(req)
         return self.submit(req, limit)
 
@@ -182,16 +204,29 @@ class Gate:
         req._throttle_admitted = True
         return self._dispatch(req)
 
-    def submit(self, req: Any, cap: int) -> None:
-        try:
-            key = req.task.throttle_key_for(req.args, req.kwargs)
-        except KeyFunctionError as exc:
-            logger.error("%s", exc)
-            fail_without_running(req, exc)
-            return
-        req._request_dict["throttle"]["key"] = key
+    def submit(
+        self,
+        req: Any,
+        cap: int,
+        *,
+        key: str | None = None,
+        then: int | None = None,
+        outer: Held | None = None,
+    ) -> None:
+        """Wait for a slot of ``key`` (default: the task's key), holding ``outer`` meanwhile."""
+        if key is None:
+            try:
+                key = req.task.throttle_key_for(req.args, req.kwargs)
+            except KeyFunctionError as exc:
+                logger.error("%s", exc)
+                if outer is not None:
+                    self.release(outer)
+                fail_without_running(req, exc)
+                return
+            req._request_dict["throttle"]["key"] = key
         holder = holder_id(self.worker, req.id)
         held = Held(req, key, cap, holder)
+        held.outer, held.next_cap = outer, then
         with self._lock:
             n = 1
             while (key, held.holder) in self._waiting or (key, held.holder) in self._running:
@@ -275,6 +310,13 @@ class Gate:
             self.release(held)
             settle_deadline(req, f"while it waited for a slot of {held.key!r}")
             return
+        if held.next_cap is not None:  # the errgroup's slot is ours: now the task's own cap
+            with self._lock:
+                self._running[(held.key, held.holder)] = held
+            self.submit(req, held.next_cap, outer=held)
+            return
+        if not self._may_start(req, held):
+            return
         held.admitted_at = time.monotonic()
         held.waited = held.admitted_at - held.since
         if self.metrics is not None:
@@ -308,9 +350,10 @@ class Gate:
         waiting.insert(position, entry)
 
     def release(self, held: Held, outcome: str = "") -> None:
-        """Give the slot (or the place in line) back. Idempotent; called from any thread.
+        """Give the slot (or the place in line) back, and the errgroup's slot held with it.
 
-        ``outcome`` ("done", "failed", "retried") is counted per key for ``celery throttle``.
+        Idempotent; called from any thread. ``outcome`` ("done", "failed", "retried") is counted
+        per key for ``celery throttle``.
         """
         with self._lock:
             if held.released:
@@ -318,19 +361,27 @@ class Gate:
             held.released = True
             self._running.pop((held.key, held.holder), None)
             self._waiting.pop((held.key, held.holder), None)
+            if held.key.startswith(ERRGROUP_KEY_PREFIX) and not any(
+                k == held.key for k, _ in (*self._running, *self._waiting)
+            ):
+                self._caps.pop(held.key, None)  # one-off keys must not pile up
         self.limiter.submit(Release(held.key, held.holder, held.cap, outcome, held.waited))
+        if held.outer is not None:
+            self.release(held.outer, outcome)
         if self.metrics is not None:
             ran = None if held.admitted_at is None else time.monotonic() - held.admitted_at
             self.metrics.ended(held.key, outcome, ran)
 
     def sweep(self) -> None:
-        """Discard revoked or expired held requests; hand back ones held too long."""
+        """Discard revoked or expired held requests, and members of cancelled errgroups; hand
+        back ones held too long."""
         revoked_ids = worker_state.revoked
         check_stamps = bool(worker_state.revoked_stamps)
         now = time.monotonic()
         oldest = now - self.settings.max_hold
         with self._lock:
             waiting = list(self._waiting.values())
+        waiting = self._drop_cancelled_members(waiting)
         for held in waiting:
             req = held.req
             if req.id in revoked_ids or check_stamps or _expired(req):
@@ -361,6 +412,101 @@ class Gate:
                 )
                 self._unwiden(held)
                 self._give_back(held, requeue=True)
+
+    # -- errgroups ----------------------------------------------------------------------------
+    def _may_start(self, req: Any, held: Held | None) -> bool:
+        """For an errgroup member about to run: record its start, or drop it if its group was
+        cancelled (writing its "cancelled" envelope unless that is written already)."""
+        group = group_of(req)
+        if group is None:
+            return True
+        try:
+            answer = self.groups.start(group["id"], req.id)
+        except redis.RedisError as exc:
+            logger.warning(
+                "celery-throttled: cannot record the start of %s[%s] in errgroup %s (%s); it "
+                "runs, and its group learns of it when it settles",
+                req.name,
+                req.id,
+                group["id"],
+                exc,
+            )
+            return True
+        if answer == UNKNOWN:
+            logger.warning(
+                "celery-throttled: %s[%s] belongs to errgroup %s, which Redis no longer knows "
+                "(throttle_errgroup_ttl passed?); it runs untracked",
+                req.name,
+                req.id,
+                group["id"],
+            )
+            return True
+        if answer == STARTED:
+            return True
+        if held is not None:
+            self._unwiden(held)
+            self.release(held)
+        if answer == CANCELLED:
+            write_cancelled(self.consumer.app, group, req.id, req.name, "before it started")
+        worker_state.task_ready(req)
+        req.acknowledge()
+        return False
+
+    def group_cancelled(self, gid: str) -> None:
+        """An errgroup was cancelled: drop its waiting members here, and stop its running ones
+        where the pool can (``terminate=True`` on prefork)."""
+        if threading.get_ident() != self._loop_thread:
+            self._on_loop(self.group_cancelled, gid)
+            return
+        with self._lock:
+            waiting = [h for h in self._waiting.values() if _group_id(h.req) == gid]
+        for held in waiting:
+            self._may_start(held.req, held)
+        if self.pool_kind != "prefork":
+            return  # threads cannot be stopped: they see current_context().cancelled
+        running = [
+            req
+            for req in list(worker_state.active_requests)
+            if getattr(req, "_throttle_admitted", False)
+            and req.time_start
+            and (group := group_of(req)) is not None
+            and group["id"] == gid
+            and group.get("terminate")
+        ]
+        try:  # the member that failed (and any that just ended) must keep its own envelope
+            ended = self.groups.settled_among(gid, [req.id for req in running])
+        except redis.RedisError:
+            return
+        for req in running:
+            if req.id in ended:
+                continue
+            logger.info(
+                "celery-throttled: stopping %s[%s]: its errgroup %s was cancelled",
+                req.name,
+                req.id,
+                gid,
+            )
+            req._context.throttle_cancelled = (
+                f"task {req.name}[{req.id}] was stopped: its errgroup {gid} was cancelled"
+            )
+            req.terminate(self.consumer.pool, signal="SIGTERM")
+
+    def _drop_cancelled_members(self, waiting: list[Held]) -> list[Held]:
+        """The sweep's check for missed cancellation messages; returns the others."""
+        gids = sorted({gid for held in waiting if (gid := _group_id(held.req)) is not None})
+        if not gids:
+            return waiting
+        try:
+            cancelled = self.groups.cancelled_among(gids)
+        except redis.RedisError:
+            return waiting
+        keep = []
+        for held in waiting:
+            if _group_id(held.req) in cancelled:
+                self._may_start(held.req, held)
+            else:
+                keep.append(held)
+        return keep
 
     def _reject(self, held: Held, reason: str) -> None:
         """The wait policy refuses ``held`` a slot: it settles as ``rejected`` without running."""
@@ -452,7 +598,17 @@ class Gate:
                 out.setdefault(key, [0, 0, 0])[1] += 1
             for key, _ in self._waiting:
                 out.setdefault(key, [0, 0, 0])[2] += 1
-        return {key: (c, r, w) for key, (c, r, w) in out.items()}
+        # one series per errgroup would grow without bound: errgroups' own limits are left out
+        return {
+            key: (c, r, w)
+            for key, (c, r, w) in out.items()
+            if not key.startswith(ERRGROUP_KEY_PREFIX)
+        }
+
+
+def _group_id(req: Any) -> str | None:
+    group = group_of(req)
+    return None if group is None else str(group["id"])
 
 
 def _expired(req: Any) -> bool:

@@ -21,7 +21,6 @@ shutdown are not lost.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import socket
 import threading
@@ -221,7 +220,7 @@ class HubLimiter:
         codec: Codec,
         sync_store: RedisLeases,
         params: dict[str, Any],
-        channel: str,
+        channels: tuple[str, ...],
         lease_ttl: float,
         callbacks: Callbacks,
         registry: str,
@@ -245,7 +244,7 @@ class HubLimiter:
         self._sub = _Connection(
             hub,
             address,
-            [*handshake, pack("SUBSCRIBE", channel)],
+            [*handshake, pack("SUBSCRIBE", *channels)],
             self._message,
             self._sub_up,
             self._down,
@@ -469,12 +468,7 @@ class HubLimiter:
 
     def _message(self, reply: Any) -> None:
         if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"message":
-            try:
-                key, holder = json.loads(reply[2])
-            except (ValueError, TypeError):
-                logger.error("celery-throttled: ignoring malformed grant message %r", reply[2])
-                return
-            self._cb.granted(key, holder)
+            self._cb.message(reply[2])
 
     # -- outages ---------------------------------------------------------------------------
     def _down(self, exc: BaseException) -> None:

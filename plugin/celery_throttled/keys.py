@@ -12,6 +12,20 @@ touches a single slot::
     {prefix}:grant:<worker>     pub/sub channel on which a worker hears of slots granted to it
     {prefix}:keys         ZSET  every key in use: member key, score = last seen (epoch s); lets
                                 any worker reap the leases of a dead one, and tools list keys
+
+An errgroup's state is one family too, under the hash tag ``{eg:<group id>}``, every key with
+the group's expiry (``throttle_errgroup_ttl``)::
+
+    {prefix}:{eg:<gid>}:s   HASH  n, limit, terminate, body, errback, parent, cancelled (the
+                                  reason), first_error (a task id), errback_sent
+    {prefix}:{eg:<gid>}:m   LIST  member task ids, in member order
+    {prefix}:{eg:<gid>}:st  SET   members that started (admitted to a pool)
+    {prefix}:{eg:<gid>}:se  SET   members that settled (their envelope is written)
+    {prefix}:{eg:<gid>}:d   LIST  one element once every member settled (callers block on it)
+    {prefix}:egtask:<task id>  SET  errgroups started inside that task (cancelled with it)
+    {prefix}:egof:<task id>    STR  the errgroup of a started member (for lost-worker reports)
+    {prefix}:errgroup          pub/sub channel: {"cancel": <gid>} when an errgroup is cancelled
+    errgroup:<gid>             the throttle key of an errgroup's own ``limit``
 """
 
 from __future__ import annotations
@@ -19,12 +33,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "ERRGROUP_KEY_PREFIX",
     "Family",
+    "GroupKeys",
+    "errgroup_channel",
     "grant_channel",
     "grant_channel_prefix",
+    "group_of_task",
     "holder_id",
     "node_of",
     "registry",
+    "task_groups",
     "task_of",
 ]
 
@@ -46,6 +65,41 @@ class Family:
 
     def all(self) -> list[str]:
         return [self.holders, self.waiters, self.waiter_expiry, self.meta, self.waits]
+
+
+#: throttle keys of errgroups' own limits start with this
+ERRGROUP_KEY_PREFIX = "errgroup:"
+
+
+@dataclass(frozen=True)
+class GroupKeys:
+    """The Redis keys of one errgroup."""
+
+    state: str
+    members: str
+    started: str
+    settled: str
+    done: str
+
+    @classmethod
+    def of(cls, prefix: str, gid: str) -> GroupKeys:
+        base = f"{prefix}:{{eg:{gid}}}"
+        return cls(f"{base}:s", f"{base}:m", f"{base}:st", f"{base}:se", f"{base}:d")
+
+    def all(self) -> list[str]:
+        return [self.state, self.members, self.started, self.settled, self.done]
+
+
+def errgroup_channel(prefix: str) -> str:
+    return f"{prefix}:errgroup"
+
+
+def task_groups(prefix: str, task_id: str) -> str:
+    return f"{prefix}:egtask:{task_id}"
+
+
+def group_of_task(prefix: str, task_id: str) -> str:
+    return f"{prefix}:egof:{task_id}"
 
 
 def grant_channel_prefix(prefix: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-from .keys import grant_channel, registry
+from .keys import errgroup_channel, grant_channel, registry
 from .leases import Acquire, Op, Outcome, RedisLeases, Renew
 
 __all__ = ["Callbacks", "Limiter", "report_restored"]
@@ -62,6 +62,8 @@ class Callbacks:
     lost: Callable[[str, list[str]], None]
     #: an acquire was not granted at once: the holder waits
     waiting: Callable[[str, str], None]
+    #: an errgroup was cancelled somewhere in the cluster (its id)
+    group_cancelled: Callable[[str], None] = lambda gid: None
 
     def deliver(self, op: Op, outcome: Outcome) -> None:
         """Report what one operation did, whichever transport carried it."""
@@ -72,6 +74,22 @@ class Callbacks:
             self.granted(outcome.key, holder)
         if isinstance(op, Acquire) and op.holder not in outcome.granted:
             self.waiting(op.key, op.holder)
+
+    def message(self, data: bytes | str) -> None:
+        """A pub/sub message: a grant ``[key, holder]`` or an errgroup's ``{"cancel": id}``."""
+        try:
+            decoded = json.loads(data)
+            if isinstance(decoded, dict):
+                gid = decoded["cancel"]
+            else:
+                key, holder = decoded
+        except (ValueError, TypeError, KeyError):
+            logger.error("celery-throttled: ignoring malformed limiter message %r", data)
+            return
+        if isinstance(decoded, dict):
+            self.group_cancelled(str(gid))
+        else:
+            self.granted(key, holder)
 
 
 class Outage:
@@ -133,7 +151,7 @@ class Limiter:
         self._store = store
         self._client = client
         self._registry = registry(prefix)
-        self._channel = grant_channel(prefix, worker)
+        self._channels = (grant_channel(prefix, worker), errgroup_channel(prefix))
         self._renew_every = lease_ttl / 3
         self._grace = min(1.0, lease_ttl / 3)
         self._cb = callbacks
@@ -272,14 +290,14 @@ class Limiter:
         while not self._stopping:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
-                pubsub.subscribe(self._channel)
+                pubsub.subscribe(*self._channels)
                 if failures:
                     self.renew_soon()  # grants sent while we were away are found by renewal
                 failures = 0
                 while not self._stopping:
                     message = pubsub.get_message(timeout=0.5)
                     if message is not None and message["type"] == "message":
-                        self._grant_message(message["data"])
+                        self._cb.message(message["data"])
             except _OUTAGE_ERRORS as exc:
                 self._outage.down(exc)
                 time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
@@ -287,14 +305,6 @@ class Limiter:
             finally:
                 with contextlib.suppress(Exception):  # closing a broken connection
                     pubsub.close()
-
-    def _grant_message(self, data: bytes | str) -> None:
-        try:
-            key, holder = json.loads(data)
-        except (ValueError, TypeError):
-            logger.error("celery-throttled: ignoring malformed grant message %r", data)
-            return
-        self._cb.granted(key, holder)
 
     # -- outages ---------------------------------------------------------------------------
     def _recovered(self) -> None:

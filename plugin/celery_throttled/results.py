@@ -14,6 +14,7 @@ app's backend untouched.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import replace
 from typing import Any
@@ -30,11 +31,13 @@ from celery.exceptions import (
 from celery.exceptions import TaskError as CeleryTaskError
 from celery.result import AsyncResult, EagerResult
 
-from .envelope import Envelope, ErrorInfo
-from .errors import TaskFailed
+from . import cancellation
+from .envelope import Envelope, ErrorInfo, dotted_name
+from .errors import Cancelled, TaskFailed
 
 __all__ = ["EagerEnvelopeResult", "EnvelopeBackendMixin", "EnvelopeResult", "envelope_backend"]
 
+logger = logging.getLogger(__name__)
 _local = threading.local()
 
 
@@ -56,7 +59,50 @@ def error_for(exc: BaseException) -> ErrorInfo:
 
 
 class EnvelopeBackendMixin:
-    """Mixed into the app's result backend class for throttled tasks' writes."""
+    """Mixed into the app's result backend class for throttled tasks' writes.
+
+    After each write, an errgroup member is counted by its group, and a task that did not
+    succeed cancels the errgroups it started (:mod:`.cancellation`).
+    """
+
+    def mark_as_done(
+        self,
+        task_id: str,
+        result: Any,
+        request: Any = None,
+        store_result: bool = True,
+        state: str = states.SUCCESS,
+    ) -> Any:
+        stored = super().mark_as_done(  # type: ignore[misc]
+            task_id, result, request, store_result, state
+        )
+        _settled(self, request, task_id, ok=True)
+        return stored
+
+    def mark_as_revoked(
+        self,
+        task_id: str,
+        reason: str = "",
+        request: Any = None,
+        store_result: bool = True,
+        state: str = states.REVOKED,
+    ) -> Any:
+        cancelled = getattr(request, "throttle_cancelled", None) if request is not None else None
+        if cancelled:  # stopped by its errgroup's cancellation (terminate=True)
+            meta = self.get_task_meta(task_id, cache=False)  # type: ignore[attr-defined]
+            if meta.get("status") in states.READY_STATES:
+                return None  # it ended just before it was stopped: its own envelope stands
+            error = ErrorInfo("cancelled", dotted_name(Cancelled), str(cancelled))
+            return self.mark_as_failure(task_id, TaskFailed(error.to_json()), request=request)
+        if request is not None and getattr(request, "throttle_settled", False):
+            return None
+        if request is not None:
+            request.throttle_settled = True
+        stored = super().mark_as_revoked(  # type: ignore[misc]
+            task_id, reason, request, store_result, state
+        )
+        _settled(self, request, task_id, ok=False)
+        return stored
 
     def mark_as_failure(
         self,
@@ -78,16 +124,17 @@ class EnvelopeBackendMixin:
             details["error"] = error.to_json()
             details["ok"] = False
             request.throttle_envelope = details
-        stored = CeleryTaskError(error.summary())
-        return super().mark_as_failure(  # type: ignore[misc]
+        stored = super().mark_as_failure(  # type: ignore[misc]
             task_id,
-            stored,
+            CeleryTaskError(error.summary()),
             traceback or error.traceback,
             request,
             store_result,
             call_errbacks,
             state,
         )
+        _settled(self, request, task_id, ok=False)
+        return stored
 
     def _get_result_meta(
         self, result: Any, state: str, traceback: Any, request: Any, *args: Any, **kwargs: Any
@@ -99,6 +146,20 @@ class EnvelopeBackendMixin:
         if details:
             meta["envelope"] = details
         return meta
+
+
+def _settled(backend: Any, request: Any, task_id: str, ok: bool) -> None:
+    """Tell the errgroup machinery; a failure there is logged, never raised into Celery."""
+    if request is None:
+        return
+    try:
+        group = cancellation.group_of(request)
+        if group is not None:
+            cancellation.member_settled(backend.app, group, task_id, ok)
+        if not ok and getattr(request, "throttle", None):
+            cancellation.task_failed(backend.app, task_id)
+    except Exception:
+        logger.exception("celery-throttled: errgroup bookkeeping failed for task %s", task_id)
 
 
 def _details(request: Any) -> dict[str, Any]:

@@ -55,6 +55,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         0.25,
         "Seconds between checks of held messages for revocation, expiry and max_hold.",
     ),
+    "throttle_errgroup_ttl": (
+        86400.0,
+        "Seconds an errgroup's state lives in Redis after its last change; a member whose "
+        "message arrives later runs untracked (with a warning).",
+    ),
 }
 
 _RABBITMQ_CONSUMER_TIMEOUT_GUARD = 25 * 60.0
@@ -75,6 +80,7 @@ class Settings:
     max_result_bytes: int
     metrics_port: int | None
     metrics_addr: str
+    errgroup_ttl: float = DEFAULTS["throttle_errgroup_ttl"][0]
 
     @classmethod
     def from_app(cls, app: Any) -> Settings:
@@ -137,7 +143,19 @@ class Settings:
         addr = get("throttle_metrics_addr")
         if not isinstance(addr, str) or not addr:
             raise ConfigurationError(f"throttle_metrics_addr must be an address, got {addr!r}")
-        return cls(redis_url, prefix, lease_ttl, max_hold, max_held, sweep, max_result, port, addr)
+        errgroup_ttl = _positive("throttle_errgroup_ttl", get("throttle_errgroup_ttl"))
+        return cls(
+            redis_url,
+            prefix,
+            lease_ttl,
+            max_hold,
+            max_held,
+            sweep,
+            max_result,
+            port,
+            addr,
+            errgroup_ttl,
+        )
 
 
 def _positive(name: str, value: Any) -> float:

@@ -15,7 +15,9 @@ from celery import states
 from celery.app.task import Context
 from celery.worker import state as worker_state
 
+from .cancellation import HEADER
 from .envelope import ErrorInfo, dotted_name
+from .errgroup_store import store_for
 from .errors import DeadlineExceeded, Rejected, TaskFailed
 from .keys import node_of, task_of
 from .results import envelope_backend
@@ -72,7 +74,9 @@ def report_lost(app: Any, key: str, holders: list[str]) -> None:
                 key,
                 worker,
             )
-            request = Context(id=task_id, throttle={"key": key}, hostname=worker)
+            gid = store_for(app).group_of(task_id)  # an errgroup member counts for its group
+            extra = {} if gid is None else {HEADER: {"id": gid}}
+            request = Context(id=task_id, throttle={"key": key}, hostname=worker, **extra)
             exc = WorkerLostError(
                 f"the worker running it ({worker}) stopped renewing its lease of "
                 f"{key!r} and is presumed dead"

@@ -8,6 +8,7 @@ isolate one test from another) and ``LEASE_TTL``.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 import threading
@@ -275,3 +276,77 @@ def _cached_price(error: Any, sku: str) -> dict[str, Any]:
 @throttled_task(limit=2, name="t.degrading", fallback=_cached_price)
 def degrading(sku: str) -> dict[str, Any]:
     raise ValueError(f"pricing service down for {sku}")
+
+
+# -- errgroups ------------------------------------------------------------------------------
+from celery_throttled import current_context, errgroup  # noqa: E402
+
+
+def _member_run(label: str, seconds: float, fail_after: float | None, poll: bool) -> str:
+    """Count the start (and current/peak), work in 20 ms steps, fail or finish."""
+    base = f"{PREFIX}:probe:eg"
+    _ENTER([f"{base}:now", f"{base}:peak", f"{base}:started"], [f"{label} {time.time()}"])
+    began = time.time()
+    try:
+        while time.time() < began + seconds:
+            if fail_after is not None and time.time() >= began + fail_after:
+                raise RuntimeError(f"member {label} failed")
+            if poll:
+                current_context().check()  # like select { case <-ctx.Done(): }
+            time.sleep(0.02)
+    finally:
+        probe.decr(f"{base}:now")
+        probe.rpush(f"{base}:finished", f"{label} {time.time()}")
+    if fail_after is not None:
+        raise RuntimeError(f"member {label} failed")
+    return label
+
+
+@throttled_task(limit=8, key="members", name="t.member")
+def member(
+    label: str, seconds: float = 0.1, fail_after: float | None = None, poll: bool = True
+) -> str:
+    return _member_run(label, seconds, fail_after, poll)
+
+
+@throttled_task(limit=None, name="t.free_member")
+def free_member(
+    label: str, seconds: float = 0.1, fail_after: float | None = None, poll: bool = True
+) -> str:
+    return _member_run(label, seconds, fail_after, poll)
+
+
+@throttled_task(limit=2, key="fragile-members", name="t.member_suicide")
+def member_suicide(label: str) -> str:
+    probe.rpush(f"{PREFIX}:probe:eg:started", f"{label} {time.time()}")
+    os.kill(os.getpid(), 9)
+    return label
+
+
+@shared_task(name="t.summarize")
+def summarize(values: list[Any]) -> int:
+    probe.rpush(f"{PREFIX}:probe:eg:body", json.dumps(values))
+    return len(values)
+
+
+@shared_task(name="t.report_error")
+def report_error(envelope: dict[str, Any]) -> None:
+    probe.rpush(f"{PREFIX}:probe:eg:errback", json.dumps(envelope))
+
+
+@throttled_task(limit=4, name="t.nest")
+def nest(labels: list[str], seconds: float = 30.0) -> list[Any]:
+    """Start a child errgroup and wait for it, leaving when this run is cancelled."""
+    child = errgroup([member.s(label, seconds) for label in labels]).apply_async()
+    probe.set(f"{PREFIX}:probe:eg:child", child.id)
+    ctx = current_context()
+    while not child.ready():
+        ctx.check()
+        time.sleep(0.02)
+    return child.unwrap()
+
+
+@throttled_task(limit=4, name="t.nest_deadline")
+def nest_deadline(count: int) -> list[Any]:
+    """An errgroup started inside a task with a deadline: what deadline its members see."""
+    return errgroup([report_deadline.s() for _ in range(count)]).apply_async().unwrap(30)

@@ -3,7 +3,7 @@
 -- KEYS[1] - holders ZSET
 -- KEYS[2] - waiters ZSET
 -- KEYS[3] - waiter expiry ZSET
--- KEYS[4] - meta HASH
+-- KEYS[4] - meta HASH (an "expire" field, in seconds, makes the waits list expire too)
 -- KEYS[5] - waits LIST (ms, newest first, at most 1000)
 -- ARGV[1] - key name
 -- ARGV[2] - holder
@@ -26,6 +26,8 @@ if ARGV[7] ~= '' and (held > 0 or ARGV[7] == 'rejected') then
   if tonumber(ARGV[8]) >= 0 then
     redis.call('LPUSH', KEYS[5], ARGV[8])
     redis.call('LTRIM', KEYS[5], 0, 999)
+    local expire = redis.call('HGET', KEYS[4], 'expire')
+    if expire then redis.call('EXPIRE', KEYS[5], expire) end
   end
 end
 -- Fast path, nobody waiting: nothing to hand on (expired leases are reaped by the next
