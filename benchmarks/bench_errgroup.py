@@ -21,6 +21,7 @@ figure to ``benchmarks/results/bench_errgroup.json``.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -83,7 +84,7 @@ def measure(row: Row, send: Callable[[], list[str]]) -> dict[str, Any]:
 
     def events(what: str) -> dict[str, float]:
         raw = r.lrange(f"{row.prefix}:probe:p7:{what}", 0, -1)
-        return {label: float(at) for label, at in (item.split() for item in raw)}
+        return {label: float(at) for label, at in (item.decode().split() for item in raw)}
 
     starts, ends = events("starts"), events("ends")
     failed_at = ends["s0"]
@@ -101,15 +102,20 @@ def measure(row: Row, send: Callable[[], list[str]]) -> dict[str, Any]:
         "caller_knows_after_failure_s": done.finished[ids[0]] - failed_at,
         "wasted_sibling_s": wasted,
         "statuses": dict(done.statuses),
+        "settled_after_failure_s": {
+            label: round(done.finished[task_id] - failed_at, 4)
+            for label, task_id in by_label.items()
+        },
     }
 
 
-def scenarios(app: Celery) -> dict[str, Callable[[], list[str]]]:
+def scenarios(app: Celery, pending: list[Any]) -> dict[str, Callable[[], list[str]]]:
     from celery_throttled import errgroup
 
     def plain_chord() -> list[str]:
         header = group(shape(app, "bench.sibling_plain"))
         result = chord(header)(app.signature("bench.chord_body"))
+        pending.append(result)  # kept until the row ends (see p7)
         return [child.id for child in result.parent.results]
 
     def eg(**options: Any) -> Callable[[], list[str]]:
@@ -134,12 +140,18 @@ def p7(bench: Bench, repeat: int) -> None:
     report = bench.report
     with bench.row("P7") as row:
         app = client_for(row)
+        pending: list[Any] = []
         try:
             runs: dict[str, list[dict[str, Any]]] = {}
             for _ in range(repeat):
-                for name, send in scenarios(app).items():
+                for name, send in scenarios(app, pending).items():
                     runs.setdefault(name, []).append(measure(row, send))
         finally:
+            # Celery subscribed to the chords' results: unsubscribe while Redis is still up
+            for result in pending:
+                for member in [result, *result.parent.results]:
+                    app.backend.remove_pending_result(member)
+            pending.clear()
             app.close()
     report.raw["P7"] = runs
     for name, results in runs.items():
@@ -184,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.report.errors.append(f"P7: {exc}")
             raise
         finally:
+            gc.collect()  # results that die in cycles unsubscribe now, while Redis is up
             bench.close()
     report = bench.report
     print()

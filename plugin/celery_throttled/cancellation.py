@@ -27,10 +27,19 @@ from celery import signature
 from celery.app.task import Context
 
 from .envelope import ErrorInfo, dotted_name
-from .errgroup_store import store_for
+from .errgroup_store import STARTED, UNKNOWN, store_for
 from .errors import Cancelled, TaskFailed
 
-__all__ = ["HEADER", "cancel_group", "group_of", "member_settled", "probe", "task_failed"]
+__all__ = [
+    "HEADER",
+    "cancel_group",
+    "group_of",
+    "member_settled",
+    "probe",
+    "start_member",
+    "task_failed",
+    "write_cancelled",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +94,35 @@ def task_failed(app: Any, task_id: str) -> None:
     store = store_for(app)
     for child in store.children_of(task_id):
         cancel_group(app, child, f"task {task_id}, which started it, did not succeed")
+
+
+def start_member(app: Any, group: dict[str, Any], task_id: str) -> int:
+    """A member begins to run: record it, unless its group was cancelled first.
+
+    Returns :data:`.errgroup_store.STARTED` (run it), ``ALREADY_SETTLED`` (do not run, write
+    nothing) or ``CANCELLED`` (do not run; settle it as cancelled). Without Redis, or for a
+    group Redis no longer knows, it runs (with a warning).
+    """
+    gid = group["id"]
+    try:
+        answer = store_for(app).start(gid, task_id)
+    except Exception as exc:
+        logger.warning(
+            "celery-throttled: cannot record the start of %s in errgroup %s (%s); it runs",
+            task_id,
+            gid,
+            exc,
+        )
+        return STARTED
+    if answer == UNKNOWN:
+        logger.warning(
+            "celery-throttled: task %s belongs to errgroup %s, which Redis no longer knows "
+            "(throttle_errgroup_ttl passed?); it runs untracked",
+            task_id,
+            gid,
+        )
+        return STARTED
+    return answer
 
 
 def probe(app: Any, gid: str) -> Callable[[], bool]:

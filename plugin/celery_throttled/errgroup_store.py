@@ -2,13 +2,14 @@
 
 Why the start step is a script of its own (a member racing a cancellation)::
 
-    t0  member 7 is granted its slots; its worker is about to hand it to the pool
+    t0  member 7 is granted its slots and handed to a pool process
     t1  member 3 fails: eg_settle marks the group cancelled and lists the members that have not
-        started, to write their "cancelled" envelopes
-    t2  member 7's worker runs eg_start: the group is cancelled, so member 7 never starts
+        started, member 7 among them, and writes their "cancelled" envelopes
+    t2  member 7's pool process runs eg_start: the group is cancelled and member 7 settled,
+        so it returns without running and without writing anything
 
-Had member 7 started at t0.5 instead, eg_settle would not have listed it: it is running, it sees
-``current_context().cancelled`` and settles itself. Either way every member gets exactly one
+Had member 7 run eg_start at t0.5 instead, eg_settle would not have listed it: it is running,
+it sees ``current_context().cancelled`` and settles itself. Either way every member gets exactly one
 envelope, and the group completes when the settled set reaches ``n``.
 
 Key names are in :mod:`.keys`; the scripts in ``lua/eg_*.lua``, with ``eg_lib.lua`` prepended.
@@ -128,6 +129,14 @@ class GroupStore:
         pipe.set(group_of_task(self.prefix, task_id), gid, ex=self.ttl)
         answer, _ = pipe.execute()
         return int(answer)
+
+    def peek(self, gid: str, task_id: str) -> tuple[bool, bool]:
+        """(is the group cancelled, has this member settled), without recording anything."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hexists(self.keys(gid).state, "cancelled")
+        pipe.sismember(self.keys(gid).settled, task_id)
+        cancelled, settled = pipe.execute()
+        return bool(cancelled), bool(settled)
 
     def settle(self, gid: str, task_id: str, ok: bool, reason: str) -> Settled:
         args = [task_id, "1" if ok else "0", self.ttl, self.channel, gid, reason]

@@ -32,6 +32,7 @@ from kombu.serialization import dumps
 
 from . import cancellation, context
 from .envelope import ErrorInfo, dotted_name, utc_from_timestamp
+from .errgroup_store import ALREADY_SETTLED, CANCELLED
 from .errors import Cancelled, DeadlineExceeded, ResultTooLarge, TaskFailed
 from .timeouts import watchdog
 
@@ -54,6 +55,11 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     ctx = context.TaskContext(task_id=request.id, deadline=deadline)
     group = cancellation.group_of(request)
     if group is not None:
+        answer = cancellation.start_member(task.app, group, request.id)
+        if answer == ALREADY_SETTLED:
+            raise Ignore()  # its group was cancelled and its "cancelled" envelope written
+        if answer == CANCELLED:
+            raise TaskFailed(_never_ran(task, request, group).to_json())
         ctx._cancel_probe = cancellation.probe(task.app, group["id"])
     started = time.time()
     details: dict[str, Any] = {
@@ -76,8 +82,6 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     token = context.enter(ctx)
     try:
         try:
-            if group is not None and ctx.cancelled:  # admitted, then its group was cancelled
-                raise TaskFailed(_never_ran(task, request, group).to_json())
             value = call(*args, **kwargs)
             _check_result(task, value)
         finally:

@@ -36,7 +36,7 @@ from redis.connection import parse_url
 from .cancellation import group_of, write_cancelled
 from .deadlines import HEADER
 from .endpaths import hook_end_paths
-from .errgroup_store import CANCELLED, STARTED, UNKNOWN, GroupStore
+from .errgroup_store import GroupStore
 from .errors import KeyFunctionError
 from .hub import HubLimiter
 from .keys import ERRGROUP_KEY_PREFIX, errgroup_channel, grant_channel, holder_id, registry
@@ -415,38 +415,25 @@ class Gate:
 
     # -- errgroups ----------------------------------------------------------------------------
     def _may_start(self, req: Any, held: Held | None) -> bool:
-        """For an errgroup member about to run: record its start, or drop it if its group was
-        cancelled (writing its "cancelled" envelope unless that is written already)."""
+        """False (and the request dropped) for an errgroup member whose group was cancelled.
+
+        Its "cancelled" envelope is written by whoever cancelled the group; written here too if
+        it is not yet (the canceller may have died). The member records its own start when it
+        begins to run (:func:`.cancellation.start_member`).
+        """
         group = group_of(req)
         if group is None:
             return True
         try:
-            answer = self.groups.start(group["id"], req.id)
-        except redis.RedisError as exc:
-            logger.warning(
-                "celery-throttled: cannot record the start of %s[%s] in errgroup %s (%s); it "
-                "runs, and its group learns of it when it settles",
-                req.name,
-                req.id,
-                group["id"],
-                exc,
-            )
-            return True
-        if answer == UNKNOWN:
-            logger.warning(
-                "celery-throttled: %s[%s] belongs to errgroup %s, which Redis no longer knows "
-                "(throttle_errgroup_ttl passed?); it runs untracked",
-                req.name,
-                req.id,
-                group["id"],
-            )
-            return True
-        if answer == STARTED:
+            cancelled, settled = self.groups.peek(group["id"], req.id)
+        except redis.RedisError:
+            return True  # its run checks again
+        if not cancelled:
             return True
         if held is not None:
             self._unwiden(held)
             self.release(held)
-        if answer == CANCELLED:
+        if not settled:
             write_cancelled(self.consumer.app, group, req.id, req.name, "before it started")
         worker_state.task_ready(req)
         req.acknowledge()
