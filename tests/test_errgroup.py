@@ -14,7 +14,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_throttled import ConfigurationError, TaskError, errgroup
+from celery_throttled import ConfigurationError, TaskError, ThrottledTask, errgroup
 from celery_throttled.keys import GroupKeys
 
 from .conftest import ROOT, Workers, wait_until
@@ -266,3 +266,37 @@ def test_only_throttled_signatures_may_join(client: Celery, tasks):
         errgroup([sig(client, "t.member", "a")], limit=0)
     with pytest.raises(ConfigurationError, match=r"'t\.nope' is not registered"):
         errgroup([sig(client, "t.nope")])
+
+
+def test_eager_mode_runs_members_inline_and_stops_at_the_first_error():
+    # Given an app in task_always_eager mode (as in a Django or Flask project's own tests)
+    app = Celery("eager", set_as_current=False)
+    app.conf.task_always_eager = True
+    ran: list[int] = []
+
+    @app.task(base=ThrottledTask, throttle_limit=2, name="eager.step")
+    def step(i: int) -> int:
+        ran.append(i)
+        if i == 2:
+            raise ValueError("step 2 failed")
+        return i * 10
+
+    @app.task(name="eager.total")
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    # When every member succeeds, the body gets the values in order
+    res = (errgroup([step.s(i) for i in (0, 1)]) | total.s()).apply_async()
+    assert res.unwrap() == [0, 10]
+    assert res.body is not None and res.body.get() == 10
+    # When one fails, the members after it never run and settle as cancelled
+    ran.clear()
+    res = errgroup([step.s(i) for i in (1, 2, 3)]).apply_async()
+    envs = res.get()
+    assert ran == [1, 2]
+    assert [e.ok for e in envs] == [True, False, False]
+    assert envs[2].error is not None and envs[2].error.kind == "cancelled"
+    assert res.first_error is envs[1]
+    with pytest.raises(TaskError, match="step 2 failed"):
+        res.unwrap()
+    app.close()

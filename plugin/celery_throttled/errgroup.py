@@ -28,13 +28,13 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from .cancellation import HEADER, cancel_group
 from .context import current_context
-from .envelope import Envelope
+from .envelope import Envelope, ErrorInfo, dotted_name
 from .errgroup_store import store_for
-from .errors import ConfigurationError
+from .errors import Cancelled, ConfigurationError
 from .results import EnvelopeResult, envelope_from_meta
 from .task import ThrottledTask
 
-__all__ = ["Errgroup", "ErrgroupResult", "errgroup"]
+__all__ = ["EagerErrgroupResult", "Errgroup", "ErrgroupResult", "errgroup"]
 
 
 def errgroup(
@@ -104,6 +104,8 @@ class Errgroup:
         cancelled.
         """
         app = self.members[0]._app if self.members and self.members[0]._app else current_app
+        if app.conf.task_always_eager:
+            return self._apply_eagerly(app, options)
         gid = str(uuid.uuid4())
         ids = [str(uuid.uuid4()) for _ in self.members]
         body = None
@@ -147,6 +149,32 @@ class Errgroup:
             cancel_group(app, gid, f"sending member {sent} failed ({type(exc).__name__}: {exc})")
             raise
         return result
+
+    def _apply_eagerly(self, app: Any, options: dict[str, Any]) -> ErrgroupResult:
+        """``task_always_eager``: run the members inline, in order; after the first failure the
+        rest settle as "cancelled" without running (no Redis involved)."""
+        gid = str(uuid.uuid4())
+        envelopes: list[Envelope] = []
+        first: Envelope | None = None
+        for sig in self.members:
+            task_id = str(uuid.uuid4())
+            if first is None:
+                envelope = sig.apply(task_id=task_id, **options).get()
+                first = None if envelope.ok else envelope
+            else:
+                message = (
+                    f"task {sig.task}[{task_id}] never ran: its errgroup {gid} was cancelled "
+                    f"(member {first.task_id} did not succeed)"
+                )
+                error = ErrorInfo("cancelled", dotted_name(Cancelled), message)
+                envelope = Envelope(ok=False, error=error, task_id=task_id, task_name=sig.task)
+            envelopes.append(envelope)
+        body = None
+        if first is None and self.body is not None:
+            body = self.body.apply(([e.value for e in envelopes],))
+        if first is not None and self.errback is not None:
+            self.errback.apply((first.to_json(),))
+        return EagerErrgroupResult(gid, envelopes, app=app, body=body)
 
 
 class ErrgroupResult:
@@ -265,3 +293,34 @@ def _check_callback(what: str, sig: Any) -> Signature:
     if not isinstance(sig, Signature):
         raise ConfigurationError(f"errgroup: the {what} must be a task signature, got {sig!r}")
     return sig
+
+
+class EagerErrgroupResult(ErrgroupResult):
+    """The result of an errgroup run inline (``task_always_eager``): already settled."""
+
+    def __init__(
+        self, gid: str, envelopes: list[Envelope], *, app: Any = None, body: Any = None
+    ) -> None:
+        super().__init__(gid, [e.task_id or "" for e in envelopes], app=app)
+        self.envelopes = envelopes
+        self.body = body
+
+    def ready(self) -> bool:
+        return True
+
+    def completed_count(self) -> int:
+        return len(self.envelopes)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.first_error is not None
+
+    @property
+    def first_error(self) -> Envelope | None:
+        return next((e for e in self.envelopes if not e.ok), None)
+
+    def get(self, timeout: float | None = None) -> list[Envelope]:
+        return list(self.envelopes)
+
+    def cancel(self, reason: str = "cancelled by the caller") -> bool:
+        return False
