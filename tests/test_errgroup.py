@@ -124,6 +124,14 @@ def test_all_success_runs_the_body_once_with_values_in_member_order(
     assert [json.loads(b) for b in probe.lrange(f"{prefix}:probe:eg:body", 0, -1)] == [values]
     # And the group's own limit held across both workers, and was reached
     assert peak(probe, prefix, "eg") == 2
+    # And everything the group keeps in Redis expires
+    def forever() -> list[str]:
+        ours = [res.id, *res.member_ids]
+        keys = [k for k in probe.scan_iter(match=f"{prefix}:*") if any(i in k for i in ours)]
+        assert any(f"{{eg:{res.id}}}" in k for k in keys)
+        return [k for k in keys if probe.ttl(k) == -1]
+
+    wait_until(lambda: not forever(), 10, what="every key of the group to have an expiry")
 
 
 def test_concurrent_failures_send_one_errback(

@@ -32,6 +32,7 @@ from typing import Any
 from .leases import Acquire, Codec, Op, RedisLeases, Renew, Scripts
 from .limiter import (
     REGISTRY_BATCH,
+    REGISTRY_RETENTION,
     REGISTRY_WINDOW,
     Callbacks,
     Outage,
@@ -415,6 +416,8 @@ class HubLimiter:
         if known:
             pairs = [part for key in known for part in (now, key)]
             self._command(pack("ZADD", self._registry, *pairs), _ignore)
+        stale = now - REGISTRY_RETENTION
+        self._command(pack("ZREMRANGEBYSCORE", self._registry, "-inf", stale), _ignore)
         query = pack(
             "ZREVRANGEBYSCORE",
             self._registry,

@@ -11,7 +11,8 @@ touches a single slot::
     {prefix}:{<key>}:wt   LIST  the last 1000 waits for a slot, in ms (newest first)
     {prefix}:grant:<worker>     pub/sub channel on which a worker hears of slots granted to it
     {prefix}:keys         ZSET  every key in use: member key, score = last seen (epoch s); lets
-                                any worker reap the leases of a dead one, and tools list keys
+                                any worker reap the leases of a dead one, and tools list keys;
+                                keys unseen for a week leave it
 
 An errgroup's state is one family too, under the hash tag ``{eg:<group id>}``, every key with
 the group's expiry (``throttle_errgroup_ttl``)::

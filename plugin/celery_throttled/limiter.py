@@ -42,6 +42,9 @@ _OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 #: how far back the key registry is read for reaping, and how many keys at most per round
 REGISTRY_WINDOW = 3600.0
 REGISTRY_BATCH = 200
+#: keys unused for this long leave the registry (per-value keys and errgroups' own limits
+#: would otherwise pile up there)
+REGISTRY_RETENTION = 7 * 86400.0
 
 
 def foreign_keys(known: set[str], members: list[Any]) -> list[Renew]:
@@ -273,6 +276,7 @@ class Limiter:
         now = time.time()
         if renewals:
             self._client.zadd(self._registry, {op.key: now for op in renewals})
+        self._client.zremrangebyscore(self._registry, "-inf", now - REGISTRY_RETENTION)
         members = self._client.zrevrangebyscore(
             self._registry, "+inf", now - REGISTRY_WINDOW, start=0, num=REGISTRY_BATCH
         )
