@@ -384,6 +384,10 @@ def report(results: dict[str, Any]) -> None:
     say(f"\n{verdict}; {uncapped['violations']} without it.\n")
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="a short workload (60 calls)")
@@ -401,12 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     run_id = os.environ.get("CELERY_THROTTLED_DEMO_RUN") or uuid.uuid4().hex
     logs = Path(tempfile.mkdtemp(prefix="celery-throttled-demo-"))
     stack = Stack(run_id, logs)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops everything as Ctrl-C does
     try:
         console.print("starting Redis, the downstream, two workers and the web app ...")
         env = start(stack, args)
         console.print(f"dashboard: [bold]{env['WEB_URL']}[/bold]   logs: {logs}\n")
-        results = {
+        results: dict[str, Any] = {
             "uncapped": burst(env, size, capped=False),
             "capped": burst(env, size, capped=True),
             "errgroup": fanout(env),
