@@ -218,32 +218,34 @@ def downstream(env: dict[str, str], path: str = "/stats", method: str = "GET") -
 
 
 def view(title: str, done: int, total: int, env: dict[str, str]) -> Group:
+    """The live view: the scenario's progress, the downstream's load, one bar per key."""
     from celery_throttled import inspect
     from demo import app
 
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[n]}")
+    bars = Progress(
+        TextColumn("{task.description:<44}"),
+        BarColumn(bar_width=30),
+        TextColumn("{task.fields[n]}"),
     )
-    progress.add_task(title, total=total or 1, completed=done, n=f"{done}/{total} settled")
+    bars.add_task(title, total=total or 1, completed=done, n=f"{done}/{total} settled")
     stats = downstream(env)
-    progress.add_task(
-        "downstream in flight",
-        total=stats["capacity"] * 3,
-        completed=stats["in_flight"],
-        n=f"{stats['in_flight']} (capacity {stats['capacity']}, violations {stats['violations']})",
+    bars.add_task(
+        f"downstream: callers inside (serves {stats['capacity']})",
+        total=stats["capacity"],
+        completed=min(stats["in_flight"], stats["capacity"]),
+        n=f"{stats['in_flight']} inside, {stats['violations']} turned away (503)",
     )
-    keys = Table("key", "running", "cap", "waiting", "done", "failed", box=None)
     for status in inspect(app):
-        if not status.key.startswith("errgroup:"):
-            keys.add_row(
-                status.key,
-                str(status.running),
-                str(status.cap),
-                str(status.waiting),
-                str(status.done),
-                str(status.failed),
-            )
-    return Group(progress, keys)
+        if status.key.startswith("errgroup:") or not status.cap:
+            continue
+        bars.add_task(
+            f"key {status.key}: running / cap",
+            total=status.cap,
+            completed=status.running,
+            n=f"{status.running}/{status.cap} running, {status.waiting} waiting, "
+            f"{status.done} done, {status.failed} failed",
+        )
+    return Group(bars)
 
 
 def watch(
