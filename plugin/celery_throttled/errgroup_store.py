@@ -227,9 +227,7 @@ def store_for(app: Any) -> GroupStore:
         if known is not None and known[0] == os.getpid():
             return known[1]
         settings = Settings.from_app(app)
-        client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=5, socket_connect_timeout=2
-        )
+        client = settings.client(socket_timeout=5, socket_connect_timeout=2)
         store = GroupStore(client, settings.key_prefix, settings.errgroup_ttl)
         _stores[app] = (os.getpid(), store)
         return store

@@ -43,9 +43,10 @@ from .keys import ERRGROUP_KEY_PREFIX, errgroup_channel, grant_channel, holder_i
 from .leases import Acquire, RedisLeases, Release, Renew
 from .limiter import Callbacks, Limiter
 from .metrics import Metrics
-from .settings import Settings, _safe
+from .settings import Settings
 from .settle import fail_without_running, report_lost, settle_deadline, settle_rejected
 from .task import ThrottledTask
+from .topology import mask as _safe
 
 __all__ = ["Gate"]
 
@@ -101,11 +102,8 @@ class Gate:
         self.settings = settings = Settings.from_app(consumer.app)
         host = str(consumer.hostname).replace(" ", "_")
         self.worker = f"{host}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
-        client = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=5,
-            socket_connect_timeout=2,
-            health_check_interval=10,
+        client = settings.client(
+            socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
         )
         self.store = RedisLeases(client, settings.key_prefix, settings.lease_ttl, self.worker)
         self.limiter: Limiter | HubLimiter
@@ -113,8 +111,8 @@ class Gate:
         callbacks = Callbacks(
             self.snapshot, self.granted, self.lost, self.waiting, self.group_cancelled
         )
-        params = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
-        if consumer.hub is not None and "connection_class" not in params and "path" not in params:
+        if consumer.hub is not None and settings.topology.on_event_loop:
+            params = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
             self.transport = "event loop"
             self.limiter = HubLimiter(
                 hub=consumer.hub,
@@ -130,7 +128,7 @@ class Gate:
                 registry=registry(settings.key_prefix),
                 where=_safe(settings.redis_url),
             )
-        else:  # TLS, unix sockets, or a worker without an event loop: two threads
+        else:  # TLS, unix sockets, Sentinel, or a worker without an event loop: two threads
             self.transport = "threads"
             self.limiter = Limiter(
                 store=self.store,

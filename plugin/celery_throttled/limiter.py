@@ -229,6 +229,9 @@ class Limiter:
                 batch = self._take()
                 register, self._to_register = self._to_register, set()
             try:
+                if failures:  # back from an outage: is this a new Redis (or a new master)?
+                    self._recovered()
+                    batch = self._hold_acquires(batch)
                 if register:
                     self._client.zadd(self._registry, dict.fromkeys(register, time.time()))
                 if renew or failures:
@@ -252,6 +255,15 @@ class Limiter:
                 with self._cond:
                     self._ops.extendleft(reversed(batch))
                 time.sleep(0.5)
+
+    def _hold_acquires(self, batch: list[Op]) -> list[Op]:
+        """During the grace after a restart or failover, acquires wait; the rest goes now."""
+        if time.monotonic() >= self._acquire_after:
+            return batch
+        held = [op for op in batch if isinstance(op, Acquire)]
+        with self._cond:
+            self._ops.extendleft(reversed(held))
+        return [op for op in batch if not isinstance(op, Acquire)]
 
     def _ready(self) -> bool:
         if not self._ops:

@@ -7,10 +7,14 @@ settings are spelled ``CELERY_THROTTLE_REDIS_URL`` and so on.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from .errors import ConfigurationError
+from .topology import Topology
+from .topology import mask as _safe
 
 __all__ = ["DEFAULTS", "Settings"]
 
@@ -20,8 +24,14 @@ logger = logging.getLogger(__name__)
 DEFAULTS: dict[str, tuple[Any, str]] = {
     "throttle_redis_url": (
         None,
-        "Redis for the limiter. Default: the broker URL when it is Redis, else the result "
-        "backend when it is Redis; otherwise the worker refuses to start.",
+        "Redis for the limiter: redis://, rediss:// (TLS), unix://, redis+sentinel:// or "
+        "rediss+sentinel:// (see the README). Default: the broker URL when it is Redis, else the "
+        "result backend when it is Redis; otherwise the worker refuses to start.",
+    ),
+    "throttle_redis_options": (
+        None,
+        "Extra keyword arguments for every limiter Redis client (a dict: ssl_cert_reqs, "
+        "socket_keepalive…).",
     ),
     "throttle_key_prefix": ("throttle", "Prefix of every Redis key and channel the limiter uses."),
     "throttle_lease_ttl": (
@@ -81,6 +91,15 @@ class Settings:
     metrics_port: int | None
     metrics_addr: str
     errgroup_ttl: float = DEFAULTS["throttle_errgroup_ttl"][0]
+    redis_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology.parse(self.redis_url, self.redis_options)
+
+    def client(self, **options: Any) -> redis.Redis:
+        """A limiter Redis client, whatever the topology."""
+        return self.topology.client(**options)
 
     @classmethod
     def from_app(cls, app: Any) -> Settings:
@@ -108,10 +127,14 @@ class Settings:
                     "is Redis"
                 )
             logger.info("throttle_redis_url not set: the limiter uses %s", _safe(redis_url))
-        if not _is_redis(redis_url):
+        if not isinstance(redis_url, str):
+            raise ConfigurationError(f"throttle_redis_url must be a URL, got {redis_url!r}")
+        redis_options = get("throttle_redis_options") or {}
+        if not isinstance(redis_options, dict):
             raise ConfigurationError(
-                f"throttle_redis_url must be a redis:// or rediss:// URL, got {_safe(redis_url)!r}"
+                f"throttle_redis_options must be a dict of client options, got {redis_options!r}"
             )
+        Topology.parse(redis_url, redis_options)  # refuses what it cannot use, naming it
         prefix = get("throttle_key_prefix")
         if not isinstance(prefix, str) or not prefix or " " in prefix:
             raise ConfigurationError(
@@ -155,6 +178,7 @@ class Settings:
             port,
             addr,
             errgroup_ttl,
+            dict(redis_options),
         )
 
 
@@ -162,13 +186,3 @@ def _positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)
-
-
-def _safe(url: str) -> str:
-    """The URL with any password masked, for messages and logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url

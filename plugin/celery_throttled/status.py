@@ -68,9 +68,7 @@ class KeyStatus:
 
 def _client(app: Any) -> tuple[redis.Redis, Settings]:
     settings = Settings.from_app(app)
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, decode_responses=True
-    )
+    client = settings.client(socket_timeout=5, socket_connect_timeout=2, decode_responses=True)
     return client, settings
 
 

@@ -1,0 +1,117 @@
+"""The limiter on the Redis deployments people run: TLS with a password, and Sentinel."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_throttled import ConfigurationError
+from celery_throttled.settings import Settings
+from celery_throttled.topology import Topology
+
+from .conftest import Workers, wait_until
+from .probes import peak
+from .topologies import SentinelSetup, TLSRedis
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[TLSRedis]:
+    server = TLSRedis(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Iterator[SentinelSetup]:
+    setup = SentinelSetup(tmp_path).start()
+    try:
+        yield setup
+    finally:
+        setup.stop()
+
+
+def run_capped(client: Celery, count: int, duration: float = 0.1) -> list[str]:
+    results = [client.send_task("t.limited", (f"x{i}", duration)) for i in range(count)]
+    return sorted(r.get(timeout=60) for r in results)
+
+
+def test_urls_the_limiter_cannot_use_are_refused_with_the_value():
+    with pytest.raises(ConfigurationError, match=r"throttle_redis_url must start with.*'http"):
+        Topology.parse("http://127.0.0.1:6379")
+    with pytest.raises(ConfigurationError, match="names its sentinels and the service"):
+        Topology.parse("redis+sentinel://127.0.0.1:26379")
+    with pytest.raises(ConfigurationError, match="bad sentinel address 'host:port'"):
+        Topology.parse("redis+sentinel://host:port/mymaster")
+    with pytest.raises(ConfigurationError, match="not 'socket_timeout'"):
+        Topology.parse("redis+sentinel://h:26379/mymaster?socket_timeout=3")
+    app = Celery(set_as_current=False)
+    app.conf.throttle_redis_url = "redis+sentinel://:pw@h1,h2:26380/mymaster/2"
+    app.conf.throttle_redis_options = "not a dict"
+    with pytest.raises(ConfigurationError, match="throttle_redis_options must be a dict"):
+        Settings.from_app(app)
+
+
+def test_sentinel_url_names_hosts_service_database_and_credentials():
+    topology = Topology.parse(
+        "rediss+sentinel://app:pw@h1,h2:26380/mymaster/2?sentinel_password=sp"
+        "&ssl_ca_certs=/ca.pem"
+    )
+    hosts, service, master, sentinel = topology._sentinel_parts()
+    assert hosts == [("h1", 26379), ("h2", 26380)]
+    assert service == "mymaster"
+    assert master == {"db": 2, "username": "app", "password": "pw", "ssl": True,
+                      "ssl_ca_certs": "/ca.pem"}
+    assert sentinel == {"password": "sp", "ssl": True, "ssl_ca_certs": "/ca.pem"}
+    assert not topology.on_event_loop
+    assert Topology.parse("redis://h:1/0").on_event_loop
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_cap_holds_on_a_tls_redis_with_a_password(workers: Workers, client: Celery, probe,
+                                                  prefix: str, tls_redis: TLSRedis, pool: str):
+    # Given workers whose limiter Redis speaks TLS only and wants a password
+    worker = workers.start(pool=pool, concurrency=4, LIMITER_URL=tls_redis.url)
+    # Then the cap holds, and the leases lived in that Redis
+    assert run_capped(client, 8) == [f"x{i}" for i in range(8)]
+    assert peak(probe, prefix, "limited") == 2
+    assert tls_redis.client().hget(f"{prefix}:{{t.limited}}:m", "cap") == "2"
+    assert "through the threads" in worker.output()
+    assert ":***@" in worker.output() and tls_redis.password not in worker.output()
+
+
+def test_cap_holds_through_sentinel_and_across_a_failover(workers: Workers, client: Celery,
+                                                         probe, prefix: str,
+                                                         sentinel: SentinelSetup):
+    # Given two workers whose limiter is the master Sentinel names
+    for name in ("a", "b"):
+        workers.start(pool="threads", concurrency=4, name=name, LIMITER_URL=sentinel.url)
+    assert run_capped(client, 6) == [f"x{i}" for i in range(6)]
+    first = sentinel.master_port()
+    assert redis.Redis(port=first).hget(f"{prefix}:{{t.limited}}:m", "cap") == b"2"
+    # When the master fails over while a backlog waits for the cap
+    results = [client.send_task("t.limited", (f"y{i}", 0.3)) for i in range(16)]
+    wait_until(lambda: len(probe.lrange(f"{prefix}:probe:limited:started", 0, -1)) >= 9, 30,
+               what="the backlog to be under way")
+    done = threading.Event()
+    failed_over: list[int] = []
+
+    def fail_over() -> None:
+        failed_over.append(sentinel.failover())
+        done.set()
+
+    threading.Thread(target=fail_over, daemon=True).start()
+    # Then every waiting task still runs (after the failover), and the cap was never exceeded
+    assert sorted(r.get(timeout=90) for r in results) == sorted(f"y{i}" for i in range(16))
+    assert done.wait(30) and failed_over[0] != first
+    assert peak(probe, prefix, "limited") == 2
+    # And the new master holds the limiter's state
+    assert redis.Redis(port=failed_over[0]).hget(f"{prefix}:{{t.limited}}:m", "cap") == b"2"
