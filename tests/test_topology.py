@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
+import redis.cluster
 from celery import Celery
+from redis.cluster import RedisCluster
 
 from celery_throttled import ConfigurationError
 from celery_throttled.settings import Settings
@@ -16,7 +20,7 @@ from celery_throttled.topology import Topology
 
 from .conftest import Workers, wait_until
 from .probes import peak
-from .topologies import SentinelSetup, TLSRedis
+from .topologies import ClusterSetup, SentinelSetup, TLSRedis
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -115,3 +119,55 @@ def test_cap_holds_through_sentinel_and_across_a_failover(workers: Workers, clie
     assert peak(probe, prefix, "limited") == 2
     # And the new master holds the limiter's state
     assert redis.Redis(port=failed_over[0]).hget(f"{prefix}:{{t.limited}}:m", "cap") == b"2"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
+    setup = ClusterSetup(tmp_path).start()
+    try:
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_cap_holds_on_a_redis_cluster(workers: Workers, client: Celery, probe, prefix: str,
+                                      cluster: ClusterSetup, pool: str):
+    # Given two workers whose limiter is a three-primary Redis Cluster
+    for name in ("a", "b"):
+        workers.start(pool=pool, concurrency=4, name=name, LIMITER_URL=cluster.url)
+    # Then the cap holds across both, and every key of a family sits on one node
+    assert run_capped(client, 10) == [f"x{i}" for i in range(10)]
+    assert peak(probe, prefix, "limited") == 2
+    nodes = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    family = [k.decode() for k in nodes.scan_iter(match=f"{prefix}:{{t.limited}}:*",
+                                                  target_nodes=RedisCluster.PRIMARIES)]
+    assert {f"{prefix}:{{t.limited}}:m", f"{prefix}:{{t.limited}}:wt"} <= set(family)
+    assert len({nodes.keyslot(k) for k in family}) == 1
+    assert nodes.hget(f"{prefix}:{{t.limited}}:m", "done") == b"10"
+    # And per-tenant keys spread over the nodes hold their own caps
+    results = [client.send_task("t.per_tenant", (f"tenant{i % 5}", f"p{i}", 0.05))
+               for i in range(20)]
+    assert len([r.get(timeout=60) for r in results]) == 20
+    slots = {nodes.keyslot(f"{prefix}:{{tenant:tenant{i}}}:m") for i in range(5)}
+    assert len({nodes.nodes_manager.get_node_from_slot(s).port for s in slots}) >= 2
+
+
+def test_errgroups_and_status_on_a_redis_cluster(workers: Workers, client: Celery, prefix: str,
+                                                 redis_url: str, cluster: ClusterSetup):
+    workers.start(pool="threads", concurrency=4, LIMITER_URL=cluster.url)
+    os.environ.setdefault("REDIS_URL", redis_url)
+    importlib.import_module("tests.apps.throttle_app")  # the tasks, as a web app imports them
+    client.conf.throttle_key_prefix = prefix
+    client.conf.throttle_redis_url = cluster.url
+    from celery_throttled import errgroup, inspect
+
+    # An errgroup whose state lives in the cluster: the first error cancels the rest
+    members = [client.signature("t.member", args=(f"c{i}", 5.0)) for i in range(6)]
+    members[0] = client.signature("t.member", args=("c0", 5.0), kwargs={"fail_after": 0.2})
+    envs = errgroup(members, limit=2).apply_async().get(timeout=30)
+    assert envs[0].error is not None and envs[0].error.kind == "error"
+    assert all(e.error is not None and e.error.kind == "cancelled" for e in envs[1:])
+    # And the status tools read the cluster
+    statuses = {s.key: s for s in inspect(client)}
+    assert statuses["members"].cap == 8

@@ -1,4 +1,4 @@
-"""Real Redis deployments on loopback ports for the topology tests: TLS, and Sentinel.
+"""Real Redis deployments on loopback ports for the topology tests: TLS, Sentinel, Cluster.
 
 Each needs a redis-server built with TLS and Sentinel support from PATH (Debian's redis-server
 and redis-sentinel packages, which ``.ci/run`` installs when missing). Without one the tests
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -189,3 +190,69 @@ class SentinelSetup:
     def stop(self) -> None:
         for process in [*self.sentinels, *self.servers]:
             process.stop()
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (10000 higher) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
+@dataclass
+class ClusterSetup:
+    """Three primaries (no replicas) holding all 16384 slots."""
+
+    dir: Path
+    nodes: list[Process] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+
+    def start(self) -> ClusterSetup:
+        binary = system_redis_server()
+        for i in range(3):
+            port = cluster_port()
+            cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--cluster-enabled", "yes",
+                   "--cluster-config-file", str(self.dir / f"nodes-{port}.conf"),
+                   "--cluster-node-timeout", "2000"]
+            self.nodes.append(spawn(cmd, port, self.dir / f"node{i}.log",
+                                    lambda p=port: bool(redis.Redis(port=p).ping())))
+        cli = shutil.which("redis-cli")
+        assert cli is not None, "redis-cli comes with redis-server"
+        created = subprocess.run(
+            [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+
+        def ok() -> bool:
+            return all(redis.Redis(port=n.port).cluster("info")["cluster_state"] == "ok"
+                       for n in self.nodes)
+
+        wait_until(ok, 30, interval=0.1, what="the cluster to be ok on every node")
+        return self
+
+    def node_of(self, key: str) -> int:
+        """The port of the primary that holds ``key``."""
+        slot = redis.Redis(port=self.nodes[0].port).cluster("keyslot", key)
+        for node in self.nodes:
+            owned = redis.Redis(port=node.port).cluster("countkeysinslot", slot)
+            if redis.Redis(port=node.port).exists(key) or owned:
+                return node.port
+        raise AssertionError(f"no node holds {key}")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

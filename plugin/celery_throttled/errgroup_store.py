@@ -28,6 +28,7 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from .keys import (
     ERRGROUP_KEY_PREFIX,
@@ -124,6 +125,10 @@ class GroupStore:
 
     def start(self, gid: str, task_id: str) -> int:
         """May this member start? One of STARTED, ALREADY_SETTLED, CANCELLED, UNKNOWN."""
+        if isinstance(self.client, RedisCluster):  # no scripts in Cluster pipelines
+            answer = self._start(keys=self.keys(gid).all(), args=[task_id, self.ttl])
+            self.client.set(group_of_task(self.prefix, task_id), gid, ex=self.ttl)
+            return int(answer)
         pipe = self.client.pipeline(transaction=False)
         self._start(keys=self.keys(gid).all(), args=[task_id, self.ttl], client=pipe)
         pipe.set(group_of_task(self.prefix, task_id), gid, ex=self.ttl)

@@ -29,6 +29,7 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from .keys import Family, grant_channel_prefix
 
@@ -152,6 +153,14 @@ class RedisLeases:
         return self.codec.family(key)
 
     def execute(self, ops: Sequence[Op]) -> list[Outcome]:
+        if isinstance(self.client, RedisCluster):
+            # redis-py cannot pipeline scripts in a Cluster: one round trip each, routed by
+            # the family's slot (a missing script is loaded on every primary and retried)
+            replies = []
+            for op in ops:
+                script, keys, args = self.codec.call(op)
+                replies.append(self._scripts[script.name](keys, args))
+            return [self.codec.decode(op, reply) for op, reply in zip(ops, replies, strict=True)]
         pipe = self.client.pipeline(transaction=False)
         for op in ops:
             script, keys, args = self.codec.call(op)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from .keys import errgroup_channel, grant_channel, registry
 from .leases import Acquire, Op, Outcome, RedisLeases, Renew
@@ -93,6 +94,17 @@ class Callbacks:
             self.group_cancelled(str(gid))
         else:
             self.granted(key, holder)
+
+
+def server_identity(client: Any) -> str:
+    """The run id of the Redis behind ``client``; for a Cluster, of all its primaries (a
+    restart or a failover of any one of them changes it)."""
+    if isinstance(client, RedisCluster):
+        infos = client.info("server", target_nodes=RedisCluster.PRIMARIES)
+        if "run_id" in infos:  # a cluster of one primary
+            return str(infos["run_id"])
+        return ",".join(sorted(str(info.get("run_id")) for info in infos.values()))
+    return str(client.info("server").get("run_id"))
 
 
 class Outage:
@@ -327,7 +339,7 @@ class Limiter:
         if not self._outage.ongoing and self._run_id is not None:
             return
         try:
-            run_id = str(self._client.info("server").get("run_id"))
+            run_id = server_identity(self._client)
         except _OUTAGE_ERRORS:
             return
         if self._run_id is not None and run_id != self._run_id:

@@ -24,9 +24,10 @@ logger = logging.getLogger(__name__)
 DEFAULTS: dict[str, tuple[Any, str]] = {
     "throttle_redis_url": (
         None,
-        "Redis for the limiter: redis://, rediss:// (TLS), unix://, redis+sentinel:// or "
-        "rediss+sentinel:// (see the README). Default: the broker URL when it is Redis, else the "
-        "result backend when it is Redis; otherwise the worker refuses to start.",
+        "Redis for the limiter: redis://, rediss:// (TLS), unix://, redis+sentinel://, "
+        "rediss+sentinel://, redis+cluster:// or rediss+cluster:// (see the README). Default: "
+        "the broker URL when it is Redis, else the result backend when it is Redis; otherwise "
+        "the worker refuses to start.",
     ),
     "throttle_redis_options": (
         None,

@@ -94,9 +94,8 @@ def _inspect(client: redis.Redis, settings: Settings, keys: list[str] | None) ->
         pipe.zrange(family.holders, 0, -1, withscores=True)
         pipe.zrange(family.waiters, 0, -1)
         pipe.lrange(family.waits, 0, -1)
-    pipe.time()
     replies = pipe.execute()
-    seconds, micros = replies[-1]
+    seconds, micros = client.time()  # outside the pipeline: Cluster pipelines refuse TIME
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     ttl_ms = settings.lease_ttl * 1000
     statuses = []

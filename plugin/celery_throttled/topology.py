@@ -9,6 +9,9 @@
                                                      the master Sentinel names for <service>,
                                                      followed across failovers
     rediss+sentinel://…                              the same over TLS (sentinels and master)
+    redis+cluster://[[user]:password@]host:port[,host:port…]
+                                                     a Redis Cluster, found from these nodes
+    rediss+cluster://…                               the same over TLS
 
 For Sentinel, ``?sentinel_password=…`` (and ``sentinel_username``) authenticate to the sentinels
 when they need it, and ``ssl_*`` options apply to both; the URL's credentials are the master's.
@@ -16,16 +19,19 @@ when they need it, and ``ssl_*`` options apply to both; the URL's credentials ar
 ``socket_keepalive``…).
 
 Only ``redis://`` over TCP runs on the worker's event loop (:mod:`.hub`); every other form goes
-through redis-py on the limiter's two threads (:mod:`.limiter`), which follows a failover.
+through redis-py on the limiter's two threads (:mod:`.limiter`), which follows a failover. In a
+Cluster every script touches one slot (each key family shares a hash tag); redis-py cannot
+pipeline scripts there, so lease operations go one round trip each.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import Sentinel
 
 from .errors import ConfigurationError
@@ -34,7 +40,8 @@ __all__ = ["SCHEMES", "Topology", "mask"]
 
 SINGLE = ("redis", "rediss", "unix", "redis+socket")
 SENTINEL = ("redis+sentinel", "rediss+sentinel")
-SCHEMES = SINGLE + SENTINEL
+CLUSTER = ("redis+cluster", "rediss+cluster")
+SCHEMES = SINGLE + SENTINEL + CLUSTER
 _SENTINEL_PORT = 26379
 
 
@@ -43,7 +50,7 @@ class Topology:
     """A parsed ``throttle_redis_url``."""
 
     url: str
-    kind: str  # "single" or "sentinel"
+    kind: str  # "single", "sentinel" or "cluster"
     tls: bool
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -55,11 +62,17 @@ class Topology:
                 f"throttle_redis_url must start with one of {', '.join(s + '://' for s in SCHEMES)}"
                 f"; got {mask(url)!r}"
             )
-        kind = "sentinel" if scheme in SENTINEL else "single"
+        kind = "sentinel" if scheme in SENTINEL else "cluster" if scheme in CLUSTER else "single"
         topology = cls(url, kind, scheme.startswith("rediss"), dict(options or {}))
         if kind == "sentinel":
             topology._sentinel_parts()  # validate now, not in the worker's first second
+        elif kind == "cluster":
+            topology._cluster_parts()
         return topology
+
+    @property
+    def cluster(self) -> bool:
+        return self.kind == "cluster"
 
     @property
     def on_event_loop(self) -> bool:
@@ -74,6 +87,13 @@ class Topology:
             if url.startswith("redis+socket://"):  # kombu's spelling of a unix socket
                 url = "unix://" + url.removeprefix("redis+socket://")
             return redis.Redis.from_url(url, **options)
+        if self.kind == "cluster":
+            nodes, node_options = self._cluster_parts()
+            cluster = RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in nodes],  # type: ignore[no-untyped-call]
+                **{**node_options, **options},
+            )
+            return cast(redis.Redis, cluster)  # it speaks the same commands, routed by slot
         hosts, service, master_options, sentinel_options = self._sentinel_parts()
         sentinel_options = {
             **{k: v for k, v in options.items() if k.startswith(("socket_", "ssl"))},
@@ -85,21 +105,58 @@ class Topology:
         client: redis.Redis = sentinel.master_for(service, **options)  # type: ignore[no-untyped-call]
         return client
 
-    def _sentinel_parts(
-        self,
-    ) -> tuple[list[tuple[str, int]], str, dict[str, Any], dict[str, Any]]:
+    def _cluster_parts(self) -> tuple[list[tuple[str, int]], dict[str, Any]]:
         parts = urlsplit(self.url)
-        netloc = parts.netloc.rsplit("@", 1)
-        credentials, hostlist = (netloc[0], netloc[1]) if len(netloc) == 2 else ("", netloc[0])
+        credentials, nodes = self._hosts(parts.netloc, 6379, "cluster node")
+        path = [p for p in parts.path.split("/") if p]
+        if not nodes or path not in ([], ["0"]):
+            raise ConfigurationError(
+                "throttle_redis_url: a Cluster URL names one or more nodes and no database "
+                f"other than 0, as redis+cluster://host:7000,host:7001; got {mask(self.url)!r}"
+            )
+        options = self._credentials(credentials)
+        for name, value in parse_qsl(parts.query):
+            if not name.startswith("ssl_"):
+                raise ConfigurationError(
+                    f"throttle_redis_url: a Cluster URL takes ssl_* options in its query, not "
+                    f"{name!r}; give other client options in throttle_redis_options"
+                )
+            options[name] = value
+        if self.tls:
+            options["ssl"] = True
+        return nodes, options
+
+    def _hosts(
+        self, netloc: str, default_port: int, what: str
+    ) -> tuple[str, list[tuple[str, int]]]:
+        at = netloc.rsplit("@", 1)
+        credentials, hostlist = (at[0], at[1]) if len(at) == 2 else ("", at[0])
         hosts = []
         for item in filter(None, hostlist.split(",")):
             host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
             try:
-                hosts.append((host or item, int(port) if port else _SENTINEL_PORT))
+                hosts.append((host or item, int(port) if port else default_port))
             except ValueError:
                 raise ConfigurationError(
-                    f"throttle_redis_url: bad sentinel address {item!r} in {mask(self.url)!r}"
+                    f"throttle_redis_url: bad {what} address {item!r} in {mask(self.url)!r}"
                 ) from None
+        return credentials, hosts
+
+    @staticmethod
+    def _credentials(credentials: str) -> dict[str, Any]:
+        user, _, password = credentials.partition(":")
+        options: dict[str, Any] = {}
+        if user:
+            options["username"] = unquote(user)
+        if password:
+            options["password"] = unquote(password)
+        return options
+
+    def _sentinel_parts(
+        self,
+    ) -> tuple[list[tuple[str, int]], str, dict[str, Any], dict[str, Any]]:
+        parts = urlsplit(self.url)
+        credentials, hosts = self._hosts(parts.netloc, _SENTINEL_PORT, "sentinel")
         path = [unquote(p) for p in parts.path.split("/") if p]
         if not hosts or not path:
             raise ConfigurationError(
@@ -114,11 +171,7 @@ class Topology:
                     f"throttle_redis_url: the database must be a number, got {path[1]!r}"
                 )
             master["db"] = int(path[1])
-        user, _, password = credentials.partition(":")
-        if user:
-            master["username"] = unquote(user)
-        if password:
-            master["password"] = unquote(password)
+        master.update(self._credentials(credentials))
         sentinel: dict[str, Any] = {}
         for name, value in parse_qsl(parts.query):
             if name in ("sentinel_password", "sentinel_username"):
