@@ -1,9 +1,10 @@
 """The Celery app the benchmark workers run: throttled and plain tasks, and the two recipes.
 
-Configured from the environment by ``bench_cap.py``: ``REDIS_URL`` (broker, result backend and
-limiter) and ``BENCH_PREFIX`` (the queue name and ``throttle_key_prefix`` that isolate one row
-from another). Every task that does work counts itself in Redis while its body runs, so a row's
-peak concurrency is measured inside the tasks, never inferred::
+Configured from the environment by ``bench_cap.py`` and ``soak.py``: ``REDIS_URL`` (broker,
+result backend, and the limiter unless ``LIMITER_URL`` is set), ``BENCH_PREFIX`` (the queue name
+and ``throttle_key_prefix`` that isolate one row from another) and ``LEASE_TTL``. Every task
+that does work counts itself in Redis while its body runs, so a row's peak concurrency is
+measured inside the tasks, never inferred::
 
     {prefix}:probe:{group}:now     INCR on entry, DECR on exit
     {prefix}:probe:{group}:peak    the highest value ``now`` ever reached (set atomically)
@@ -44,8 +45,9 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
-    throttle_redis_url=REDIS_URL,
+    throttle_redis_url=os.environ.get("LIMITER_URL") or REDIS_URL,
     throttle_key_prefix=PREFIX,
+    throttle_lease_ttl=float(os.environ.get("LEASE_TTL", "30")),
 )
 
 probe = redis.Redis.from_url(REDIS_URL)
@@ -201,3 +203,44 @@ def sibling(
 @shared_task(name="bench.chord_body")
 def chord_body(values: list[Any]) -> int:
     return len(values)
+
+
+# -- the soak run (soak.py) -----------------------------------------------------------------
+SOAK_CAP = 3
+
+
+def _soak_body(group: str, label: str, duration: float) -> str:
+    """Log the body's start (with this process's pid) and end. A counter would drift here:
+    a SIGKILLed process never decrements it; ``soak.py`` ends a killed body at its kill."""
+    pipe = probe.pipeline(transaction=False)
+    pipe.hincrby(probe_key("soak", "runs"), label, 1)  # a body that runs twice shows here
+    pipe.rpush(probe_key(group, "starts"), f"{label} {os.getpid()} {time.time()}")
+    pipe.execute()
+    try:
+        time.sleep(duration)
+    finally:
+        probe.rpush(probe_key(group, "ends"), f"{label} {time.time()}")
+    return label
+
+
+@throttled_task(limit=SOAK_CAP, key="soak", name="bench.soak_capped")
+def soak_capped(label: str, duration: float) -> str:
+    return _soak_body("soak", label, duration)
+
+
+@throttled_task(limit=SOAK_CAP, key="soak", name="bench.soak_failing")
+def soak_failing(label: str, duration: float) -> str:
+    _soak_body("soak", label, duration)
+    raise RuntimeError(f"{label} failed on purpose")
+
+
+@throttled_task(
+    limit=1, key=lambda tenant, *args, **kwargs: f"tenant-{tenant}", name="bench.soak_tenant"
+)
+def soak_tenant(tenant: int, label: str, duration: float) -> str:
+    return _soak_body(f"tenant-{tenant}", label, duration)
+
+
+@throttled_task(limit=None, name="bench.soak_free")
+def soak_free(label: str, duration: float) -> str:
+    return _soak_body("free", label, duration)
