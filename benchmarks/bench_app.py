@@ -244,3 +244,20 @@ def soak_tenant(tenant: int, label: str, duration: float) -> str:
 @throttled_task(limit=None, name="bench.soak_free")
 def soak_free(label: str, duration: float) -> str:
     return _soak_body("free", label, duration)
+
+
+# -- the scale run (bench_scale.py) -----------------------------------------------------------
+SCALE_CAP = 5
+
+
+@throttled_task(limit=SCALE_CAP, key="scale", name="bench.scale_capped")
+def scale_capped(duration: float) -> None:
+    with counted("scale"):
+        time.sleep(duration)
+
+
+@throttled_task(
+    limit=1, key=lambda tenant, *args, **kwargs: f"tenant-{tenant}", name="bench.scale_tenant"
+)
+def scale_tenant(tenant: int, duration: float) -> None:
+    time.sleep(duration)

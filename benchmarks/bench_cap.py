@@ -225,9 +225,10 @@ class Worker:
     proc: subprocess.Popen[bytes]
 
     @classmethod
-    def start(cls, node: str, prefix: str, redis_url: str, log: Path, loglevel: str) -> Worker:
+    def start(cls, node: str, prefix: str, redis_url: str, log: Path, loglevel: str,
+              **extra_env: str) -> Worker:
         env = {**os.environ, "REDIS_URL": redis_url, "BENCH_PREFIX": prefix,
-               "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+               "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra_env}
         cmd = [sys.executable, "-m", "celery", "-A", APP, "worker", "-P", "prefork",
                "-c", str(CONCURRENCY), "-n", node, "-l", loglevel, "-Q", prefix,
                "--without-gossip", "--without-mingle"]
@@ -392,11 +393,12 @@ class Bench:
         self.redis.close()
 
     @contextlib.contextmanager
-    def row(self, tag: str, workers: int = 1) -> Iterator[Row]:
+    def row(self, tag: str, workers: int = 1, **env: str) -> Iterator[Row]:
         prefix = f"bench{self.run_id}{tag.lower()}"
         started = [
             Worker.start(f"{tag.lower()}w{i + 1}-{self.run_id}@localhost", prefix,
-                         self.redis_url, self.logdir / f"{tag}-w{i + 1}.log", self.loglevel)
+                         self.redis_url, self.logdir / f"{tag}-w{i + 1}.log", self.loglevel,
+                         **env)
             for i in range(workers)
         ]
         try:
