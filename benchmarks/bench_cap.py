@@ -1,6 +1,6 @@
 """Benchmark the cap against plain Celery and the hand-written recipes, in one run.
 
-    python benchmarks/bench_cap.py [--quick] [--rows P1,P2,P3,P4]
+    python benchmarks/bench_cap.py [--quick] [--scale K] [--rows P1,P2,P3,P4]
 
 Every row runs real ``celery worker`` subprocesses (prefork, concurrency 8, prefetch multiplier
 1, json, Redis broker and result backend) of ``benchmarks/bench_app.py``, each row on its own
@@ -88,8 +88,9 @@ class Sizes:
     handoff: int
 
     @classmethod
-    def of(cls, quick: bool) -> Sizes:
-        return cls(noop=300, work=60, handoff=40) if quick else cls(1000, 200, 100)
+    def of(cls, quick: bool, scale: float = 1.0) -> Sizes:
+        base = cls(noop=300, work=60, handoff=40) if quick else cls(1000, 200, 100)
+        return cls(int(base.noop * scale), int(base.work * scale), int(base.handoff * scale))
 
 
 @dataclass
@@ -709,6 +710,8 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches, for a smoke run")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every batch size (10: P1 at 10 000 tasks)")
     parser.add_argument("--rows", default=",".join(ROWS),
                         help="comma-separated rows to run (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
@@ -723,7 +726,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    sizes = Sizes.of(args.quick)
+    sizes = Sizes.of(args.quick, args.scale)
     logdir = Path(tempfile.mkdtemp(prefix="bench-cap-logs-"))
     began = time.monotonic()
     with redis_for_bench() as url:
@@ -759,7 +762,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ERROR: {message}")
 
     write_json(args.out, {
-        "environment": env, "quick": args.quick, "rows": args.rows, "elapsed_s": elapsed,
+        "environment": env, "quick": args.quick, "scale": args.scale, "rows": args.rows,
+        "elapsed_s": elapsed,
         "sizes": asdict(sizes), "table": [line.__dict__ for line in report.lines],
         "raw": report.raw, "violations": report.violations, "errors": report.errors,
         "notes": report.notes,
