@@ -27,9 +27,9 @@ EXPECTED: dict[str, tuple[str | None, str | None]] = {
     "generator_exit": ("error", "builtins.GeneratorExit"),
     "memory_error": ("error", "builtins.MemoryError"),
     "recursion": ("error", "builtins.RecursionError"),
-    "set": ("unserializable", None),
-    "object": ("unserializable", None),
-    "bytes": ("unserializable", None),
+    "set": ("unserializable", "celery_throttled.errors.Unserializable"),
+    "object": ("unserializable", "celery_throttled.errors.Unserializable"),
+    "bytes": ("unserializable", "celery_throttled.errors.Unserializable"),
     "too_large": ("error", "celery_throttled.errors.ResultTooLarge"),
 }
 PROCESS_DEATH = ("os_exit", "sigkill", "segfault")

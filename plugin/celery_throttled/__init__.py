@@ -14,6 +14,7 @@ from .errors import (
     Rejected,
     ResultTooLarge,
     ThrottleError,
+    Unserializable,
 )
 from .policies import RetryPolicy
 from .results import EnvelopeResult
@@ -39,6 +40,7 @@ __all__ = [
     "ThrottleError",
     "ThrottledTask",
     "UnknownKey",
+    "Unserializable",
     "current_context",
     "errgroup",
     "inspect",

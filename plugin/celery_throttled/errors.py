@@ -11,6 +11,7 @@ __all__ = [
     "ResultTooLarge",
     "TaskFailed",
     "ThrottleError",
+    "Unserializable",
 ]
 
 
@@ -57,6 +58,11 @@ class TaskFailed(ThrottleError):
 
 class ResultTooLarge(ThrottleError):
     """A task returned a value larger than ``throttle_max_result_bytes`` once encoded."""
+
+
+class Unserializable(ThrottleError):
+    """The error type of an ``unserializable`` envelope: the task returned a value the result
+    serializer cannot encode (for JSON: a set, bytes, an arbitrary object)."""
 
 
 class Rejected(ThrottleError):

@@ -33,7 +33,7 @@ from kombu.serialization import dumps
 from . import cancellation, context
 from .envelope import ErrorInfo, dotted_name, utc_from_timestamp
 from .errgroup_store import ALREADY_SETTLED, CANCELLED
-from .errors import Cancelled, DeadlineExceeded, ResultTooLarge, TaskFailed
+from .errors import Cancelled, DeadlineExceeded, ResultTooLarge, TaskFailed, Unserializable
 from .timeouts import watchdog
 
 __all__ = ["run"]
@@ -155,13 +155,9 @@ def _kind(exc: BaseException, ctx: context.TaskContext) -> str:
     if isinstance(exc, SoftTimeLimitExceeded):
         late = ctx.deadline is not None and time.time() >= ctx.deadline - _DEADLINE_SLACK
         return "deadline" if late else "soft_timeout"
-    if isinstance(exc, _Unserializable):
+    if isinstance(exc, Unserializable):
         return "unserializable"
     return "error"
-
-
-class _Unserializable(Exception):
-    pass
 
 
 def _check_result(task: Any, value: Any) -> None:
@@ -178,7 +174,7 @@ def _check_result(task: Any, value: Any) -> None:
         else:
             _, _, data = dumps(value, serializer=serializer)  # type: ignore[no-untyped-call]
     except (EncodeError, TypeError, ValueError, OverflowError, RecursionError) as exc:
-        raise _Unserializable(
+        raise Unserializable(
             f"task {task.name!r} returned a value of type {type(value).__name__} that the "
             f"{serializer!r} result serializer cannot encode: {exc}"
         ) from None
