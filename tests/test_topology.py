@@ -79,17 +79,21 @@ def test_sentinel_url_names_hosts_service_database_and_credentials():
     assert Topology.parse("redis://h:1/0").on_event_loop
 
 
-@pytest.mark.parametrize("pool", ["prefork", "threads"])
+@pytest.mark.parametrize(("pool", "login"), [("prefork", "password"), ("threads", "acl user")])
 def test_cap_holds_on_a_tls_redis_with_a_password(workers: Workers, client: Celery, probe,
-                                                  prefix: str, tls_redis: TLSRedis, pool: str):
-    # Given workers whose limiter Redis speaks TLS only and wants a password
-    worker = workers.start(pool=pool, concurrency=4, LIMITER_URL=tls_redis.url)
+                                                  prefix: str, tls_redis: TLSRedis, pool: str,
+                                                  login: str):
+    # Given workers whose limiter Redis speaks TLS only and wants a password (of the default
+    # user, or of an ACL user)
+    url = tls_redis.url if login == "password" else tls_redis.acl_url
+    worker = workers.start(pool=pool, concurrency=4, LIMITER_URL=url)
     # Then the cap holds, and the leases lived in that Redis
     assert run_capped(client, 8) == [f"x{i}" for i in range(8)]
     assert peak(probe, prefix, "limited") == 2
     assert tls_redis.client().hget(f"{prefix}:{{t.limited}}:m", "cap") == "2"
     assert "through the threads" in worker.output()
-    assert ":***@" in worker.output() and tls_redis.password not in worker.output()
+    secret = tls_redis.password if login == "password" else tls_redis.acl_user[1]
+    assert ":***@" in worker.output() and secret not in worker.output()
 
 
 def test_cap_holds_through_sentinel_and_across_a_failover(workers: Workers, client: Celery,

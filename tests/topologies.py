@@ -84,10 +84,17 @@ class TLSRedis:
         return self.dir / "cert.pem"
 
     port: int = 0
+    #: an ACL user besides the default one (``app``, with every command and key)
+    acl_user: tuple[str, str] = ("app", "app-pw-7")
 
     @property
     def url(self) -> str:
         return f"rediss://:{self.password}@127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}"
+
+    @property
+    def acl_url(self) -> str:
+        user, password = self.acl_user
+        return f"rediss://{user}:{password}@127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}"
 
     def start(self) -> TLSRedis:
         binary = system_redis_server()
@@ -101,7 +108,8 @@ class TLSRedis:
         cmd = [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
                "--tls-cert-file", str(self.ca), "--tls-key-file", str(self.dir / "key.pem"),
                "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no",
-               "--requirepass", self.password, "--save", "", "--appendonly", "no"]
+               "--requirepass", self.password, "--save", "", "--appendonly", "no",
+               "--user", self.acl_user[0], "on", f">{self.acl_user[1]}", "~*", "&*", "+@all"]
         self.server = spawn(cmd, port, self.dir / "redis-tls.log",
                             lambda: bool(self.client().ping()))
         return self
