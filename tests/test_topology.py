@@ -175,3 +175,27 @@ def test_errgroups_and_status_on_a_redis_cluster(workers: Workers, client: Celer
     # And the status tools read the cluster
     statuses = {s.key: s for s in inspect(client)}
     assert statuses["members"].cap == 8
+
+
+def test_lease_batches_are_pipelined_per_cluster_node(cluster: ClusterSetup, prefix: str):
+    from celery_throttled.keys import Family, holder_id
+    from celery_throttled.leases import Acquire, RedisLeases, Release
+
+    # Given a batch of operations on keys whose slots sit on different nodes
+    client = Topology.parse(cluster.url).client()
+    leases = RedisLeases(client, prefix, 30.0, "w1/1/abc")
+    keys = [f"k{i}" for i in range(12)]
+    owners = {client.get_node_from_key(Family.of(prefix, k).meta).name for k in keys}
+    assert len(owners) >= 2
+    # When they run as one batch: one slot each is granted, a second holder of k0 waits
+    first = leases.execute([Acquire(k, holder_id("w1/1/abc", f"t-{k}"), 1) for k in keys])
+    assert all(outcome.granted == [holder_id("w1/1/abc", f"t-{k}")]
+               for k, outcome in zip(keys, first, strict=True))
+    waiting = leases.execute([Acquire("k0", holder_id("w1/1/abc", "t-late"), 1)])
+    assert waiting[0].granted == []
+    # Then releasing them all in one batch hands k0's slot to the waiter, and nothing is left
+    released = leases.execute([Release(k, holder_id("w1/1/abc", f"t-{k}"), 1, "done")
+                               for k in keys])
+    assert all(outcome.known for outcome in released)
+    assert released[0].granted == [holder_id("w1/1/abc", "t-late")]
+    assert all(client.zcard(Family.of(prefix, k).holders) == 0 for k in keys[1:])

@@ -154,12 +154,7 @@ class RedisLeases:
 
     def execute(self, ops: Sequence[Op]) -> list[Outcome]:
         if isinstance(self.client, RedisCluster):
-            # redis-py cannot pipeline scripts in a Cluster: one round trip each, routed by
-            # the family's slot (a missing script is loaded on every primary and retried)
-            replies = []
-            for op in ops:
-                script, keys, args = self.codec.call(op)
-                replies.append(self._scripts[script.name](keys, args))
+            replies = self._execute_on_nodes(ops)
             return [self.codec.decode(op, reply) for op, reply in zip(ops, replies, strict=True)]
         pipe = self.client.pipeline(transaction=False)
         for op in ops:
@@ -167,6 +162,41 @@ class RedisLeases:
             self._scripts[script.name](keys, args, client=pipe)
         replies = pipe.execute()
         return [self.codec.decode(op, reply) for op, reply in zip(ops, replies, strict=True)]
+
+    def _execute_on_nodes(self, ops: Sequence[Op]) -> list[Any]:
+        """Redis Cluster: redis-py refuses scripts in its cluster pipelines, so the operations
+        are grouped by the node that holds their family's slot and pipelined to each node.
+
+        A reply that is an error (the slot moved, the node failed over) is retried alone
+        through the cluster client, which follows the redirection: every script is safe to
+        run again for the same holder.
+        """
+        cluster: RedisCluster = self.client  # type: ignore[assignment]
+        calls = [self.codec.call(op) for op in ops]
+        by_node: dict[str, list[int]] = {}
+        nodes: dict[str, Any] = {}
+        for index, (_, keys, _) in enumerate(calls):
+            node = cluster.get_node_from_key(keys[0])  # type: ignore[no-untyped-call]
+            nodes[node.name] = node
+            by_node.setdefault(node.name, []).append(index)
+        replies: list[Any] = [None] * len(ops)
+        for name, indexes in by_node.items():
+            connection = cluster.get_redis_connection(nodes[name])
+            pipe = connection.pipeline(transaction=False)
+            for index in indexes:
+                script, keys, args = calls[index]
+                self._scripts[script.name](keys, args, client=pipe)
+            try:
+                answers = pipe.execute(raise_on_error=False)
+            except redis.ConnectionError:
+                answers = [None] * len(indexes)  # retried one by one below
+            for index, answer in zip(indexes, answers, strict=True):
+                replies[index] = answer
+        for index, answer in enumerate(replies):
+            if answer is None or isinstance(answer, Exception):
+                script, keys, args = calls[index]
+                replies[index] = self._scripts[script.name](keys, args)
+        return replies
 
 
 def _text(values: Iterable[bytes | str]) -> list[str]:

@@ -20,8 +20,8 @@ when they need it, and ``ssl_*`` options apply to both; the URL's credentials ar
 
 Only ``redis://`` over TCP runs on the worker's event loop (:mod:`.hub`); every other form goes
 through redis-py on the limiter's two threads (:mod:`.limiter`), which follows a failover. In a
-Cluster every script touches one slot (each key family shares a hash tag); redis-py cannot
-pipeline scripts there, so lease operations go one round trip each.
+Cluster every script touches one slot (each key family shares a hash tag); lease operations
+are pipelined per node (:meth:`.leases.RedisLeases.execute`).
 """
 
 from __future__ import annotations
