@@ -79,6 +79,23 @@ def test_sentinel_url_names_hosts_service_database_and_credentials():
     assert Topology.parse("redis://h:1/0").on_event_loop
 
 
+def test_celerys_own_sentinel_broker_settings_name_the_limiter_too():
+    # Given an app whose broker goes through Sentinel the way Celery configures it
+    app = Celery(set_as_current=False)
+    app.conf.broker_url = "sentinel://:pw@s1:26379/3;sentinel://s2:26380"
+    app.conf.broker_transport_options = {"master_name": "orders"}
+    # Then the limiter uses the same sentinels, service, database and password
+    settings = Settings.from_app(app)
+    assert settings.redis_url == "redis+sentinel://:pw@s1:26379,s2:26380/orders/3"
+    hosts, service, master, _ = settings.topology._sentinel_parts()
+    assert (hosts, service, master) == ([("s1", 26379), ("s2", 26380)], "orders",
+                                        {"db": 3, "password": "pw"})
+    # And without a master name it is refused, naming what to set
+    app.conf.broker_transport_options = {}
+    with pytest.raises(ConfigurationError, match="set throttle_redis_url"):
+        Settings.from_app(app)
+
+
 @pytest.mark.parametrize(("pool", "login"), [("prefork", "password"), ("threads", "acl user")])
 def test_cap_holds_on_a_tls_redis_with_a_password(workers: Workers, client: Celery, probe,
                                                   prefix: str, tls_redis: TLSRedis, pool: str,

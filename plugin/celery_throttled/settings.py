@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
@@ -26,8 +27,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         None,
         "Redis for the limiter: redis://, rediss:// (TLS), unix://, redis+sentinel://, "
         "rediss+sentinel://, redis+cluster:// or rediss+cluster:// (see the README). Default: "
-        "the broker URL when it is Redis, else the result backend when it is Redis; otherwise "
-        "the worker refuses to start.",
+        "the broker URL when it is Redis (or Celery's sentinel:// with master_name), else the "
+        "result backend when it is; otherwise the worker refuses to start.",
     ),
     "throttle_redis_options": (
         None,
@@ -116,10 +117,18 @@ class Settings:
         if redis_url is None:
             broker = conf.broker_url or ""
             backend = conf.result_backend or ""
+            broker_sentinel = _from_kombu_sentinel(broker, conf.broker_transport_options)
+            backend_sentinel = _from_kombu_sentinel(
+                backend, conf.get("result_backend_transport_options")
+            )
             if _is_redis(broker):
                 redis_url = broker
+            elif broker_sentinel:
+                redis_url = broker_sentinel
             elif _is_redis(backend):
                 redis_url = backend
+            elif backend_sentinel:
+                redis_url = backend_sentinel
             else:
                 raise ConfigurationError(
                     "celery-throttled needs a Redis for its limiter: set throttle_redis_url "
@@ -181,6 +190,22 @@ class Settings:
             errgroup_ttl,
             dict(redis_options),
         )
+
+
+def _from_kombu_sentinel(url: Any, options: Any) -> str | None:
+    """Celery's own Sentinel configuration (``sentinel://h1:26379;sentinel://h2:26379`` with
+    ``master_name`` in the transport options) as a ``redis+sentinel://`` URL, or None."""
+    if not isinstance(url, str) or not url.startswith("sentinel://"):
+        return None
+    master = (options or {}).get("master_name")
+    if not master:
+        return None
+    parts = [urlsplit(item) for item in url.split(";") if item.strip()]
+    hosts = ",".join(f"{p.hostname}:{p.port or 26379}" for p in parts)
+    first = parts[0]
+    login = f"{first.username or ''}:{first.password}@" if first.password else ""
+    database = first.path.strip("/") or "0"
+    return f"redis+sentinel://{login}{hosts}/{master}/{database}"
 
 
 def _positive(name: str, value: Any) -> float:
