@@ -71,10 +71,6 @@ class Topology:
         return topology
 
     @property
-    def cluster(self) -> bool:
-        return self.kind == "cluster"
-
-    @property
     def on_event_loop(self) -> bool:
         """Whether the worker's event loop can speak to it directly (plain TCP, one server)."""
         return self.kind == "single" and self.url.startswith("redis://")
