@@ -27,18 +27,18 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[TLSRedis]:
-    server = TLSRedis(tmp_path).start()
-    try:
-        yield server
+    server = TLSRedis(tmp_path)
+    try:  # stopped even when it fails half-way through starting
+        yield server.start()
     finally:
         server.stop()
 
 
 @pytest.fixture
 def sentinel(tmp_path: Path) -> Iterator[SentinelSetup]:
-    setup = SentinelSetup(tmp_path).start()
+    setup = SentinelSetup(tmp_path)
     try:
-        yield setup
+        yield setup.start()
     finally:
         setup.stop()
 
@@ -144,9 +144,9 @@ def test_cap_holds_through_sentinel_and_across_a_failover(workers: Workers, clie
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
-    setup = ClusterSetup(tmp_path).start()
+    setup = ClusterSetup(tmp_path)
     try:
-        yield setup
+        yield setup.start()
     finally:
         setup.stop()
 

@@ -67,7 +67,11 @@ def spawn(cmd: list[str], port: int, log: Path, ready: Callable[[], bool]) -> Pr
         except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
             return False
 
-    wait_until(up, 15, interval=0.05, what=f"{' '.join(cmd[:2])} on port {port}")
+    try:
+        wait_until(up, 15, interval=0.05, what=f"{' '.join(cmd[:2])} on port {port}")
+    except BaseException:
+        process.stop()
+        raise
     return process
 
 
