@@ -125,8 +125,7 @@ class Errgroup:
         )
         result = ErrgroupResult(gid, ids, app=app, body=body)
         if not self.members:
-            store.client.rpush(store.keys(gid).done, "1")
-            store.client.expire(store.keys(gid).done, store.ttl)
+            store.finish_empty(gid)
             if body is not None:
                 body.apply_async(([],))
             return result
@@ -212,7 +211,7 @@ class ErrgroupResult:
 
     def ready(self) -> bool:
         """True once every member has settled."""
-        return bool(store_for(self.app).client.exists(store_for(self.app).keys(self.id).done))
+        return store_for(self.app).done(self.id)
 
     def completed_count(self) -> int:
         """Members settled so far (ok or not)."""
@@ -225,12 +224,8 @@ class ErrgroupResult:
     @property
     def first_error(self) -> Envelope | None:
         """The envelope of the first member to fail, in time; None while none has."""
-        store = store_for(self.app)
-        task_id = store.client.hget(store.keys(self.id).state, "first_error")
-        if task_id is None:
-            return None
-        task_id = task_id.decode() if isinstance(task_id, bytes) else str(task_id)
-        return self._envelope(task_id)
+        task_id = store_for(self.app).first_error(self.id)
+        return None if task_id is None else self._envelope(task_id)
 
     def get(self, timeout: float | None = None) -> list[Envelope]:
         """Wait until every member has settled; their envelopes, in member order.

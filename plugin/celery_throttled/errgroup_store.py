@@ -163,6 +163,23 @@ class GroupStore:
         )
         return int(status), [_text(v) for v in victims]
 
+    def finish_empty(self, gid: str) -> None:
+        """A group of no members is complete as soon as it is registered."""
+        done = self.keys(gid).done
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(done, "1")
+        pipe.expire(done, self.ttl)
+        pipe.execute()
+
+    def done(self, gid: str) -> bool:
+        """Whether every member has settled."""
+        return bool(self.client.exists(self.keys(gid).done))
+
+    def first_error(self, gid: str) -> str | None:
+        """The task id of the first member that did not succeed, if any."""
+        value = self.client.hget(self.keys(gid).state, "first_error")
+        return None if value is None else _text(value)
+
     def state(self, gid: str) -> dict[str, str]:
         raw = self.client.hgetall(self.keys(gid).state)
         return {_text(k): _text(v) for k, v in raw.items()}
@@ -202,12 +219,12 @@ class GroupStore:
         while True:
             left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if left <= 0:
-                return bool(self.client.exists(done))
+                return self.done(gid)
             # whole seconds for servers before 6.0; short waits poll the list instead
             if left >= 1.0:
                 if self.client.brpoplpush(done, done, timeout=1) is not None:
                     return True
-            elif self.client.exists(done):
+            elif self.done(gid):
                 return True
             else:
                 time.sleep(min(left, 0.02))

@@ -46,7 +46,7 @@ from .metrics import Metrics
 from .settings import Settings
 from .settle import fail_without_running, report_lost, settle_deadline, settle_rejected
 from .task import ThrottledTask
-from .topology import mask as _safe
+from .topology import mask
 
 __all__ = ["Gate"]
 
@@ -126,7 +126,7 @@ class Gate:
                 lease_ttl=settings.lease_ttl,
                 callbacks=callbacks,
                 registry=registry(settings.key_prefix),
-                where=_safe(settings.redis_url),
+                where=mask(settings.redis_url),
             )
         else:  # TLS, unix sockets, Sentinel, or a worker without an event loop: two threads
             self.transport = "threads"
@@ -137,7 +137,7 @@ class Gate:
                 worker=self.worker,
                 lease_ttl=settings.lease_ttl,
                 callbacks=callbacks,
-                where=_safe(settings.redis_url),
+                where=mask(settings.redis_url),
             )
         self._lock = threading.Lock()
         self._waiting: dict[tuple[str, str], Held] = {}
@@ -163,7 +163,7 @@ class Gate:
             "celery-throttled: worker %s uses the limiter at %s (prefix %r, lease TTL %.1fs, "
             "through the %s)",
             self.worker,
-            _safe(settings.redis_url),
+            mask(settings.redis_url),
             settings.key_prefix,
             settings.lease_ttl,
             self.transport,

@@ -14,8 +14,7 @@ from urllib.parse import urlsplit
 import redis
 
 from .errors import ConfigurationError
-from .topology import Topology
-from .topology import mask as _safe
+from .topology import Topology, mask
 
 __all__ = ["DEFAULTS", "Settings"]
 
@@ -133,10 +132,10 @@ class Settings:
                 raise ConfigurationError(
                     "celery-throttled needs a Redis for its limiter: set throttle_redis_url "
                     "(CELERY_THROTTLE_REDIS_URL under Django) to a redis:// URL; neither the "
-                    f"broker ({_safe(broker)!r}) nor the result backend ({_safe(backend)!r}) "
+                    f"broker ({mask(broker)!r}) nor the result backend ({mask(backend)!r}) "
                     "is Redis"
                 )
-            logger.info("throttle_redis_url not set: the limiter uses %s", _safe(redis_url))
+            logger.info("throttle_redis_url not set: the limiter uses %s", mask(redis_url))
         if not isinstance(redis_url, str):
             raise ConfigurationError(f"throttle_redis_url must be a URL, got {redis_url!r}")
         redis_options = get("throttle_redis_options") or {}
