@@ -164,6 +164,30 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
         time.sleep(interval)
 
 
+def start_redis_server(port: int, out: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """A redis-server without persistence on a loopback port, once it answers PING."""
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no"],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    client = redis.Redis(port=port)
+
+    def up() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_until(up, 15, f"redis-server on port {port}")
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 @contextlib.contextmanager
 def redis_for_bench() -> Iterator[str]:
     """``REDIS_URL`` if set, else a private redis-server on a free loopback port."""
@@ -172,23 +196,9 @@ def redis_for_bench() -> Iterator[str]:
         yield url
         return
     port = free_port()
-    proc = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    proc = start_redis_server(port)
     try:
-        client = redis.Redis.from_url(url)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_until(up, 15, f"redis-server on port {port}")
-        yield url
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
         try:

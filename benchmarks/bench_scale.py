@@ -20,7 +20,6 @@ Prints a table and writes ``benchmarks/results/bench_scale.json``.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,9 +42,8 @@ from benchmarks.bench_cap import (  # noqa: E402
     environment,
     free_port,
     redis_for_bench,
-    redis_server_binary,
+    start_redis_server,
     table,
-    wait_until,
     write_json,
 )
 
@@ -223,13 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     n, keys = (2000, 200) if args.quick else (10_000, 1000)
     logdir = Path(tempfile.mkdtemp(prefix="bench-scale-logs-"))
     port = free_port()
-    limiter_proc = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    limiter_proc = start_redis_server(port)
     limiter_url = f"redis://127.0.0.1:{port}/0"
     try:
-        wait_until(lambda: _pings(limiter_url), 15, "the limiter's redis-server")
         with redis_for_bench() as url:
             bench = Bench(url, logdir, args.loglevel)
             env = environment(url)
@@ -253,12 +247,6 @@ def main(argv: list[str] | None = None) -> int:
 def _top(by_name: dict[str, int]) -> str:
     return ", ".join(f"{name} {count}" for name, count in list(by_name.items())[:4])
 
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url).ping())
-    except redis.ConnectionError:
-        return False
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from benchmarks.bench_cap import (  # noqa: E402
     child_pids,
     free_port,
     redis_for_bench,
-    redis_server_binary,
+    start_redis_server,
     wait_until,
 )
 
@@ -66,20 +66,7 @@ class LimiterRedis:
 
     def start(self) -> None:
         with (self.logdir / "limiter-redis.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        client = redis.Redis(port=self.port)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_until(up, 15, f"the limiter's redis-server on port {self.port}")
+            self.proc = start_redis_server(self.port, log)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from .conftest import free_port, wait_until
+from .conftest import free_port, stop_process, wait_until
 
 
 def system_redis_server() -> str:
@@ -45,13 +45,7 @@ class Process:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def spawn(cmd: list[str], port: int, log: Path, ready: Callable[[], bool]) -> Process:
