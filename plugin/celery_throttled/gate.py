@@ -24,7 +24,7 @@ import os
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -143,6 +143,8 @@ class Gate:
         self._waiting: dict[tuple[str, str], Held] = {}
         self._running: dict[tuple[str, str], Held] = {}
         self._caps: dict[str, int] = {}
+        #: requests holding or waiting for a slot of each key (held here, not yet released)
+        self._uses: Counter[str] = Counter()
         self._grants: deque[tuple[str, str]] = deque()
         self._drain_scheduled = False
         self._widened = 0
@@ -233,6 +235,7 @@ class Gate:
             self._waiting[(key, held.holder)] = held
             new_key = key not in self._caps
             self._caps[key] = cap
+            self._uses[key] += 1
         if new_key:
             self.limiter.register(key)
         self.limiter.submit(Acquire(key, held.holder, cap))
@@ -359,10 +362,11 @@ class Gate:
             held.released = True
             self._running.pop((held.key, held.holder), None)
             self._waiting.pop((held.key, held.holder), None)
-            if held.key.startswith(ERRGROUP_KEY_PREFIX) and not any(
-                k == held.key for k, _ in (*self._running, *self._waiting)
-            ):
-                self._caps.pop(held.key, None)  # one-off keys must not pile up
+            self._uses[held.key] -= 1
+            if self._uses[held.key] <= 0:
+                del self._uses[held.key]
+                if held.key.startswith(ERRGROUP_KEY_PREFIX):
+                    self._caps.pop(held.key, None)  # one-off keys must not pile up
         self.limiter.submit(Release(held.key, held.holder, held.cap, outcome, held.waited))
         if held.outer is not None:
             self.release(held.outer, outcome)
