@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from celery_throttled.keys import grant_channel
-from celery_throttled.leases import Acquire, Outcome, RedisLeases, Release, Renew
+from celery_throttled.transport.leases import Acquire, Outcome, RedisLeases, Release, Renew
 
 from .conftest import wait_until
 

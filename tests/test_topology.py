@@ -196,7 +196,7 @@ def test_errgroups_and_status_on_a_redis_cluster(workers: Workers, client: Celer
 
 def test_lease_batches_are_pipelined_per_cluster_node(cluster: ClusterSetup, prefix: str):
     from celery_throttled.keys import Family, holder_id
-    from celery_throttled.leases import Acquire, RedisLeases, Release
+    from celery_throttled.transport.leases import Acquire, RedisLeases, Release
 
     # Given a batch of operations on keys whose slots sit on different nodes
     client = Topology.parse(cluster.url).client()

@@ -1,7 +1,8 @@
 """Caller-owned deadlines: normalised to an epoch timestamp that travels in a message header.
 
 ``apply_async(..., deadline=30)`` means thirty seconds from now; ``deadline=<aware datetime>``
-is taken as is. The header ``throttle_deadline`` carries the epoch seconds (JSON number).
+is taken as is. The header ``throttle_deadline`` (:data:`.request.DEADLINE`) carries the epoch
+seconds (JSON number).
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-__all__ = ["HEADER", "absolute"]
-
-HEADER = "throttle_deadline"
+__all__ = ["absolute"]
 
 
 def absolute(task_name: str, deadline: Any) -> float | None:

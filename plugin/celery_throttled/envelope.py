@@ -12,9 +12,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from .errors import ThrottleError
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import (
+    SoftTimeLimitExceeded,
+    TaskRevokedError,
+    Terminated,
+    TimeLimitExceeded,
+)
 
-__all__ = ["KINDS", "Envelope", "ErrorInfo", "TaskError"]
+from .errors import TaskFailed, ThrottleError
+
+__all__ = ["KINDS", "Envelope", "ErrorInfo", "TaskError", "error_for"]
 
 #: Every value ``ErrorInfo.kind`` can take.
 KINDS = (
@@ -92,6 +100,23 @@ class ErrorInfo:
             data.get("traceback"),
             cls.from_json(cause) if isinstance(cause, dict) else None,
         )
+
+
+def error_for(exc: BaseException) -> ErrorInfo:
+    """Classify an exception that reached the backend without passing through the task."""
+    if isinstance(exc, TaskFailed):
+        return ErrorInfo.from_json(exc.error)
+    if isinstance(exc, WorkerLostError):
+        kind = "worker_lost"
+    elif isinstance(exc, TimeLimitExceeded):
+        kind = "hard_timeout"
+    elif isinstance(exc, SoftTimeLimitExceeded):
+        kind = "soft_timeout"
+    elif isinstance(exc, (Terminated, TaskRevokedError)):
+        kind = "revoked"
+    else:
+        kind = "error"
+    return ErrorInfo.from_exception(exc, kind)
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -17,8 +17,9 @@ import redis
 
 from .errors import ConfigurationError, ThrottleError
 from .keys import Family, grant_channel_prefix, node_of, registry, task_of
-from .leases import Scripts
 from .settings import Settings
+from .transport.leases import Scripts
+from .worker.outcomes import report_lost
 
 __all__ = ["Holder", "KeyStatus", "UnknownKey", "inspect", "reset_cap", "set_cap"]
 
@@ -163,8 +164,6 @@ def set_cap(app: Any, key: str, cap: int | None) -> KeyStatus:
     ]
     _, _, reaped = script(family.all(), args)
     if reaped:
-        from .settle import report_lost
-
         report_lost(app, key, [str(h) for h in reaped])
     return _inspect(client, settings, [key])[0]
 

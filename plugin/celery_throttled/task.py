@@ -8,11 +8,14 @@ from typing import Any, TypeVar, overload
 
 from celery import Task, shared_task
 
-from . import deadlines, execution
+from . import deadlines
+from . import request as protocol
 from .context import current_context
 from .errors import ConfigurationError, KeyFunctionError
 from .policies import RetryPolicy, validate_wait
-from .results import EagerEnvelopeResult, EnvelopeResult, envelope_backend
+from .pool import execution
+from .pool.backend import envelope_backend
+from .results import EagerEnvelopeResult, EnvelopeResult
 
 __all__ = ["ThrottledTask", "throttled_task"]
 
@@ -31,7 +34,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
     arguments and returns the key (one cap per value), or ``None`` (the task's name).
     """
 
-    Strategy = "celery_throttled.strategy:throttled"
+    Strategy = "celery_throttled.worker.strategy:throttled"
     throttle_limit: int | None = None
     throttle_key: KeySpec = None
     throttle_max_wait: float | None = None
@@ -40,9 +43,8 @@ class ThrottledTask(Task):  # type: ignore[misc]
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
-        from .strategy import ThrottleConsumerStep
-
-        app.steps["consumer"].add(ThrottleConsumerStep)
+        # by name: Celery's blueprint loads it when the consumer starts, in the worker only
+        app.steps["consumer"].add("celery_throttled.worker.strategy:ThrottleConsumerStep")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request_stack.top
@@ -52,7 +54,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
 
     @property
     def backend(self) -> Any:
-        """Writes go through the envelope backend; see :mod:`celery_throttled.results`."""
+        """Writes go through the envelope backend; see :mod:`celery_throttled.pool.backend`."""
         if self._backend is not None:
             return self._backend
         return envelope_backend(self.app)
@@ -87,9 +89,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         if inherited is not None:
             deadline = inherited if deadline is None else min(deadline, inherited)
         if deadline is not None:
-            headers = dict(options.pop("headers", None) or {})
-            headers["throttle_deadline"] = deadline
-            options["headers"] = headers
+            options["headers"] = protocol.DEADLINE.into(options.pop("headers", None), deadline)
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )
@@ -103,7 +103,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
         eager = EagerEnvelopeResult(
             result.id, result._result, result._state, traceback=result.traceback, name=self.name
         )
-        eager.throttle_envelope = execution.eager_details.pop(result.id, None)
+        protocol.ENVELOPE.set(eager, execution.eager_details.pop(result.id, None))
         return eager
 
     def throttle_key_for(self, args: Any, kwargs: Any) -> str:

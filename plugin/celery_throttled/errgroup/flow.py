@@ -1,7 +1,9 @@
 """How a failure travels through an errgroup, and down to the errgroups its members started.
 
-Called where envelopes are written (:mod:`.results`), so it runs wherever a member settles:
-a pool process, a worker's main process, or the worker that reports a lost one.
+:func:`settled` listens to every envelope written (:mod:`..pool.backend`), so it runs wherever
+a member settles: a pool process, a worker's main process, or the worker that reports a lost
+one. :func:`guard` is asked before each run where the task runs (:mod:`..pool.execution`).
+Both are registered in :mod:`celery_throttled.errgroup`.
 
 * A member settles: the group counts it. The first envelope that is not ok cancels the group;
   this caller writes "cancelled" envelopes for the members that will now never start, sends
@@ -24,18 +26,23 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import signature
-from celery.app.task import Context
+from celery.exceptions import Ignore
 
-from .envelope import ErrorInfo, dotted_name
-from .errgroup_store import STARTED, UNKNOWN, store_for
-from .errors import Cancelled, TaskFailed
+from .. import request as protocol
+from ..context import TaskContext
+from ..envelope import ErrorInfo, dotted_name
+from ..errors import Cancelled, TaskFailed
+from ..pool.backend import envelope_backend
+from ..results import envelope_from_meta
+from .store import ALREADY_SETTLED, CANCELLED, STARTED, UNKNOWN, store_for
 
 __all__ = [
-    "HEADER",
     "cancel_group",
-    "group_of",
+    "guard",
     "member_settled",
+    "never_ran",
     "probe",
+    "settled",
     "start_member",
     "task_failed",
     "write_cancelled",
@@ -43,20 +50,41 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: the message header that makes a task an errgroup member: {"id", "limit", "terminate"}
-HEADER = "throttle_group"
 #: how often a running member asks Redis whether its group was cancelled, at most
 PROBE_INTERVAL = 0.05
 
 
-def group_of(request: Any) -> dict[str, Any] | None:
-    """The errgroup header of a request (or task context), if it is a member."""
-    group = getattr(request, HEADER, None)
-    if group is None and isinstance(getattr(request, "_request_dict", None), dict):
-        group = request._request_dict.get(HEADER)
-    if isinstance(group, dict) and isinstance(group.get("id"), str):
-        return group
-    return None
+def settled(app: Any, request: Any, task_id: str, ok: bool) -> None:
+    """An envelope was written: count an errgroup member, and a throttled task that did not
+    succeed cancels the errgroups it started."""
+    group = protocol.group(request)
+    if group is not None:
+        member_settled(app, group, task_id, ok)
+    if not ok and protocol.info(request):
+        task_failed(app, task_id)
+
+
+def guard(task: Any, request: Any, ctx: TaskContext) -> None:
+    """Before a member runs: record its start, unless its group was cancelled first."""
+    group = protocol.group(request)
+    if group is None:
+        return
+    answer = start_member(task.app, group, request.id)
+    if answer == ALREADY_SETTLED:
+        raise Ignore()  # its group was cancelled and its "cancelled" envelope written
+    if answer == CANCELLED:
+        error = never_ran(task.name, request.id, group["id"], "before it started")
+        raise TaskFailed(error.to_json())
+    ctx._cancel_probe = probe(task.app, group["id"])
+
+
+def never_ran(task_name: str | None, task_id: str | None, gid: str, reason: str) -> ErrorInfo:
+    """The error of a member that will never run: its group was cancelled."""
+    return ErrorInfo(
+        "cancelled",
+        dotted_name(Cancelled),
+        f"task {task_name}[{task_id}] never ran: its errgroup {gid} was cancelled ({reason})",
+    )
 
 
 def member_settled(app: Any, group: dict[str, Any], task_id: str, ok: bool) -> None:
@@ -74,7 +102,7 @@ def member_settled(app: Any, group: dict[str, Any], task_id: str, ok: bool) -> N
     if outcome.errback is not None:
         _send(app, outcome.errback, (_envelope_json(app, task_id),), f"errback of {gid}")
     if outcome.body is not None:
-        backend = _backend(app)
+        backend = envelope_backend(app)
         values = [backend.get_task_meta(member).get("result") for member in store.members(gid)]
         _send(app, outcome.body, (values,), f"body of {gid}")
 
@@ -99,7 +127,7 @@ def task_failed(app: Any, task_id: str) -> None:
 def start_member(app: Any, group: dict[str, Any], task_id: str) -> int:
     """A member begins to run: record it, unless its group was cancelled first.
 
-    Returns :data:`.errgroup_store.STARTED` (run it), ``ALREADY_SETTLED`` (do not run, write
+    Returns :data:`.store.STARTED` (run it), ``ALREADY_SETTLED`` (do not run, write
     nothing) or ``CANCELLED`` (do not run; settle it as cancelled). Without Redis, or for a
     group Redis no longer knows, it runs (with a warning).
     """
@@ -148,14 +176,9 @@ def write_cancelled(
     app: Any, group: dict[str, Any], task_id: str, task_name: str | None, reason: str
 ) -> None:
     """Settle a member that will never run as "cancelled"."""
-    error = ErrorInfo(
-        "cancelled",
-        dotted_name(Cancelled),
-        f"task {task_name}[{task_id}] never ran: its errgroup {group['id']} was cancelled "
-        f"({reason})",
-    )
-    request = Context(id=task_id, task=task_name, **{HEADER: group})
-    _backend(app).mark_as_failure(task_id, TaskFailed(error.to_json()), request=request)
+    error = never_ran(task_name, task_id, group["id"], reason)
+    request = protocol.context(task_id, task=task_name, group=group)
+    envelope_backend(app).mark_as_failure(task_id, TaskFailed(error.to_json()), request=request)
 
 
 def _after_cancel(app: Any, gid: str, victims: list[str], reason: str) -> None:
@@ -182,12 +205,5 @@ def _send(app: Any, sig: dict[str, Any], args: tuple[Any, ...], what: str) -> No
 
 
 def _envelope_json(app: Any, task_id: str) -> dict[str, Any]:
-    from .results import envelope_from_meta
-
-    return envelope_from_meta(_backend(app).get_task_meta(task_id), task_id, None).to_json()
-
-
-def _backend(app: Any) -> Any:
-    from .results import envelope_backend
-
-    return envelope_backend(app)
+    meta = envelope_backend(app).get_task_meta(task_id)
+    return envelope_from_meta(meta, task_id, None).to_json()

@@ -10,8 +10,8 @@ The first member whose envelope is not ok cancels the group: members that have n
 never start and settle as "cancelled"; running ones see ``current_context().cancelled`` (and
 with ``terminate=True`` on prefork they are stopped). The body (``errgroup(...) | body``) runs
 once, only when every member succeeded; the errback (``.on_error(sig)``) runs once, with the
-first envelope that is not ok. State lives in Redis (:mod:`.errgroup_store`); failures travel
-through :mod:`.cancellation`.
+first envelope that is not ok. State lives in Redis (:mod:`.store`); failures travel
+through :mod:`.flow`.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ from celery.canvas import Signature
 from celery.exceptions import NotRegistered
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
-from .cancellation import HEADER, cancel_group
-from .context import current_context
-from .envelope import Envelope, ErrorInfo, dotted_name
-from .errgroup_store import store_for
-from .errors import Cancelled, ConfigurationError
-from .results import EnvelopeResult, envelope_from_meta
-from .task import ThrottledTask
+from .. import request as protocol
+from ..context import current_context
+from ..envelope import Envelope
+from ..errors import ConfigurationError
+from ..results import EnvelopeResult, envelope_from_meta
+from ..task import ThrottledTask
+from .flow import cancel_group, never_ran
+from .store import store_for
 
 __all__ = ["EagerErrgroupResult", "Errgroup", "ErrgroupResult", "errgroup"]
 
@@ -138,7 +139,7 @@ class Errgroup:
             with app.producer_or_acquire(options.pop("producer", None)) as producer:
                 for task_id, sig in zip(ids, self.members, strict=True):
                     headers = {**(sig.options.get("headers") or {}), **options.get("headers", {})}
-                    headers[HEADER] = header
+                    headers = protocol.GROUP.into(headers, header)
                     member_options = {**options, "headers": headers}
                     if deadline is not None:
                         member_options["deadline"] = deadline
@@ -161,11 +162,8 @@ class Errgroup:
                 envelope = sig.apply(task_id=task_id, **options).get()
                 first = None if envelope.ok else envelope
             else:
-                message = (
-                    f"task {sig.task}[{task_id}] never ran: its errgroup {gid} was cancelled "
-                    f"(member {first.task_id} did not succeed)"
-                )
-                error = ErrorInfo("cancelled", dotted_name(Cancelled), message)
+                reason = f"member {first.task_id} did not succeed"
+                error = never_ran(sig.task, task_id, gid, reason)
                 envelope = Envelope(ok=False, error=error, task_id=task_id, task_name=sig.task)
             envelopes.append(envelope)
         body = None

@@ -3,7 +3,7 @@
 The data path, all on the worker's main process::
 
     message -> strategy -> Gate.route -> (limit set?) -> Gate.submit: hold, unacknowledged
-            -> Acquire (hub.py on the event loop, or limiter.py's threads) -> granted now,
+            -> Acquire (the transport: on the event loop, or two threads) -> granted now,
                or later by a release anywhere in the cluster
             -> Gate._admit on the event loop -> the pool runs the task
             -> on_success / on_failure / hard timeout / revoke / cancel -> Gate.release
@@ -18,7 +18,6 @@ redelivery timeout could make it run twice.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import threading
@@ -31,22 +30,20 @@ from typing import Any
 
 import redis
 from celery.worker import state as worker_state
-from redis.connection import parse_url
 
-from .cancellation import group_of, write_cancelled
-from .deadlines import HEADER
+from .. import request as protocol
+from .. import transport
+from ..errgroup.flow import write_cancelled
+from ..errgroup.store import GroupStore
+from ..errors import KeyFunctionError
+from ..keys import ERRGROUP_KEY_PREFIX, holder_id
+from ..metrics import Metrics
+from ..settings import Settings
+from ..task import ThrottledTask
+from ..topology import mask
+from ..transport.leases import Acquire, RedisLeases, Release, Renew
 from .endpaths import hook_end_paths
-from .errgroup_store import GroupStore
-from .errors import KeyFunctionError
-from .hub import HubLimiter
-from .keys import ERRGROUP_KEY_PREFIX, errgroup_channel, grant_channel, holder_id, registry
-from .leases import Acquire, RedisLeases, Release, Renew
-from .limiter import Callbacks, Limiter
-from .metrics import Metrics
-from .settings import Settings
-from .settle import fail_without_running, report_lost, settle_deadline, settle_rejected
-from .task import ThrottledTask
-from .topology import mask
+from .outcomes import deadline_passed, never_runs, rejected, report_lost
 
 __all__ = ["Gate"]
 
@@ -91,10 +88,10 @@ class Gate:
 
     @classmethod
     def for_consumer(cls, consumer: Any) -> Gate:
-        gate: Gate | None = getattr(consumer, "_throttle_gate", None)
+        gate: Gate | None = protocol.GATE.get(consumer)
         if gate is None:
             gate = cls(consumer)
-            consumer._throttle_gate = gate
+            protocol.GATE.set(consumer, gate)
         return gate
 
     def __init__(self, consumer: Any) -> None:
@@ -106,39 +103,18 @@ class Gate:
             socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
         )
         self.store = RedisLeases(client, settings.key_prefix, settings.lease_ttl, self.worker)
-        self.limiter: Limiter | HubLimiter
         self.groups = GroupStore(client, settings.key_prefix, settings.errgroup_ttl)
-        callbacks = Callbacks(
+        callbacks = transport.Callbacks(
             self.snapshot, self.granted, self.lost, self.waiting, self.group_cancelled
         )
-        if consumer.hub is not None and settings.topology.on_event_loop:
-            params = parse_url(settings.redis_url)  # type: ignore[no-untyped-call]
-            self.transport = "event loop"
-            self.limiter = HubLimiter(
-                hub=consumer.hub,
-                codec=self.store.codec,
-                sync_store=self.store,
-                params=params,
-                channels=(
-                    grant_channel(settings.key_prefix, self.worker),
-                    errgroup_channel(settings.key_prefix),
-                ),
-                lease_ttl=settings.lease_ttl,
-                callbacks=callbacks,
-                registry=registry(settings.key_prefix),
-                where=mask(settings.redis_url),
-            )
-        else:  # TLS, unix sockets, Sentinel, or a worker without an event loop: two threads
-            self.transport = "threads"
-            self.limiter = Limiter(
-                store=self.store,
-                client=client,
-                prefix=settings.key_prefix,
-                worker=self.worker,
-                lease_ttl=settings.lease_ttl,
-                callbacks=callbacks,
-                where=mask(settings.redis_url),
-            )
+        self.transport = transport.build(
+            settings,
+            hub=consumer.hub,
+            store=self.store,
+            client=client,
+            worker=self.worker,
+            callbacks=callbacks,
+        )
         self._lock = threading.Lock()
         self._waiting: dict[tuple[str, str], Held] = {}
         self._running: dict[tuple[str, str], Held] = {}
@@ -158,9 +134,6 @@ class Gate:
         self._dispatch: Callable[[Any], Any] = consumer.on_task_request
         consumer.on_task_request = self.route
         self._loop_thread = threading.get_ident()
-        if isinstance(self.limiter, Limiter):
-            self.limiter.start()
-        atexit.register(self.limiter.stop)
         logger.info(
             "celery-throttled: worker %s uses the limiter at %s (prefix %r, lease TTL %.1fs, "
             "through the %s)",
@@ -168,21 +141,21 @@ class Gate:
             mask(settings.redis_url),
             settings.key_prefix,
             settings.lease_ttl,
-            self.transport,
+            self.transport.name,
         )
 
     # -- the event loop side -----------------------------------------------------------------
     def route(self, req: Any) -> Any:
         """Replaces ``consumer.on_task_request``: every request path (direct, ETA, rate limit)."""
         task = req.task
-        if not isinstance(task, ThrottledTask) or getattr(req, "_throttle_admitted", False):
+        if not isinstance(task, ThrottledTask) or protocol.ADMITTED.get(req):
             return self._dispatch(req)
-        req._request_dict["throttle"] = {"pool": self.pool_kind}
+        protocol.INFO.set(req, {"pool": self.pool_kind})
         if _deadline_passed(req):
-            settle_deadline(req, "while it was queued")
+            deadline_passed(req, "while it was queued")
             return None
         limit = task.throttle_limit
-        group = group_of(req)
+        group = protocol.group(req)
         if group is not None and group.get("limit"):
             # an errgroup's own limit first, then the task's cap (always in that order)
             return self.submit(
@@ -195,13 +168,13 @@ class Gate:
         return self.submit(req, limit)
 
     def _run(self, req: Any) -> Any:
-        deadline = req._request_dict.get(HEADER)
+        deadline = protocol.deadline(req)
         if deadline is not None:  # the time left acts as the soft time limit
             hard, soft = req.time_limits
-            left = max(float(deadline) - time.time(), 0.001)
+            left = max(deadline - time.time(), 0.001)
             soft = soft or req.task.soft_time_limit
             req.time_limits = (hard, left if soft is None else min(soft, left))
-        req._throttle_admitted = True
+        protocol.ADMITTED.set(req, True)
         return self._dispatch(req)
 
     def submit(
@@ -221,9 +194,9 @@ class Gate:
                 logger.error("%s", exc)
                 if outer is not None:
                     self.release(outer)
-                fail_without_running(req, exc)
+                never_runs(req, exc)
                 return
-            req._request_dict["throttle"]["key"] = key
+            protocol.info(req)["key"] = key
         holder = holder_id(self.worker, req.id)
         held = Held(req, key, cap, holder)
         held.outer, held.next_cap = outer, then
@@ -237,8 +210,8 @@ class Gate:
             self._caps[key] = cap
             self._uses[key] += 1
         if new_key:
-            self.limiter.register(key)
-        self.limiter.submit(Acquire(key, held.holder, cap))
+            self.transport.register(key)
+        self.transport.submit(Acquire(key, held.holder, cap))
 
     def waiting(self, key: str, holder: str) -> None:
         """No slot for ``holder`` right now: it waits, so widen the prefetch window by one.
@@ -246,7 +219,7 @@ class Gate:
         Only requests that really wait widen it: an uncontended acquire costs no QoS change.
         """
         if threading.get_ident() != self._loop_thread:
-            self._on_loop(self.waiting, key, holder)  # from the threaded limiter
+            self._on_loop(self.waiting, key, holder)  # from the threaded transport
             return
         with self._lock:
             held = self._waiting.get((key, holder))
@@ -296,7 +269,7 @@ class Gate:
         elif not running:
             # Granted to a request this worker no longer holds (revoked, handed back,
             # or dropped on reconnect): give the slot straight back.
-            self.limiter.submit(Release(key, holder, cap))
+            self.transport.submit(Release(key, holder, cap))
 
     def _admit(self, held: Held) -> None:
         self._unwiden(held)
@@ -309,7 +282,7 @@ class Gate:
             return
         if _deadline_passed(req):
             self.release(held)
-            settle_deadline(req, f"while it waited for a slot of {held.key!r}")
+            deadline_passed(req, f"while it waited for a slot of {held.key!r}")
             return
         if held.next_cap is not None:  # the errgroup's slot is ours: now the task's own cap
             with self._lock:
@@ -322,11 +295,11 @@ class Gate:
         held.waited = held.admitted_at - held.since
         if self.metrics is not None:
             self.metrics.admitted(held.key, held.waited)
-        req._request_dict["throttle"]["waited"] = held.waited
+        protocol.info(req)["waited"] = held.waited
         with self._lock:
             self._running[(held.key, held.holder)] = held
         hook_end_paths(req, lambda outcome: self.release(held, outcome))
-        req._throttle_slot = True
+        protocol.SLOT.set(req, True)
         self._run(req)
         self._jump_pool_queue(req)
 
@@ -367,7 +340,7 @@ class Gate:
                 del self._uses[held.key]
                 if held.key.startswith(ERRGROUP_KEY_PREFIX):
                     self._caps.pop(held.key, None)  # one-off keys must not pile up
-        self.limiter.submit(Release(held.key, held.holder, held.cap, outcome, held.waited))
+        self.transport.submit(Release(held.key, held.holder, held.cap, outcome, held.waited))
         if held.outer is not None:
             self.release(held.outer, outcome)
         if self.metrics is not None:
@@ -393,7 +366,7 @@ class Gate:
             elif _deadline_passed(req):
                 self._unwiden(held)
                 self.release(held)
-                settle_deadline(req, f"while it waited for a slot of {held.key!r}")
+                deadline_passed(req, f"while it waited for a slot of {held.key!r}")
             elif req.task.throttle_max_wait is not None and (
                 now - held.since >= req.task.throttle_max_wait
             ):
@@ -423,7 +396,7 @@ class Gate:
         it is not yet (the canceller may have died). The member records its own start when it
         begins to run (:func:`.cancellation.start_member`).
         """
-        group = group_of(req)
+        group = protocol.group(req)
         if group is None:
             return True
         try:
@@ -456,9 +429,9 @@ class Gate:
         running = [
             req
             for req in list(worker_state.active_requests)
-            if getattr(req, "_throttle_admitted", False)
+            if protocol.ADMITTED.get(req)
             and req.time_start
-            and (group := group_of(req)) is not None
+            and (group := protocol.group(req)) is not None
             and group["id"] == gid
             and group.get("terminate")
         ]
@@ -475,8 +448,9 @@ class Gate:
                 req.id,
                 gid,
             )
-            req._context.throttle_cancelled = (
-                f"task {req.name}[{req.id}] was stopped: its errgroup {gid} was cancelled"
+            protocol.CANCELLED.set(
+                req._context,
+                f"task {req.name}[{req.id}] was stopped: its errgroup {gid} was cancelled",
             )
             req.terminate(self.consumer.pool, signal="SIGTERM")
 
@@ -501,7 +475,7 @@ class Gate:
         """The wait policy refuses ``held`` a slot: it settles as ``rejected`` without running."""
         self._unwiden(held)
         self.release(held, "rejected")
-        settle_rejected(held.req, reason)
+        rejected(held.req, reason)
 
     def _give_back(self, held: Held, requeue: bool = False) -> None:
         self.release(held)
@@ -519,8 +493,7 @@ class Gate:
     def start(self) -> None:
         self._closed = False
         self._loop_thread = threading.get_ident()
-        if isinstance(self.limiter, HubLimiter):
-            self.limiter.start()
+        self.transport.start()
         if self._sweeper is None:
             self._sweeper = self.consumer.timer.call_repeatedly(
                 self.settings.sweep_interval,
@@ -544,14 +517,13 @@ class Gate:
         if self._sweeper is not None:
             self.consumer.timer.cancel(self._sweeper)
             self._sweeper = None
-        if isinstance(self.limiter, HubLimiter):
-            self.limiter.suspend()
+        self.transport.suspend()
 
     def close(self) -> None:
         self._closed = True
         self.stop()
 
-    # -- the limiter side ------------------------------------------------------------------------
+    # -- the transport side -----------------------------------------------------------------------
     def snapshot(self) -> list[Renew]:
         by_key: dict[str, tuple[list[str], list[str]]] = {}
         with self._lock:
@@ -596,7 +568,7 @@ class Gate:
 
 
 def _group_id(req: Any) -> str | None:
-    group = group_of(req)
+    group = protocol.group(req)
     return None if group is None else str(group["id"])
 
 
@@ -610,12 +582,12 @@ def _expired(req: Any) -> bool:
 
 def _holds_slot(entry: Any) -> bool:
     args: tuple[Any, ...] = entry[1] if len(entry) > 1 else ()
-    return bool(args) and bool(getattr(args[0], "_throttle_slot", False))
+    return bool(args) and protocol.SLOT.get(args[0])
 
 
 def _deadline_passed(req: Any) -> bool:
-    deadline = req._request_dict.get(HEADER)
-    return deadline is not None and time.time() >= float(deadline)
+    deadline = protocol.deadline(req)
+    return deadline is not None and time.time() >= deadline
 
 
 def _pool_kind(pool: Any) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from celery import bootsteps
 from celery.worker.strategy import default
 
+from .. import request as protocol
 from .gate import Gate
 
 __all__ = ["ThrottleConsumerStep", "throttled"]
@@ -30,16 +31,16 @@ class ThrottleConsumerStep(bootsteps.StartStopStep):  # type: ignore[misc]
     label = "Throttle"
 
     def start(self, c: Any) -> None:
-        gate = getattr(c, "_throttle_gate", None)
+        gate = protocol.GATE.get(c)
         if gate is not None:
             gate.start()
 
     def stop(self, c: Any) -> None:
-        gate = getattr(c, "_throttle_gate", None)
+        gate = protocol.GATE.get(c)
         if gate is not None:
             gate.stop()
 
     def shutdown(self, c: Any) -> None:
-        gate = getattr(c, "_throttle_gate", None)
+        gate = protocol.GATE.get(c)
         if gate is not None:
             gate.close()

@@ -12,22 +12,21 @@ from typing import Any
 
 from billiard.exceptions import WorkerLostError
 from celery import states
-from celery.app.task import Context
 from celery.worker import state as worker_state
 
-from .cancellation import HEADER
-from .envelope import ErrorInfo, dotted_name
-from .errgroup_store import store_for
-from .errors import DeadlineExceeded, Rejected, TaskFailed
-from .keys import node_of, task_of
-from .results import envelope_backend
+from .. import request as protocol
+from ..envelope import ErrorInfo, dotted_name
+from ..errgroup.store import store_for
+from ..errors import DeadlineExceeded, Rejected, TaskFailed
+from ..keys import node_of, task_of
+from ..pool.backend import envelope_backend
 
-__all__ = ["fail_without_running", "report_lost", "settle_deadline", "settle_rejected"]
+__all__ = ["deadline_passed", "never_runs", "rejected", "report_lost"]
 
 logger = logging.getLogger(__name__)
 
 
-def fail_without_running(req: Any, exc: Exception) -> None:
+def never_runs(req: Any, exc: Exception) -> None:
     """Record a failure for a request that will not run, and let its message go."""
     try:
         req.task.backend.mark_as_failure(
@@ -42,22 +41,22 @@ def fail_without_running(req: Any, exc: Exception) -> None:
         req.acknowledge()
 
 
-def settle_deadline(req: Any, where: str) -> None:
+def deadline_passed(req: Any, where: str) -> None:
     error = ErrorInfo(
         "deadline",
         dotted_name(DeadlineExceeded),
         f"task {req.name}[{req.id}] passed its deadline {where}; it did not run",
     )
     logger.info("celery-throttled: %s", error.message)
-    fail_without_running(req, TaskFailed(error.to_json()))
+    never_runs(req, TaskFailed(error.to_json()))
 
 
-def settle_rejected(req: Any, reason: str) -> None:
+def rejected(req: Any, reason: str) -> None:
     error = ErrorInfo(
         "rejected", dotted_name(Rejected), f"task {req.name}[{req.id}] was rejected: {reason}"
     )
     logger.info("celery-throttled: %s", error.message)
-    fail_without_running(req, TaskFailed(error.to_json()))
+    never_runs(req, TaskFailed(error.to_json()))
 
 
 def report_lost(app: Any, key: str, holders: list[str]) -> None:
@@ -75,8 +74,12 @@ def report_lost(app: Any, key: str, holders: list[str]) -> None:
                 worker,
             )
             gid = store_for(app).group_of(task_id)  # an errgroup member counts for its group
-            extra = {} if gid is None else {HEADER: {"id": gid}}
-            request = Context(id=task_id, throttle={"key": key}, hostname=worker, **extra)
+            request = protocol.context(
+                task_id,
+                hostname=worker,
+                throttle={"key": key},
+                group=None if gid is None else {"id": gid},
+            )
             exc = WorkerLostError(
                 f"the worker running it ({worker}) stopped renewing its lease of "
                 f"{key!r} and is presumed dead"

@@ -15,7 +15,7 @@ waiter elsewhere is published on that worker's channel.
 
 The scripts live in ``lua/`` with a KEYS/ARGV/returns header each; ``grant.lua`` is shared.
 This module turns operations into script calls and replies into :class:`Outcome`; the
-transports (a redis-py pipeline here, the event loop's own connection in :mod:`.hub`) only
+transports (a redis-py pipeline here, the event loop's own connection in :mod:`.eventloop`) only
 move bytes.
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from .keys import Family, grant_channel_prefix
+from ..keys import Family, grant_channel_prefix
 
 __all__ = ["Acquire", "Outcome", "RedisLeases", "Release", "Renew", "Scripts"]
 
@@ -93,7 +93,7 @@ class Scripts:
     @staticmethod
     @cache
     def get(name: str) -> Script:
-        lua = resources.files(__package__).joinpath("lua")
+        lua = resources.files("celery_throttled").joinpath("lua")
         source = lua.joinpath("grant.lua").read_text() + "\n" + lua.joinpath(name).read_text()
         return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 

@@ -12,7 +12,8 @@ Had member 7 run eg_start at t0.5 instead, eg_settle would not have listed it: i
 it sees ``current_context().cancelled`` and settles itself. Either way every member gets exactly one
 envelope, and the group completes when the settled set reaches ``n``.
 
-Key names are in :mod:`.keys`; the scripts in ``lua/eg_*.lua``, with ``eg_lib.lua`` prepended.
+Key names are in :mod:`celery_throttled.keys`; the scripts in ``errgroup/lua/eg_*.lua``, with
+``eg_lib.lua`` prepended.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from .keys import (
+from ..keys import (
     ERRGROUP_KEY_PREFIX,
     Family,
     GroupKeys,
@@ -38,7 +39,7 @@ from .keys import (
     group_of_task,
     task_groups,
 )
-from .settings import Settings
+from ..settings import Settings
 
 __all__ = ["GroupStore", "Settled", "store_for"]
 

@@ -29,19 +29,20 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .leases import Acquire, Codec, Op, RedisLeases, Renew, Scripts
-from .limiter import (
+from .base import (
     REGISTRY_BATCH,
     REGISTRY_RETENTION,
     REGISTRY_WINDOW,
     Callbacks,
     Outage,
+    Transport,
     foreign_keys,
     report_restored,
 )
+from .leases import Acquire, Codec, Op, RedisLeases, Renew, Scripts
 from .resp import Parser, ReplyError, pack
 
-__all__ = ["HubLimiter"]
+__all__ = ["EventLoopTransport"]
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +212,10 @@ class _Connection:
             sock.close()
 
 
-class HubLimiter:
-    """The event-loop transport; same contract as :class:`~.limiter.Limiter`."""
+class EventLoopTransport(Transport):
+    """The event-loop transport; same contract as :class:`~.threads.ThreadedTransport`."""
+
+    name = "event loop"
 
     def __init__(
         self,

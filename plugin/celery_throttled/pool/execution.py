@@ -2,7 +2,8 @@
 
 :func:`run` wraps ``Task.__call__`` for throttled tasks:
 
-1. enter the task's :class:`~.context.TaskContext` (deadline, cancellation);
+1. ask the :data:`guards` whether it may run (an errgroup member whose group was cancelled may
+   not), then enter the task's :class:`~.context.TaskContext` (deadline, cancellation);
 2. on pools without Celery's own time limits (threads, solo) arm the watchdog;
 3. run the task;
 4. check that the value is encodable by the result serializer and under
@@ -22,6 +23,7 @@ import logging
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -30,13 +32,13 @@ from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, Time
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps
 
-from . import cancellation, context
-from .envelope import ErrorInfo, dotted_name, utc_from_timestamp
-from .errgroup_store import ALREADY_SETTLED, CANCELLED
-from .errors import Cancelled, DeadlineExceeded, ResultTooLarge, TaskFailed, Unserializable
+from .. import context
+from .. import request as protocol
+from ..envelope import ErrorInfo, utc_from_timestamp
+from ..errors import Cancelled, DeadlineExceeded, ResultTooLarge, TaskFailed, Unserializable
 from .timeouts import watchdog
 
-__all__ = ["run"]
+__all__ = ["Guard", "guards", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +49,20 @@ _NATIVE_TIME_LIMITS = {"prefork", "processes"}
 DEFAULT_MAX_RESULT_BYTES = 16 * 1024 * 1024
 _DEADLINE_SLACK = 0.1  # a soft limit armed for the deadline may fire a little early
 
+#: ``guard(task, request, ctx)``, asked before each run: it may raise ``Ignore`` (drop the run,
+#: write nothing) or ``TaskFailed`` (settle it with that error without running), or arm ``ctx``
+Guard = Callable[[Any, Any, context.TaskContext], None]
+#: registered in one place, :mod:`celery_throttled.errgroup`
+guards: list[Guard] = []
+
 
 def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     request = task.request
-    info: dict[str, Any] = getattr(request, "throttle", None) or {}
-    deadline = getattr(request, "throttle_deadline", None)
+    info = protocol.info(request)
+    deadline = protocol.deadline(request)
     ctx = context.TaskContext(task_id=request.id, deadline=deadline)
-    group = cancellation.group_of(request)
-    if group is not None:
-        answer = cancellation.start_member(task.app, group, request.id)
-        if answer == ALREADY_SETTLED:
-            raise Ignore()  # its group was cancelled and its "cancelled" envelope written
-        if answer == CANCELLED:
-            raise TaskFailed(_never_ran(task, request, group).to_json())
-        ctx._cancel_probe = cancellation.probe(task.app, group["id"])
+    for guard in guards:
+        guard(task, request, ctx)
     started = time.time()
     details: dict[str, Any] = {
         "task_name": task.name,
@@ -70,7 +72,7 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         "waited": info.get("waited"),
         "started_at": _iso(started),
     }
-    request.throttle_envelope = details
+    protocol.ENVELOPE.set(request, details)
     if getattr(request, "is_eager", False):
         eager_details[request.id] = details
     timer = None
@@ -107,15 +109,6 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     if timer is not None and timer.hard_fired:
         raise Ignore()
     return value
-
-
-def _never_ran(task: Any, request: Any, group: dict[str, Any]) -> ErrorInfo:
-    return ErrorInfo(
-        "cancelled",
-        dotted_name(Cancelled),
-        f"task {task.name}[{request.id}] never ran: its errgroup {group['id']} was cancelled "
-        "before it started",
-    )
 
 
 def _degrade(
