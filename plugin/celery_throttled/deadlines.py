@@ -11,9 +11,10 @@ import time
 from datetime import datetime
 from typing import Any
 
+from . import request as protocol
 from .errors import ConfigurationError
 
-__all__ = ["absolute"]
+__all__ = ["absolute", "passed", "soft_limit"]
 
 
 def absolute(task_name: str, deadline: Any) -> float | None:
@@ -32,3 +33,16 @@ def absolute(task_name: str, deadline: Any) -> float | None:
             f"datetime, got {deadline!r}"
         )
     return time.time() + float(deadline)
+
+
+def passed(request: Any) -> bool:
+    """Whether the request's deadline, if it has one, has passed."""
+    deadline = protocol.deadline(request)
+    return deadline is not None and time.time() >= deadline
+
+
+def soft_limit(soft: float | None, deadline: float, now: float) -> float:
+    """The soft time limit of a run that must end by ``deadline``: the time left, or ``soft``
+    when that comes sooner."""
+    left = max(deadline - now, 0.001)
+    return left if soft is None else min(soft, left)

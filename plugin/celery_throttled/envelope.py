@@ -20,9 +20,9 @@ from celery.exceptions import (
     TimeLimitExceeded,
 )
 
-from .errors import TaskFailed, ThrottleError
+from .errors import Cancelled, DeadlineExceeded, TaskFailed, ThrottleError, Unserializable
 
-__all__ = ["KINDS", "Envelope", "ErrorInfo", "TaskError", "error_for"]
+__all__ = ["KINDS", "Envelope", "ErrorInfo", "TaskError", "error_for", "kind_of"]
 
 #: Every value ``ErrorInfo.kind`` can take.
 KINDS = (
@@ -102,21 +102,42 @@ class ErrorInfo:
         )
 
 
+#: the kind of an exception wherever it is seen, first match wins
+_KINDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    (DeadlineExceeded, "deadline"),
+    (Cancelled, "cancelled"),
+    (Unserializable, "unserializable"),
+    (SoftTimeLimitExceeded, "soft_timeout"),
+)
+#: and of those Celery reports about a run from outside it; raised inside a task's body they
+#: come from elsewhere (a child's result, say) and are plain errors of this run
+_OUTSIDE_KINDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    (WorkerLostError, "worker_lost"),
+    (TimeLimitExceeded, "hard_timeout"),
+    ((Terminated, TaskRevokedError), "revoked"),
+)
+
+
+def kind_of(exc: BaseException, *, late: bool = False, outside: bool = False) -> str:
+    """The envelope kind of ``exc``. ``late``: the caller's deadline has passed, so a soft time
+    limit means the deadline. ``outside``: Celery reports ``exc`` about the run (a lost process,
+    a time limit, a revoke) rather than the task's body raising it."""
+    if isinstance(exc, TaskFailed):
+        return str(exc.error.get("kind", "error"))
+    if late and isinstance(exc, SoftTimeLimitExceeded):
+        return "deadline"
+    for types, kind in (*_KINDS, *(_OUTSIDE_KINDS if outside else ())):
+        if isinstance(exc, types):
+            return kind
+    return "error"
+
+
 def error_for(exc: BaseException) -> ErrorInfo:
-    """Classify an exception that reached the backend without passing through the task."""
+    """The error of an exception that reached the backend without passing through the task's
+    own run: a :class:`~.errors.TaskFailed` carries its finished error, others are classified."""
     if isinstance(exc, TaskFailed):
         return ErrorInfo.from_json(exc.error)
-    if isinstance(exc, WorkerLostError):
-        kind = "worker_lost"
-    elif isinstance(exc, TimeLimitExceeded):
-        kind = "hard_timeout"
-    elif isinstance(exc, SoftTimeLimitExceeded):
-        kind = "soft_timeout"
-    elif isinstance(exc, (Terminated, TaskRevokedError)):
-        kind = "revoked"
-    else:
-        kind = "error"
-    return ErrorInfo.from_exception(exc, kind)
+    return ErrorInfo.from_exception(exc, kind_of(exc, outside=True))
 
 
 def _iso(moment: datetime | None) -> str | None:

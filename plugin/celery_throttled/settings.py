@@ -16,7 +16,7 @@ import redis
 from .errors import ConfigurationError
 from .topology import Topology, mask
 
-__all__ = ["DEFAULTS", "Settings"]
+__all__ = ["DEFAULTS", "Settings", "read_max_result_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +107,7 @@ class Settings:
         conf = app.conf
 
         def get(name: str) -> Any:
-            value = conf.get(name)
-            if value is None:
-                value = conf.get(name.upper())
-            return DEFAULTS[name][0] if value is None else value
+            return _read(conf, name)
 
         redis_url = get("throttle_redis_url")
         if redis_url is None:
@@ -160,11 +157,7 @@ class Settings:
         if isinstance(max_held, bool) or not isinstance(max_held, int) or max_held < 0:
             raise ConfigurationError(f"throttle_max_held must be an integer >= 0, got {max_held!r}")
         sweep = _positive("throttle_sweep_interval", get("throttle_sweep_interval"))
-        max_result = get("throttle_max_result_bytes")
-        if isinstance(max_result, bool) or not isinstance(max_result, int) or max_result < 1:
-            raise ConfigurationError(
-                f"throttle_max_result_bytes must be a positive integer, got {max_result!r}"
-            )
+        max_result = read_max_result_bytes(conf)
         port = get("throttle_metrics_port")
         if port is not None and (
             isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
@@ -189,6 +182,25 @@ class Settings:
             errgroup_ttl,
             dict(redis_options),
         )
+
+
+def _read(conf: Any, name: str) -> Any:
+    """A setting as configured (Django's upper-case spelling too), else its default."""
+    value = conf.get(name)
+    if value is None:
+        value = conf.get(name.upper())
+    return DEFAULTS[name][0] if value is None else value
+
+
+def read_max_result_bytes(conf: Any) -> int:
+    """``throttle_max_result_bytes``, validated: read alone where the task runs, which needs
+    no other setting (and no Redis)."""
+    value = _read(conf, "throttle_max_result_bytes")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"throttle_max_result_bytes must be a positive integer, got {value!r}"
+        )
+    return value
 
 
 def _from_kombu_sentinel(url: Any, options: Any) -> str | None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from ..pool import backend, execution
 from . import flow
-from .api import EagerErrgroupResult, Errgroup, ErrgroupResult, errgroup
+from .api import Errgroup, errgroup
+from .result import EagerErrgroupResult, ErrgroupResult
 
 __all__ = ["EagerErrgroupResult", "Errgroup", "ErrgroupResult", "errgroup"]
 

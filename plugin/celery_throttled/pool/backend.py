@@ -32,7 +32,7 @@ from .. import request as protocol
 from ..envelope import ErrorInfo, dotted_name, error_for
 from ..errors import Cancelled, TaskFailed
 
-__all__ = ["EnvelopeBackendMixin", "envelope_backend", "settled_listeners"]
+__all__ = ["EnvelopeBackendMixin", "details_of", "envelope_backend", "settled_listeners"]
 
 logger = logging.getLogger(__name__)
 _local = threading.local()
@@ -103,7 +103,7 @@ class EnvelopeBackendMixin:
         error = error_for(exc)
         if request is not None:
             protocol.SETTLED.set(request, True)
-            details = dict(protocol.ENVELOPE.get(request) or _details(request))
+            details = dict(protocol.ENVELOPE.get(request) or details_of(request))
             details["error"] = error.to_json()
             details["ok"] = False
             protocol.ENVELOPE.set(request, details)
@@ -144,11 +144,11 @@ def _settled(backend: Any, request: Any, task_id: str, ok: bool) -> None:
             )
 
 
-def _details(request: Any) -> dict[str, Any]:
-    """Envelope details known from the request alone (failures outside the task's own run)."""
+def details_of(request: Any, task_name: str | None = None) -> dict[str, Any]:
+    """The envelope's details known from the request alone; its run adds its times."""
     throttle = protocol.info(request)
     return {
-        "task_name": getattr(request, "task", None),
+        "task_name": task_name or getattr(request, "task", None),
         "key": throttle.get("key"),
         "worker": getattr(request, "hostname", None),
         "attempts": int(getattr(request, "retries", 0) or 0) + 1,

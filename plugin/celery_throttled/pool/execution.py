@@ -28,14 +28,16 @@ from decimal import Decimal
 from typing import Any
 
 from billiard.common import terminate_handler_fired
-from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, TimeLimitExceeded
 from kombu.exceptions import EncodeError
 from kombu.serialization import dumps
 
-from .. import context
+from .. import context, deadlines
 from .. import request as protocol
-from ..envelope import ErrorInfo, utc_from_timestamp
-from ..errors import Cancelled, DeadlineExceeded, ResultTooLarge, TaskFailed, Unserializable
+from ..envelope import ErrorInfo, kind_of, utc_from_timestamp
+from ..errors import Cancelled, ResultTooLarge, TaskFailed, Unserializable
+from ..settings import read_max_result_bytes
+from .backend import details_of
 from .timeouts import watchdog
 
 __all__ = ["Guard", "guards", "run"]
@@ -46,7 +48,6 @@ _PASS_THROUGH = (Retry, Ignore, Reject)
 #: envelope details of eager runs, picked up by ``ThrottledTask.apply`` on the same thread
 eager_details: dict[str, dict[str, Any]] = {}
 _NATIVE_TIME_LIMITS = {"prefork", "processes"}
-DEFAULT_MAX_RESULT_BYTES = 16 * 1024 * 1024
 _DEADLINE_SLACK = 0.1  # a soft limit armed for the deadline may fire a little early
 
 #: ``guard(task, request, ctx)``, asked before each run: it may raise ``Ignore`` (drop the run,
@@ -64,14 +65,8 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     for guard in guards:
         guard(task, request, ctx)
     started = time.time()
-    details: dict[str, Any] = {
-        "task_name": task.name,
-        "key": info.get("key"),
-        "worker": getattr(request, "hostname", None),
-        "attempts": int(getattr(request, "retries", 0) or 0) + 1,
-        "waited": info.get("waited"),
-        "started_at": _iso(started),
-    }
+    details = details_of(request, task.name)
+    details["started_at"] = _iso(started)
     protocol.ENVELOPE.set(request, details)
     if getattr(request, "is_eager", False):
         eager_details[request.id] = details
@@ -139,18 +134,9 @@ def _degrade(
 
 
 def _kind(exc: BaseException, ctx: context.TaskContext) -> str:
-    if isinstance(exc, TaskFailed):
-        return str(exc.error.get("kind", "error"))
-    if isinstance(exc, DeadlineExceeded):
-        return "deadline"
-    if isinstance(exc, Cancelled):
-        return "cancelled"
-    if isinstance(exc, SoftTimeLimitExceeded):
-        late = ctx.deadline is not None and time.time() >= ctx.deadline - _DEADLINE_SLACK
-        return "deadline" if late else "soft_timeout"
-    if isinstance(exc, Unserializable):
-        return "unserializable"
-    return "error"
+    """The kind of what the task raised; a soft time limit at the deadline means the deadline."""
+    late = ctx.deadline is not None and time.time() >= ctx.deadline - _DEADLINE_SLACK
+    return kind_of(exc, late=late)
 
 
 def _check_result(task: Any, value: Any) -> None:
@@ -186,8 +172,7 @@ def _result_rules(app: Any) -> tuple[str, int]:
     path would otherwise pay two Celery settings lookups per task)."""
     rules = _rules.get(app)
     if rules is None:
-        limit = app.conf.get("throttle_max_result_bytes") or DEFAULT_MAX_RESULT_BYTES
-        rules = _rules[app] = (app.conf.result_serializer, int(limit))
+        rules = _rules[app] = (app.conf.result_serializer, read_max_result_bytes(app.conf))
     return rules
 
 
@@ -204,8 +189,7 @@ def _limits(
     soft = soft or task.soft_time_limit
     hard = hard or task.time_limit
     if deadline is not None:
-        left = max(deadline - started, 0.001)
-        soft = left if soft is None else min(soft, left)
+        soft = deadlines.soft_limit(soft, deadline, started)
     return soft, hard
 
 

@@ -10,6 +10,7 @@ scripts and their codec are in :mod:`.leases`.
 from __future__ import annotations
 
 import atexit
+import logging
 from typing import Any
 
 import redis
@@ -25,17 +26,19 @@ from .threads import ThreadedTransport
 
 __all__ = ["Callbacks", "Transport", "build"]
 
+logger = logging.getLogger(__name__)
+
 
 def build(
     settings: Settings,
-    *,
     hub: Any,
     store: RedisLeases,
     client: redis.Redis,
     worker: str,
     callbacks: Callbacks,
 ) -> Transport:
-    """The transport for this worker; stopped (its queue sent) when the process exits."""
+    """The transport for this worker (``hub``: its event loop, or None); stopped, its queue
+    sent, when the process exits."""
     transport: Transport
     if hub is not None and settings.topology.on_event_loop:
         transport = EventLoopTransport(
@@ -63,4 +66,13 @@ def build(
             where=mask(settings.redis_url),
         )
     atexit.register(transport.stop)
+    logger.info(
+        "celery-throttled: worker %s uses the limiter at %s (prefix %r, lease TTL %.1fs, "
+        "through the %s)",
+        worker,
+        mask(settings.redis_url),
+        settings.key_prefix,
+        settings.lease_ttl,
+        transport.name,
+    )
     return transport

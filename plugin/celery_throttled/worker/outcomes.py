@@ -8,6 +8,7 @@ request leaves the worker's bookkeeping, so nothing submitted is silently lost.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from billiard.exceptions import WorkerLostError
@@ -21,7 +22,7 @@ from ..errors import DeadlineExceeded, Rejected, TaskFailed
 from ..keys import node_of, task_of
 from ..pool.backend import envelope_backend
 
-__all__ = ["deadline_passed", "never_runs", "rejected", "report_lost"]
+__all__ = ["deadline_passed", "never_runs", "rejected", "report_lost", "report_lost_soon"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,16 @@ def rejected(req: Any, reason: str) -> None:
     never_runs(req, TaskFailed(error.to_json()))
 
 
+def report_lost_soon(app: Any, key: str, holders: list[str]) -> None:
+    """:func:`report_lost` on a thread of its own (it reads and writes the result backend)."""
+    threading.Thread(
+        target=report_lost, args=(app, key, holders), name="throttle-lost", daemon=True
+    ).start()
+
+
 def report_lost(app: Any, key: str, holders: list[str]) -> None:
+    """Each task whose lease of ``key`` expired and that has no envelope yet gets a
+    ``worker_lost`` one."""
     backend = envelope_backend(app)
     for holder in holders:
         task_id, worker = task_of(holder), node_of(holder)

@@ -1,0 +1,144 @@
+"""The worker's waiting lines: every request it holds for a slot or runs under a lease.
+
+A request is *held* from its acquire until its release; in between it is *waiting* (in line for
+a slot, its message unacknowledged) and then *running* (admitted to the pool, its lease renewed).
+Each is filed under ``(key, holder)``; an errgroup member is filed twice in a row, under its
+group's own limit and then under its task's cap. Thread-safe: the transport's threads read the
+lines to renew the leases.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from ..keys import ERRGROUP_KEY_PREFIX
+from ..transport.leases import Renew
+
+__all__ = ["Held", "Lines"]
+
+
+class Held:
+    """One request this worker holds or runs under a lease."""
+
+    __slots__ = (
+        "admitted_at",
+        "cap",
+        "holder",
+        "key",
+        "next_cap",
+        "outer",
+        "released",
+        "req",
+        "since",
+        "waited",
+        "widened",
+    )
+
+    def __init__(self, req: Any, key: str, cap: int, holder: str) -> None:
+        self.req = req
+        self.key = key
+        self.cap = cap
+        self.holder = holder
+        self.since = time.monotonic()
+        self.widened = False
+        self.released = False
+        self.waited: float | None = None
+        self.admitted_at: float | None = None
+        #: the slot held while this one is waited for (an errgroup's own limit)
+        self.outer: Held | None = None
+        #: once this slot is granted, the task's own cap to wait for next
+        self.next_cap: int | None = None
+
+
+class Lines:
+    """The requests one worker holds, by ``(key, holder)``, and each key's declared cap."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[str, str], Held] = {}
+        self._running: dict[tuple[str, str], Held] = {}
+        self._caps: dict[str, int] = {}
+        #: requests holding or waiting for a slot of each key (held here, not yet released)
+        self._uses: Counter[str] = Counter()
+
+    def join(self, held: Held) -> bool:
+        """``held`` waits in line (its holder made unique here); True for a key new here."""
+        key, holder = held.key, held.holder
+        with self._lock:
+            n = 1
+            while (key, held.holder) in self._waiting or (key, held.holder) in self._running:
+                n += 1
+                held.holder = f"{holder}#{n}"
+            self._waiting[(key, held.holder)] = held
+            new_key = key not in self._caps
+            self._caps[key] = held.cap
+            self._uses[key] += 1
+        return new_key
+
+    def granted(self, key: str, holder: str) -> tuple[Held | None, bool, int]:
+        """The waiting request granted this slot, leaving the line (None if there is none);
+        whether the holder already runs here; the key's cap."""
+        with self._lock:
+            held = self._waiting.pop((key, holder), None)
+            return held, (key, holder) in self._running, self._caps.get(key, 1)
+
+    def waiter(self, key: str, holder: str) -> Held | None:
+        with self._lock:
+            return self._waiting.get((key, holder))
+
+    def run(self, held: Held) -> None:
+        """``held`` holds its slot now."""
+        with self._lock:
+            self._running[(held.key, held.holder)] = held
+
+    def leave(self, held: Held) -> bool:
+        """``held`` gives its slot or its place back; False when it already did."""
+        with self._lock:
+            if held.released:
+                return False
+            held.released = True
+            self._running.pop((held.key, held.holder), None)
+            self._waiting.pop((held.key, held.holder), None)
+            self._uses[held.key] -= 1
+            if self._uses[held.key] <= 0:
+                del self._uses[held.key]
+                if held.key.startswith(ERRGROUP_KEY_PREFIX):
+                    self._caps.pop(held.key, None)  # one-off keys must not pile up
+        return True
+
+    def waiting(self) -> list[Held]:
+        with self._lock:
+            return list(self._waiting.values())
+
+    def running_holders(self, key: str) -> set[str]:
+        with self._lock:
+            return {h for (k, h) in self._running if k == key}
+
+    def renewals(self) -> list[Renew]:
+        """One renewal per key: its running and waiting holders here."""
+        by_key: dict[str, tuple[list[str], list[str]]] = {}
+        with self._lock:
+            for key, holder in self._running:
+                by_key.setdefault(key, ([], []))[0].append(holder)
+            for key, holder in self._waiting:
+                by_key.setdefault(key, ([], []))[1].append(holder)
+            caps = dict(self._caps)
+        return [Renew(key, caps.get(key, 1), run, wait) for key, (run, wait) in by_key.items()]
+
+    def counts(self) -> dict[str, tuple[int, int, int]]:
+        """Per key: declared cap, running here, waiting here (for the metrics gauges)."""
+        with self._lock:
+            out = {key: [cap, 0, 0] for key, cap in self._caps.items()}
+            for key, _ in self._running:
+                out.setdefault(key, [0, 0, 0])[1] += 1
+            for key, _ in self._waiting:
+                out.setdefault(key, [0, 0, 0])[2] += 1
+        # one series per errgroup would grow without bound: errgroups' own limits are left out
+        return {
+            key: (c, r, w)
+            for key, (c, r, w) in out.items()
+            if not key.startswith(ERRGROUP_KEY_PREFIX)
+        }
