@@ -136,6 +136,24 @@ def test_public_api_matches_the_readme():
     assert documented == set(celery_throttled.__all__)
 
 
+def test_readme_describes_every_module_and_the_enforced_layers():
+    """Given the package's modules and the layers lint-imports enforces (pyproject.toml),
+    When the README's "How it works" is read,
+    Then its table names every module and its layers are those: a module added or moved, or a
+    layer changed, without the README following, fails here."""
+    how = README.split("## How it works", 1)[1].split("\n## ", 1)[0]
+    package = Path(celery_throttled.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        module = path.relative_to(package).as_posix()
+        if module.endswith("/__init__.py"):
+            module = module.removesuffix("__init__.py")  # a subpackage has a row of its own
+        assert f"`{module}`" in how, module
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    layers = re.findall(r'"([^"]+)"', pyproject.split("layers = [", 1)[1].split("]", 1)[0])
+    drawn = " ".join(how.split("lint-imports", 1)[1].split("```", 2)[1].split())
+    assert drawn == " > ".join(layers)
+
+
 def test_ci_runs_the_readme_test_command_verbatim():
     first_lines = [line.strip() for line in README.splitlines()[:2]]
     assert all(line.startswith("python3 -m venv .venv && ") for line in first_lines)
