@@ -343,6 +343,13 @@ def nest(labels: list[str], seconds: float = 30.0) -> list[Any]:
     while not child.ready():
         ctx.check()
         time.sleep(0.02)
+    if child.cancelled:
+        # cancelled from above: this run's own cancellation is on its way (the context asks
+        # Redis at most every 50 ms, so the child may settle first)
+        deadline = time.monotonic() + 2.0
+        while not ctx.cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ctx.check()
     return child.unwrap()
 
 
