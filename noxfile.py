@@ -31,6 +31,7 @@ SUBSET = [
     "tests/test_api.py::test_eager_mode_runs_inline",
     "tests/test_cap.py::test_cap_holds_across_two_workers[prefork+prefork]",
     "tests/test_envelope.py::test_envelope_details_and_chained_cause",
+    "tests/test_testing_plugin.py::test_the_probe_sees_the_cap_hold_and_real_overlap[threads]",
 ]
 #: what the subset needs beside the package (the suite's fixtures use only these)
 SUBSET_DEPS = ["pytest>=8", "pytest-timeout>=2.3"]

@@ -3,7 +3,7 @@
     python .ci/check_dist.py DIST_DIR
 
 The wheel must hold every Lua script and ``py.typed`` of ``plugin/celery_throttled``, the
-license, the ``celery.commands`` entry point, and metadata naming the version
+license, the ``celery.commands`` and ``pytest11`` entry points, and metadata naming the version
 written in ``celery_throttled/__init__.py``. The sdist must hold every file git tracks under the
 folders it ships (the package, the tests, the demo, the docs), the README, the changelog and the
 license, and nothing built or recorded (bytecode, benchmark results, a Redis dump).
@@ -58,7 +58,7 @@ def check_wheel(wheel: Path, ver: str) -> None:
     check(lua and lua <= names, f"the wheel holds the {len(lua)} Lua scripts")
     check("celery_throttled/py.typed" in names, "the wheel holds py.typed")
     check(f"{info}/licenses/LICENSE" in names, "the wheel holds the license")
-    modules = package_files("*.py")
+    modules = package_files("*.py") | {"pytest_celery_throttled.py"}
     check(modules <= names, f"the wheel holds the {len(modules)} modules")
     check(metadata["Version"] == ver, f"the wheel's version is {ver}")
     check(metadata["Requires-Python"] == ">=3.10", "the wheel requires Python 3.10+")
@@ -67,6 +67,8 @@ def check_wheel(wheel: Path, ver: str) -> None:
           "the long description is the README, as Markdown")
     check("[celery.commands]\nthrottle = celery_throttled.cli:throttle" in entry_points,
           "the wheel registers `celery throttle`")
+    check("[pytest11]\ncelery_throttled = pytest_celery_throttled" in entry_points
+          and "pytest_celery_throttled.py" in names, "the wheel registers its pytest plugin")
     stray = sorted(n for n in names if any(bad in n for bad in NEVER) or n.startswith("tests/"))
     check(not stray, f"the wheel holds nothing built or of the tests {stray[:5]}")
 
