@@ -162,7 +162,9 @@ class Envelope:
 
     ``waited`` is the time spent waiting for a slot, ``runtime`` the time spent running, both
     in seconds; ``started_at`` and ``finished_at`` are aware UTC datetimes (``None`` when the
-    task never started). ``attempts`` counts runs, retries included.
+    task never started). ``attempts`` counts runs, retries included. ``trace_id`` is the
+    OpenTelemetry trace of its wait for a slot (32 hex digits; :mod:`celery_throttled.tracing`),
+    or ``None``.
     """
 
     ok: bool
@@ -178,6 +180,7 @@ class Envelope:
     runtime: float | None = None
     waited: float | None = None
     degraded: bool = False
+    trace_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def unwrap(self) -> Any:
@@ -201,6 +204,7 @@ class Envelope:
             "runtime": self.runtime,
             "waited": self.waited,
             "degraded": self.degraded,
+            "trace_id": self.trace_id,
         }
 
     @classmethod
@@ -220,6 +224,7 @@ class Envelope:
             runtime=data.get("runtime"),
             waited=data.get("waited"),
             degraded=bool(data.get("degraded", False)),
+            trace_id=data.get("trace_id"),
         )
 
 

@@ -30,3 +30,11 @@ def wide(seconds: float) -> float:
 @throttled_task(limit=2, key="plugin-api", name="plugin.fails")
 def fails(message: str) -> None:
     raise LookupError(message)
+
+
+@throttled_task(limit=2, key="plugin-api", name="plugin.modules")
+def modules(prefix: str) -> list[str]:
+    """The modules this process has imported whose names start with ``prefix``."""
+    import sys
+
+    return sorted(m for m in sys.modules if m == prefix or m.startswith(prefix + "."))

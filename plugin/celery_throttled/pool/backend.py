@@ -153,6 +153,7 @@ def details_of(request: Any, task_name: str | None = None) -> dict[str, Any]:
         "worker": getattr(request, "hostname", None),
         "attempts": int(getattr(request, "retries", 0) or 0) + 1,
         "waited": throttle.get("waited"),
+        "trace_id": throttle.get("trace_id"),
     }
 
 

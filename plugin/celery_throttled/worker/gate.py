@@ -24,7 +24,7 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from .. import deadlines, transport
+from .. import deadlines, tracing, transport
 from .. import request as protocol
 from ..errgroup.members import Members
 from ..errgroup.store import GroupStore
@@ -145,6 +145,7 @@ class Gate:
             protocol.info(req)["key"] = key
         held = Held(req, key, cap, holder_id(self.worker, req.id))
         held.outer, held.next_cap = outer, then
+        held.wait = tracing.wait_started(req, key, cap)
         if self.lines.join(held):
             self.transport.register(key)
         self.transport.submit(Acquire(key, held.holder, cap))
@@ -199,14 +200,15 @@ class Gate:
         self._run(req)
         poolqueue.jump(self.consumer, req)
 
-    def release(self, held: Held, outcome: str = "") -> None:
+    def release(self, held: Held, outcome: str = "", wait: str = "") -> None:
         """Give the slot (or the place in line) back, and the errgroup's slot held with it.
 
         Idempotent; called from any thread. ``outcome`` ("done", "failed", "retried") is counted
-        per key for ``celery throttle``.
+        per key for ``celery throttle``; ``wait`` says why a wait ended unadmitted (tracing).
         """
         if not self.lines.leave(held):
             return
+        tracing.wait_released(held.wait, wait or outcome, held.req)
         self.transport.submit(Release(held.key, held.holder, held.cap, outcome, held.waited))
         if held.outer is not None:
             self.release(held.outer, outcome)
@@ -240,7 +242,7 @@ class Gate:
 
     def _drop(self, held: Held) -> None:
         self.window.narrow(held)
-        self.release(held)
+        self.release(held, wait="cancelled")
 
     def _reject(self, held: Held, reason: str) -> None:
         """The wait policy refuses ``held`` a slot: it settles as ``rejected`` without running."""
@@ -249,7 +251,7 @@ class Gate:
         outcomes.rejected(held.req, reason)
 
     def _give_back(self, held: Held, requeue: bool = False) -> None:
-        self.release(held)
+        self.release(held, wait="handed_back")
         worker_state.task_ready(held.req)
         if requeue:
             held.req.reject(requeue=True)

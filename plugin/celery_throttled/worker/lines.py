@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any
 
 from ..keys import ERRGROUP_KEY_PREFIX
+from ..tracing import Wait, wait_ended
 from ..transport.leases import Renew
 
 __all__ = ["Held", "Lines"]
@@ -33,6 +34,7 @@ class Held:
         "released",
         "req",
         "since",
+        "wait",
         "waited",
         "widened",
     )
@@ -51,6 +53,8 @@ class Held:
         self.outer: Held | None = None
         #: once this slot is granted, the task's own cap to wait for next
         self.next_cap: int | None = None
+        #: the wait's trace span (:mod:`celery_throttled.tracing`), None without OpenTelemetry
+        self.wait: Wait | None = None
 
 
 class Lines:
@@ -90,9 +94,10 @@ class Lines:
             return self._waiting.get((key, holder))
 
     def run(self, held: Held) -> None:
-        """``held`` holds its slot now."""
+        """``held`` holds its slot now: its wait ended, admitted."""
         with self._lock:
             self._running[(held.key, held.holder)] = held
+        wait_ended(held.wait, "admitted", held.waited)
 
     def leave(self, held: Held) -> bool:
         """``held`` gives its slot or its place back; False when it already did."""
