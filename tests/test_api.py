@@ -1,4 +1,5 @@
-"""The public API without workers: validation, eager mode, settings, and the README's promises."""
+"""The public API without workers: validation, eager mode, settings, and the promises of the
+README and of the documentation pages it links (docs/)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from celery_throttled.settings import DEFAULTS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+SETTINGS_PAGE = "docs/reference/settings.md"
+API_PAGE = "docs/reference/api.md"
+API_TABLE = "docs/_snippets/api_table.md"  # included into the API page
+HOW_PAGE = "docs/reference/how-it-works.md"
 
 
 @pytest.mark.parametrize("limit", [0, -1, True, False, 1.5, "5", [5]])
@@ -125,23 +131,33 @@ def test_django_style_namespaced_settings_are_read():
     assert settings.redis_url == "redis://broker:6379/0"
 
 
-def test_every_setting_is_documented_in_the_readme():
+def test_the_readme_links_the_reference_pages():
+    """Given the README, when its links are read, then it links the settings, API and How it
+    works pages that the tests below hold to the code (and they exist), and the API page
+    includes the table: a reference that moved or that the README stopped linking fails here."""
+    for page in (SETTINGS_PAGE, API_PAGE, HOW_PAGE):
+        assert f"]({page})" in README, page
+        assert (ROOT / page).is_file(), page
+    assert "_snippets/api_table.md" in (ROOT / API_PAGE).read_text()
+
+
+def test_every_setting_is_documented_in_the_settings_page():
+    table = (ROOT / SETTINGS_PAGE).read_text()
     for name in DEFAULTS:
-        assert f"`{name}`" in README, name
+        assert f"| `{name}` |" in table, name
 
 
-def test_public_api_matches_the_readme():
-    documented = set(re.findall(r"^\| `(\w+)", README.split("## API", 1)[1].split("##", 1)[0],
-                                re.MULTILINE))
+def test_public_api_matches_the_api_page():
+    documented = set(re.findall(r"^\| `(\w+)", (ROOT / API_TABLE).read_text(), re.MULTILINE))
     assert documented == set(celery_throttled.__all__)
 
 
-def test_readme_describes_every_module_and_the_enforced_layers():
+def test_the_docs_describe_every_module_and_the_enforced_layers():
     """Given the package's modules and the layers lint-imports enforces (pyproject.toml),
-    When the README's "How it works" is read,
+    When the "How it works" page is read,
     Then its table names every module and its layers are those: a module added or moved, or a
-    layer changed, without the README following, fails here."""
-    how = README.split("## How it works", 1)[1].split("\n## ", 1)[0]
+    layer changed, without the page following, fails here."""
+    how = (ROOT / HOW_PAGE).read_text()
     package = Path(celery_throttled.__file__).parent
     for path in sorted(package.rglob("*.py")):
         module = path.relative_to(package).as_posix()

@@ -20,12 +20,13 @@ __all__ = ["DEFAULTS", "Settings", "read_max_result_bytes"]
 
 logger = logging.getLogger(__name__)
 
-#: name -> (default, meaning). The README's settings table mirrors this.
+#: name -> (default, meaning). The settings page (docs/reference/settings.md) mirrors this.
 DEFAULTS: dict[str, tuple[Any, str]] = {
     "throttle_redis_url": (
         None,
         "Redis for the limiter: redis://, rediss:// (TLS), unix://, redis+sentinel://, "
-        "rediss+sentinel://, redis+cluster:// or rediss+cluster:// (see the README). Default: "
+        "rediss+sentinel://, redis+cluster:// or rediss+cluster:// (see docs/guide/redis.md). "
+        "Default: "
         "the broker URL when it is Redis (or Celery's sentinel:// with master_name), else the "
         "result backend when it is; otherwise the worker refuses to start.",
     ),
