@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from celery_throttled.keys import Family, registry
-from celery_throttled.leases import Acquire, RedisLeases, Release, Renew
+from celery_throttled.transport.leases import Acquire, RedisLeases, Release, Renew
 
 from .conftest import RedisServer, wait_until
 from .transports import (

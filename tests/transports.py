@@ -22,11 +22,12 @@ import redis
 from kombu.asynchronous import Hub
 from redis.connection import parse_url
 
-from celery_throttled.hub import HubLimiter
 from celery_throttled.keys import errgroup_channel, grant_channel, holder_id, registry
-from celery_throttled.leases import Acquire, RedisLeases, Release, Renew
-from celery_throttled.limiter import Callbacks, Limiter
 from celery_throttled.topology import Topology, mask
+from celery_throttled.transport.base import Callbacks
+from celery_throttled.transport.eventloop import EventLoopTransport
+from celery_throttled.transport.leases import Acquire, RedisLeases, Release, Renew
+from celery_throttled.transport.threads import ThreadedTransport
 
 from .conftest import wait_until
 
@@ -183,12 +184,14 @@ def open_transport(kind: str, loop: Loop, url: str, prefix: str, side: Side, lea
     client = topology.client(socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
     store = RedisLeases(client, prefix, lease_ttl, side.worker)
     if kind == "threads":
-        transport: Any = Limiter(store=store, client=client, prefix=prefix, worker=side.worker,
-                                 lease_ttl=lease_ttl, callbacks=side.callbacks(), where=mask(url))
+        transport: Any = ThreadedTransport(
+            store=store, client=client, prefix=prefix, worker=side.worker, lease_ttl=lease_ttl,
+            callbacks=side.callbacks(), where=mask(url),
+        )
         side.transport = transport
         transport.start()
         return Opened(kind, transport, None)
-    transport = HubLimiter(
+    transport = EventLoopTransport(
         hub=loop.hub, codec=store.codec, sync_store=store,
         params=parse_url(url),  # type: ignore[no-untyped-call]
         channels=(grant_channel(prefix, side.worker), errgroup_channel(prefix)),
