@@ -182,8 +182,7 @@ def test_renewals_restore_vanished_leases_and_find_missed_grants(open_side: Open
     assert side.messages == messages
 
 
-def test_acquires_wait_out_the_grace_after_a_restart(open_side: Open, server, probe, prefix,
-                                                     request):
+def test_acquires_wait_out_the_grace_after_a_restart(open_side: Open, server, probe, prefix):
     """Given a cap of 2 held by a task here and one of another worker, and a lease TTL of 3 s
     (grace: 1 s), when Redis restarts empty while this worker asks for a slot (once during the
     outage, once after), then its first renewal puts its own running lease back at once, but
@@ -192,8 +191,6 @@ def test_acquires_wait_out_the_grace_after_a_restart(open_side: Open, server, pr
     it, and only its release grants the slot. Catches: a transport that sends acquires, or
     renews waiters (which grants them), to a restarted Redis before the other workers' running
     tasks are counted again: the cap would be exceeded."""
-    request.applymarker(pytest.mark.xfail(strict=True, reason="renewals re-enqueue waiters "
-                                          "during the grace, which grants them"))
     side = open_side(lease_ttl=3.0)
     other = other_worker(server, prefix, lease_ttl=3.0)
     assert other.execute([Acquire("k", "other/1/abc t", 2)])[0].granted
@@ -239,15 +236,11 @@ def test_an_expired_foreign_lease_is_reported_lost_exactly_once(open_side: Open,
     assert members(probe, Family.of(prefix, "k").holders) == set()
 
 
-def test_redis_options_apply_to_every_connection(open_side: Open, kind, server, probe, prefix,
-                                                 request):
+def test_redis_options_apply_to_every_connection(open_side: Open, server, probe, prefix):
     """Given throttle_redis_options with a client name, an ACL user's credentials and TCP
     keepalive settings, then every connection the transport opens carries the name, logs in as
     that user and has keepalive on with that idle time, and leases work. Catches: a transport
     that builds a connection of its own from the URL alone."""
-    if kind == "eventloop":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the event loop's connections "
-                                              "are built from the URL alone"))
     probe.acl_setuser("limiter", enabled=True, passwords=["+s3cret"], keys=["*"],
                       channels=["*"], commands=["+@all"])
     options = {"client_name": "throttle-contract", "username": "limiter", "password": "s3cret",

@@ -4,7 +4,8 @@
 * :class:`Side`: one worker's holders as its gate keeps them (running, waiting, per key), the
   snapshot renewals are built from, and everything the transport reported back (grants, waits,
   lost holders, pub/sub messages), with waits that poll under a deadline.
-* :func:`open_transport`: a transport of either kind, built the way the worker builds it.
+* :func:`open_transport`: a transport of either kind, built by ``transport.build`` as the
+  worker builds it (the event-loop kind checks that it did not fall back to threads).
 """
 
 from __future__ import annotations
@@ -19,19 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from celery import Celery
 from kombu.asynchronous import Hub
-from redis.connection import parse_url
 
-from celery_throttled.keys import errgroup_channel, grant_channel, holder_id, registry
-from celery_throttled.topology import Topology, mask
-from celery_throttled.transport.base import Callbacks
-from celery_throttled.transport.eventloop import EventLoopTransport
-from celery_throttled.transport.leases import Acquire, RedisLeases, Release, Renew
-from celery_throttled.transport.threads import ThreadedTransport
+from celery_throttled.keys import grant_channel, holder_id
+from celery_throttled.settings import Settings
+from celery_throttled.transport import Callbacks, build
+from celery_throttled.transport.leases import Acquire, Release, Renew
 
 from .conftest import wait_until
 
 KINDS = ("eventloop", "threads")
+NAMES = {"eventloop": "event loop", "threads": "threads"}
 
 
 class Loop:
@@ -180,27 +180,18 @@ class Opened:
 def open_transport(kind: str, loop: Loop, url: str, prefix: str, side: Side, lease_ttl: float,
                    options: dict[str, Any] | None = None) -> Opened:
     """A transport of ``kind`` for ``side``, started, built as the worker builds it."""
-    topology = Topology.parse(url, options)
-    client = topology.client(socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
-    store = RedisLeases(client, prefix, lease_ttl, side.worker)
-    if kind == "threads":
-        transport: Any = ThreadedTransport(
-            store=store, client=client, prefix=prefix, worker=side.worker, lease_ttl=lease_ttl,
-            callbacks=side.callbacks(), where=mask(url),
-        )
-        side.transport = transport
-        transport.start()
-        return Opened(kind, transport, None)
-    transport = EventLoopTransport(
-        hub=loop.hub, codec=store.codec, sync_store=store,
-        params=parse_url(url),  # type: ignore[no-untyped-call]
-        channels=(grant_channel(prefix, side.worker), errgroup_channel(prefix)),
-        lease_ttl=lease_ttl, callbacks=side.callbacks(), registry=registry(prefix),
-        where=mask(url),
-    )
+    app = Celery(set_as_current=False)
+    app.conf.update(throttle_redis_url=url, throttle_key_prefix=prefix,
+                    throttle_lease_ttl=lease_ttl, throttle_redis_options=options)
+    transport = build(Settings.from_app(app), hub=loop.hub if kind == "eventloop" else None,
+                      worker=side.worker, callbacks=side.callbacks())
+    assert transport.name == NAMES[kind]
     side.transport = transport
-    loop.call(transport.start)
-    return Opened(kind, transport, loop)
+    if kind == "eventloop":
+        loop.call(transport.start)
+        return Opened(kind, transport, loop)
+    transport.start()
+    return Opened(kind, transport, None)
 
 
 def ready(side: Side, probe: redis.Redis, prefix: str) -> None:

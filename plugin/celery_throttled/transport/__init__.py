@@ -1,10 +1,11 @@
 """The lease transport: how one worker's lease operations reach Redis and its grants come back.
 
-:func:`build` chooses the implementation. The event loop (:mod:`.eventloop`) when the worker
-runs kombu's hub and the limiter's Redis is a plain TCP server; otherwise (TLS, unix sockets,
-Sentinel, Cluster, or a worker without an event loop) two threads (:mod:`.threads`). Both
-implement :class:`~.base.Transport` and report through :class:`~.base.Callbacks`; the lease
-scripts and their codec are in :mod:`.leases`.
+:func:`build` chooses the implementation: the event loop (:mod:`.eventloop`) when the worker
+runs kombu's hub, the limiter's Redis is a plain TCP server and the event loop can honour every
+``throttle_redis_options``; otherwise (TLS, unix sockets, Sentinel, Cluster, such options, or a
+worker without an event loop) two threads (:mod:`.threads`). Both implement
+:class:`~.base.Transport`, which decides what is sent when, and report through
+:class:`~.reports.Callbacks`; the lease scripts and their codec are in :mod:`.leases`.
 """
 
 from __future__ import annotations
@@ -13,58 +14,64 @@ import atexit
 import logging
 from typing import Any
 
-import redis
-from redis.connection import parse_url
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from ..keys import errgroup_channel, grant_channel, registry
 from ..settings import Settings
 from ..topology import mask
-from .base import Callbacks, Transport
+from .base import Transport
+from .connection import unsupported
 from .eventloop import EventLoopTransport
-from .leases import RedisLeases
+from .reports import Callbacks
 from .threads import ThreadedTransport
 
-__all__ = ["Callbacks", "Transport", "build"]
+__all__ = ["CONNECTION", "Callbacks", "Transport", "build"]
 
 logger = logging.getLogger(__name__)
 
+#: the transports' connection settings, unless ``throttle_redis_options`` says otherwise
+CONNECTION: dict[str, Any] = {
+    "socket_timeout": 5.0,
+    "socket_connect_timeout": 2.0,
+    "health_check_interval": 10,
+}
 
-def build(
-    settings: Settings,
-    hub: Any,
-    store: RedisLeases,
-    client: redis.Redis,
-    worker: str,
-    callbacks: Callbacks,
-) -> Transport:
-    """The transport for this worker (``hub``: its event loop, or None); stopped, its queue
-    sent, when the process exits."""
-    transport: Transport
-    if hub is not None and settings.topology.on_event_loop:
-        transport = EventLoopTransport(
-            hub=hub,
-            codec=store.codec,
-            sync_store=store,
-            params=parse_url(settings.redis_url),  # type: ignore[no-untyped-call]
-            channels=(
-                grant_channel(settings.key_prefix, worker),
-                errgroup_channel(settings.key_prefix),
-            ),
-            lease_ttl=settings.lease_ttl,
-            callbacks=callbacks,
-            registry=registry(settings.key_prefix),
-            where=mask(settings.redis_url),
-        )
-    else:
-        transport = ThreadedTransport(
-            store=store,
-            client=client,
-            prefix=settings.key_prefix,
-            worker=worker,
-            lease_ttl=settings.lease_ttl,
-            callbacks=callbacks,
-            where=mask(settings.redis_url),
-        )
+
+def build(settings: Settings, *, hub: Any, worker: str, callbacks: Callbacks) -> Transport:
+    """The transport for this worker; stopped (its queue sent) when the process exits."""
+    topology = settings.topology
+    options = {**CONNECTION, **settings.redis_options}
+    common: dict[str, Any] = {
+        "prefix": settings.key_prefix,
+        "worker": worker,
+        "lease_ttl": settings.lease_ttl,
+        "callbacks": callbacks,
+        "where": mask(settings.redis_url),
+    }
+    transport: Transport | None = None
+    if hub is not None and topology.on_event_loop:
+        client = topology.client(**options)
+        refused = unsupported(settings.redis_url, settings.redis_options, client)
+        if refused:
+            logger.warning(
+                "celery-throttled: the worker's event loop cannot apply %s (throttle_redis_url "
+                "or throttle_redis_options): lease operations go through two threads instead",
+                ", ".join(refused),
+            )
+        else:
+            transport = EventLoopTransport(hub=hub, client=client, **common)
+    if transport is None:
+        login = options.get("redis_connect_func")
+        if login is None and topology.kind != "cluster":  # a Cluster client logs in itself
+
+            def login(connection: Any) -> None:
+                connection.on_connect()
+
+        def connect(on_connect: Any) -> Any:
+            own = {"redis_connect_func": on_connect, "retry": Retry(NoBackoff(), 0)}
+            return topology.client(**{**options, **own})
+
+        transport = ThreadedTransport(connect=connect, login=login, **common)
     atexit.register(transport.stop)
     logger.info(
         "celery-throttled: worker %s uses the limiter at %s (prefix %r, lease TTL %.1fs, "

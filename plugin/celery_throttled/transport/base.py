@@ -1,40 +1,98 @@
-"""What both lease transports share: the interface the gate talks to, the callbacks through
-which they report back, and the logic written once for both (outage reporting, the server's
-identity after an outage, the key registry's reaping window).
+"""The lease transport's interface, and every rule both transports follow, written once.
 
 A transport carries :class:`~.leases.Acquire`, :class:`~.leases.Release` and
 :class:`~.leases.Renew` operations to Redis and reports what they did through
-:class:`Callbacks`; it never decides anything about a request itself.
+:class:`Callbacks`. The implementations (:mod:`.eventloop`, :mod:`.threads`) only move bytes;
+what to send and when is decided here:
+
+* **The queue.** Submitted operations wait in one queue, in order, and leave it in batches.
+* **Renewal rounds**, every ``lease_ttl / 3``, on request, after every (re)connection, and once
+  more when a grace ends: this worker's leases and places in line (``Callbacks.snapshot``),
+  the key registry's upkeep, then reaping passes (``Renew(key, 0)``) over registered keys this
+  worker has nothing of, whose expired leases are reported ``lost`` by whoever reaps them.
+* **The server's identity.** Every new connection learns the run id of the server behind it.
+  A server seen before with another run id (or, after an outage, a new address: a failover)
+  may have lost every lease. Its running leases are put back by the next round at once, but
+  for one grace period (``min(1 s, lease_ttl / 3)``) nothing of this worker's waiting line
+  reaches Redis: acquires stay queued and renewals leave out waiters (renewing one that
+  vanished enqueues it, and may grant it), so that the other workers' running tasks are
+  counted again before anyone is admitted. A release of a holder whose acquire is held back
+  cancels that acquire.
+* **Failures.** Acquires and releases that were in flight go out again (each is idempotent);
+  renewals do not (a snapshot of that moment: sent late it would put back leases released
+  since). One backoff table; one error per outage and one warning when it ends.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from redis.cluster import RedisCluster
+from ..keys import errgroup_channel, grant_channel, registry
+from .leases import Acquire, Codec, Op, Release, Renew
+from .reports import Callbacks, Outage
 
-from .leases import Acquire, Op, Outcome, Renew
-
-__all__ = [
-    "REGISTRY_BATCH",
-    "REGISTRY_RETENTION",
-    "REGISTRY_WINDOW",
-    "Callbacks",
-    "Outage",
-    "Transport",
-    "foreign_keys",
-    "report_restored",
-    "server_identity",
-]
+__all__ = ["BACKOFF", "Batch", "Callbacks", "Outage", "Round", "Transport", "backoff", "run_id"]
 
 logger = logging.getLogger(__name__)
+
+#: seconds before the n-th reconnection attempt in a row (the last one repeats)
+BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0)
+#: how far back the key registry is read for reaping, and how many keys at most per round
+REGISTRY_WINDOW = 3600.0
+REGISTRY_BATCH = 200
+#: keys unused for this long leave the registry (per-value keys and errgroups' own limits
+#: would otherwise pile up there)
+REGISTRY_RETENTION = 7 * 86400.0
+
+Command = tuple[Any, ...]
+
+
+def backoff(failures: int) -> float:
+    return BACKOFF[min(failures, len(BACKOFF) - 1)]
+
+
+def run_id(info: bytes | str) -> str:
+    """The ``run_id`` in a reply to ``INFO server``."""
+    text = info.decode() if isinstance(info, bytes) else info
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+@dataclass
+class Round:
+    """One renewal round: this worker's renewals and the registry's upkeep, sent together;
+    the last command reads the registry, and :meth:`reaping` turns its reply into the passes
+    to send next."""
+
+    renewals: list[Renew]
+    commands: list[Command]
+
+    def reaping(self, members: Any) -> list[Renew]:
+        if not isinstance(members, list):
+            return []
+        known = {op.key for op in self.renewals}
+        keys = (m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        return [Renew(key, 0) for key in keys if key not in known]
+
+
+@dataclass
+class Batch:
+    """What to send now, in this order: a round, registrations, operations."""
+
+    round: Round | None = None
+    commands: list[Command] = field(default_factory=list)
+    registered: set[str] = field(default_factory=set)
+    ops: list[Op] = field(default_factory=list)
+    #: the server (see :meth:`Transport._stale`) it was made for
+    server: int = 0
 
 
 class Transport(ABC):
@@ -47,6 +105,30 @@ class Transport(ABC):
     #: how the worker's start-up log line names it
     name: str
 
+    def __init__(
+        self, *, prefix: str, worker: str, lease_ttl: float, callbacks: Callbacks, where: str
+    ) -> None:
+        self.codec = Codec(prefix, lease_ttl, worker)
+        self.callbacks = callbacks
+        self.registry = registry(prefix)
+        #: this worker's grant channel, and the errgroups' cancellation channel
+        self.channels = (grant_channel(prefix, worker), errgroup_channel(prefix))
+        self.outage = Outage(where)
+        self.renew_every = lease_ttl / 3
+        self.grace = min(1.0, lease_ttl / 3)
+        self._lock = threading.Condition()
+        self._queue: deque[Op] = deque()
+        self._to_register: set[str] = set()
+        self._next_round = time.monotonic() + self.renew_every
+        self._round_requested = False
+        self._acquire_after = 0.0
+        self._round_after_grace = False
+        self._servers: dict[str, str] = {}
+        self._failures = 0
+        #: how many times a new server was found; a batch made before the last one is stale
+        self._server = 0
+
+    # -- the interface ---------------------------------------------------------------------
     @abstractmethod
     def start(self) -> None:
         """Called at every consumer start, on the consumer's thread; idempotent."""
@@ -60,125 +142,158 @@ class Transport(ABC):
     def stop(self, timeout: float = 5.0) -> None:
         """The process exits: send what is queued, bounded by ``timeout``, and stop."""
 
-    @abstractmethod
     def submit(self, op: Op) -> None:
         """Send ``op`` soon; its outcome comes back through the callbacks. Any thread."""
+        with self._lock:
+            self._queue.append(op)
+        self._wake()
 
-    @abstractmethod
     def register(self, key: str) -> None:
         """Put ``key`` in the key registry soon (so any worker can reap its leases)."""
+        with self._lock:
+            self._to_register.add(key)
+        self._wake()
 
-    @abstractmethod
     def renew_soon(self) -> None:
         """Renew every lease and place in line now rather than at the next period."""
-
-
-#: how far back the key registry is read for reaping, and how many keys at most per round
-REGISTRY_WINDOW = 3600.0
-REGISTRY_BATCH = 200
-#: keys unused for this long leave the registry (per-value keys and errgroups' own limits
-#: would otherwise pile up there)
-REGISTRY_RETENTION = 7 * 86400.0
-
-
-def foreign_keys(known: set[str], members: list[Any]) -> list[Renew]:
-    """Reaping passes (cap unknown: 0) over registered keys this worker has nothing of."""
-    keys = (m.decode() if isinstance(m, bytes) else str(m) for m in members)
-    return [Renew(key, 0) for key in keys if key not in known]
-
-
-@dataclass(frozen=True)
-class Callbacks:
-    """What a limiter (either transport) reports to its gate."""
-
-    #: the renewals to send: this worker's running and waiting holders, per key
-    snapshot: Callable[[], list[Renew]]
-    #: a slot was granted to one of this worker's holders
-    granted: Callable[[str, str], None]
-    #: leases of dead workers this worker reaped (report their tasks as lost)
-    lost: Callable[[str, list[str]], None]
-    #: an acquire was not granted at once: the holder waits
-    waiting: Callable[[str, str], None]
-    #: an errgroup was cancelled somewhere in the cluster (its id)
-    group_cancelled: Callable[[str], None] = lambda gid: None
-
-    def deliver(self, op: Op, outcome: Outcome) -> None:
-        """Report what one operation did, whichever transport carried it."""
-        report_restored(outcome)
-        if outcome.reaped:
-            self.lost(outcome.key, outcome.reaped)
-        for holder in outcome.granted:
-            self.granted(outcome.key, holder)
-        if isinstance(op, Acquire) and op.holder not in outcome.granted:
-            self.waiting(op.key, op.holder)
-
-    def message(self, data: bytes | str) -> None:
-        """A pub/sub message: a grant ``[key, holder]`` or an errgroup's ``{"cancel": id}``."""
-        try:
-            decoded = json.loads(data)
-            if isinstance(decoded, dict):
-                gid = decoded["cancel"]
-            else:
-                key, holder = decoded
-        except (ValueError, TypeError, KeyError):
-            logger.error("celery-throttled: ignoring malformed limiter message %r", data)
-            return
-        if isinstance(decoded, dict):
-            self.group_cancelled(str(gid))
-        else:
-            self.granted(key, holder)
-
-
-def server_identity(client: Any) -> str:
-    """The run id of the Redis behind ``client``; for a Cluster, of all its primaries (a
-    restart or a failover of any one of them changes it)."""
-    if isinstance(client, RedisCluster):
-        infos = client.info("server", target_nodes=RedisCluster.PRIMARIES)
-        if "run_id" in infos:  # a cluster of one primary
-            return str(infos["run_id"])
-        return ",".join(sorted(str(info.get("run_id")) for info in infos.values()))
-    return str(client.info("server").get("run_id"))
-
-
-class Outage:
-    """One error when the limiter's Redis goes away, one warning when it is back."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.since: float | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def ongoing(self) -> bool:
-        return self.since is not None
-
-    def down(self, exc: BaseException) -> None:
         with self._lock:
-            if self.since is None:
-                self.since = time.monotonic()
-                logger.error(
-                    "celery-throttled: the limiter's Redis at %s is unreachable (%s); throttled "
-                    "tasks wait until it is back, unthrottled tasks keep running",
-                    self.where,
-                    exc,
-                )
+            self._round_requested = True
+        self._wake()
 
-    def up(self) -> None:
+    @abstractmethod
+    def _wake(self) -> None:
+        """Something may be due: have :meth:`_take` called soon (from any thread)."""
+
+    # -- what to send, and when (for the implementations) ----------------------------------
+    def _due(self, now: float) -> bool:
+        """Whether :meth:`_take` has something to send; with the lock held."""
+        if self._round_requested or now >= self._next_round or self._to_register:
+            return True
+        if self._round_after_grace and now >= self._acquire_after:
+            return True
+        if now >= self._acquire_after:
+            return bool(self._queue)
+        return any(not isinstance(op, Acquire) for op in self._queue)
+
+    def _next_due(self) -> float:
+        """The ``time.monotonic()`` at which something next falls due, if nothing is sent."""
         with self._lock:
-            if self.since is not None:
-                logger.warning(
-                    "celery-throttled: the limiter's Redis at %s is reachable again after %.1f s",
-                    self.where,
-                    time.monotonic() - self.since,
-                )
-                self.since = None
+            if self._queue or self._round_after_grace:
+                return min(self._next_round, self._acquire_after)
+            return self._next_round
 
+    def _take(self) -> Batch:
+        """Take what is due now: a round (if due), registrations, and every queued operation
+        but the acquires held back by a grace."""
+        now = time.monotonic()
+        with self._lock:
+            grace = now < self._acquire_after
+            due = self._round_requested or now >= self._next_round
+            if self._round_after_grace and not grace:
+                self._round_after_grace, due = False, True
+            if due:
+                self._round_requested = False
+                self._next_round = now + self.renew_every
+            registered, self._to_register = self._to_register, set()
+            ops = list(self._queue)
+            self._queue.clear()
+            if grace:
+                ops = self._hold_acquires(ops)
+        batch = Batch(self._round(grace) if due else None, registered=registered, ops=ops)
+        batch.server = self._server
+        if registered:
+            batch.commands.append(("ZADD", self.registry, *_scored(registered, time.time())))
+        return batch
 
-def report_restored(outcome: Outcome) -> None:
-    if outcome.restored:
-        logger.warning(
-            "celery-throttled: %d lease(s) of key %r had vanished from Redis and were put back "
-            "(Redis restarted or lost data, or this worker stalled)",
-            len(outcome.restored),
-            outcome.key,
+    def _hold_acquires(self, ops: list[Op]) -> list[Op]:
+        """Put the acquires back in the queue (with the lock held); a release cancels the
+        held acquire of its holder."""
+        released = {(op.key, op.holder) for op in ops if isinstance(op, Release)}
+        held = [op for op in ops if isinstance(op, Acquire)]
+        self._queue.extend(op for op in held if (op.key, op.holder) not in released)
+        return [op for op in ops if not isinstance(op, Acquire)]
+
+    def _round(self, grace: bool) -> Round:
+        renewals = self.callbacks.snapshot()
+        if grace:  # running leases only: a renewed waiter could be granted
+            renewals = [replace(op, waiting=()) for op in renewals]
+        now = time.time()
+        commands: list[Command] = []
+        if renewals:
+            keys = {op.key for op in renewals}
+            commands.append(("ZADD", self.registry, *_scored(keys, now)))
+        commands.append(("ZREMRANGEBYSCORE", self.registry, "-inf", now - REGISTRY_RETENTION))
+        since = now - REGISTRY_WINDOW
+        commands.append(
+            ("ZREVRANGEBYSCORE", self.registry, "+inf", since, "LIMIT", 0, REGISTRY_BATCH)
         )
+        return Round(renewals, commands)
+
+    def _drain(self) -> list[Op]:
+        """Everything queued, grace or not (the process is stopping)."""
+        with self._lock:
+            ops = list(self._queue)
+            self._queue.clear()
+            return ops
+
+    def _requeue(self, ops: list[Op], registered: set[str] | None = None) -> None:
+        """Sending ``ops`` failed: they go out again first, but renewals do not."""
+        with self._lock:
+            self._queue.extendleft(reversed([op for op in ops if not isinstance(op, Renew)]))
+            self._to_register |= registered or set()
+
+    def _report(self, op: Op, reply: Any) -> bool:
+        """Report what ``op`` did from its reply; False when it must go again with its script's
+        source (the scripts were flushed), which a renewal never does."""
+        if isinstance(reply, Exception):
+            if str(reply).startswith("NOSCRIPT"):
+                return isinstance(op, Renew)
+            logger.error("celery-throttled: Redis refused a lease operation %r: %s", op, reply)
+            return True
+        self.callbacks.deliver(op, self.codec.decode(op, reply))
+        return True
+
+    # -- the server ------------------------------------------------------------------------
+    def _connected(self, address: str, run_id: str) -> bool:
+        """A new connection reached the server at ``address``, whose run id is ``run_id``.
+
+        Returns whether that is another server than before (restarted, or failed over): the
+        grace starts, and whatever was about to go out on the connection must not.
+        """
+        with self._lock:
+            known = self._servers.get(address)
+            changed = run_id != known if known else bool(self._servers) and self.outage.ongoing
+            self._servers[address] = run_id
+            self._round_requested = True  # every lease and place in line, re-asserted first
+            if changed:
+                self._acquire_after = time.monotonic() + self.grace
+                self._round_after_grace = True
+                self._server += 1
+        if changed:
+            logger.warning(
+                "celery-throttled: the limiter's Redis at %s is a new server (restarted or "
+                "failed over): running leases are put back first, new slots wait %.1f s",
+                self.outage.where,
+                self.grace,
+            )
+        return changed
+
+    def _stale(self, batch: Batch) -> bool:
+        """Whether ``batch`` was made before a new server was found (its round may renew
+        waiters, its acquires were not held back): it must not be sent."""
+        return batch.server != self._server
+
+    def _failed(self, exc: BaseException) -> float:
+        """Redis is unreachable: log it once; returns the seconds to wait before retrying."""
+        self.outage.down(exc)
+        delay = backoff(self._failures)
+        self._failures += 1
+        return delay
+
+    def _recovered(self) -> None:
+        self._failures = 0
+        self.outage.up()
+
+
+def _scored(members: set[str], score: float) -> list[Any]:
+    return [part for member in sorted(members) for part in (score, member)]

@@ -33,7 +33,13 @@ from redis.cluster import RedisCluster
 
 from ..keys import Family, grant_channel_prefix
 
-__all__ = ["Acquire", "Outcome", "RedisLeases", "Release", "Renew", "Scripts"]
+__all__ = ["Acquire", "Outcome", "RedisLeases", "Release", "Renew", "Scripts", "ServerChanged"]
+
+
+class ServerChanged(redis.ConnectionError):
+    """A new connection found another Redis server than before (restarted, or failed over):
+    what was about to be sent on it is not, so that it can wait for the grace (see
+    :mod:`.base`)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +194,8 @@ class RedisLeases:
                 self._scripts[script.name](keys, args, client=pipe)
             try:
                 answers = pipe.execute(raise_on_error=False)
+            except ServerChanged:
+                raise
             except redis.ConnectionError:
                 answers = [None] * len(indexes)  # retried one by one below
             for index, answer in zip(indexes, answers, strict=True):

@@ -1,17 +1,18 @@
-"""The worker's two limiter threads: lease operations off the event loop, and grant messages.
+"""Lease operations on two background threads, through redis-py.
 
-The event loop never waits on Redis: the gate hands :class:`~.leases.Acquire` and
-:class:`~.leases.Release` operations to the *operations* thread, which sends every operation
-pending at that moment in one pipelined round trip, renews all of this worker's leases in one
-more round trip every ``lease_ttl / 3``, and reports outcomes through callbacks. The *listener*
-thread holds a pub/sub subscription on this worker's grant channel, so a slot freed anywhere
-in the cluster reaches its waiter here within milliseconds.
+The transport for every Redis the event loop cannot reach by itself (TLS, unix sockets,
+Sentinel, Cluster, options it cannot honour) and for workers without an event loop. The
+*operations* thread sends each batch :mod:`.base` makes due in two pipelined round trips (the
+registry's commands, then the lease scripts); the *listener* thread holds the pub/sub
+subscription to this worker's grant channel and the errgroups' channel.
 
-Fail closed: while Redis is unreachable, operations stay queued (nothing is granted, so the cap
-holds), one error is logged per outage, and both threads reconnect by themselves. After an
-outage every lease and place in line is re-asserted before any new acquire is sent; if Redis
-came back empty (its run id changed), new acquires also wait one grace period, so that the
-other workers' running tasks are counted again before anyone is admitted.
+redis-py reconnects by itself, silently, when it takes a pooled connection whose server went
+away. So that a restarted or failed-over server is never missed, every new connection of this
+transport's client first asks for the server's run id (``INFO server``, in the connection's
+own handshake); a new server raises :class:`~.leases.ServerChanged` there, before anything is
+sent on it, and so does a batch made before the other thread found a new server: the batch
+goes back to the queue and waits for :mod:`.base`'s grace. The client does not retry by itself
+(``retry`` is replaced): the transport does, after its own backoff.
 """
 
 from __future__ import annotations
@@ -20,29 +21,23 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 import redis
 
-from ..keys import errgroup_channel, grant_channel, registry
-from .base import (
-    REGISTRY_BATCH,
-    REGISTRY_RETENTION,
-    REGISTRY_WINDOW,
-    Callbacks,
-    Outage,
-    Transport,
-    foreign_keys,
-    server_identity,
-)
-from .leases import Acquire, Op, Outcome, RedisLeases, Renew
+from .base import Batch, Transport, backoff, run_id
+from .leases import Op, RedisLeases, ServerChanged
+from .reports import Callbacks
 
 __all__ = ["ThreadedTransport"]
 
 logger = logging.getLogger(__name__)
 
-_BACKOFF = (0.05, 0.1, 0.25, 0.5)
 _OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+#: builds the transport's client, given the function to run on every new connection
+Connect = Callable[[Callable[[Any], None]], redis.Redis]
 
 
 class ThreadedTransport(Transport):
@@ -53,35 +48,29 @@ class ThreadedTransport(Transport):
     def __init__(
         self,
         *,
-        store: RedisLeases,
-        client: redis.Redis,
+        connect: Connect,
+        login: Callable[[Any], None] | None,
         prefix: str,
         worker: str,
         lease_ttl: float,
         callbacks: Callbacks,
         where: str,
     ) -> None:
-        self._store = store
-        self._client = client
-        self._registry = registry(prefix)
-        self._channels = (grant_channel(prefix, worker), errgroup_channel(prefix))
-        self._renew_every = lease_ttl / 3
-        self._grace = min(1.0, lease_ttl / 3)
-        self._cb = callbacks
-        self._ops: deque[Op] = deque()
-        self._to_register: set[str] = set()
-        self._cond = threading.Condition()
+        """``login`` runs first on every new connection (redis-py's handshake), unless None
+        (a Cluster client runs it itself)."""
+        super().__init__(
+            prefix=prefix, worker=worker, lease_ttl=lease_ttl, callbacks=callbacks, where=where
+        )
+        self._login = login
+        self._client = connect(self._on_connect)
+        self._store = RedisLeases(self._client, prefix, lease_ttl, worker)
         self._stopping = False
-        self._renew_requested = False
-        self._run_id: str | None = None
-        self._acquire_after = 0.0
-        self._outage = Outage(where)
+        self._sending: Batch | None = None  # on the operations thread
         self._threads = [
             threading.Thread(target=self._operate, name="throttle-ops", daemon=True),
             threading.Thread(target=self._listen, name="throttle-listen", daemon=True),
         ]
 
-    # -- public, thread-safe ------------------------------------------------------------
     def start(self) -> None:
         for thread in self._threads:
             if thread.ident is None:
@@ -90,162 +79,97 @@ class ThreadedTransport(Transport):
     def suspend(self) -> None:
         """The threads carry on: operations keep reaching Redis while the consumer is away."""
 
-    def submit(self, op: Op) -> None:
-        with self._cond:
-            self._ops.append(op)
-            self._cond.notify()
-
-    def register(self, key: str) -> None:
-        """Put ``key`` in the key registry soon (so any worker can reap its leases)."""
-        with self._cond:
-            self._to_register.add(key)
-            self._cond.notify()
-
-    def renew_soon(self) -> None:
-        with self._cond:
-            self._renew_requested = True
-            self._cond.notify()
-
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is queued (bounded by ``timeout``), then stop both threads."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._ops and time.monotonic() < deadline and not self._outage.ongoing:
-                self._cond.wait(0.05)
+        with self._lock:
+            while self._due(time.monotonic()) and time.monotonic() < deadline:
+                if self.outage.ongoing or not self._threads[0].is_alive():
+                    break
+                self._lock.wait(0.05)
             self._stopping = True
-            self._cond.notify_all()
+            self._lock.notify_all()
         for thread in self._threads:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()) + 0.5)
 
-    # -- operations thread -----------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    # -- the operations thread -----------------------------------------------------------------
     def _operate(self) -> None:
-        next_renew = time.monotonic() + self._renew_every
-        failures = 0
-        while True:
-            with self._cond:
-                while (
-                    not self._stopping
-                    and not self._renew_requested
-                    and not self._to_register
-                    and not self._ready()
-                ):
-                    timeout = next_renew - time.monotonic()
-                    if timeout <= 0:
-                        break
-                    if self._ops and time.monotonic() < self._acquire_after:
-                        timeout = min(timeout, self._acquire_after - time.monotonic())
-                    self._cond.wait(timeout)
-                if self._stopping and not self._ops:
-                    return
-                renew = self._renew_requested or time.monotonic() >= next_renew
-                self._renew_requested = False
-                batch = self._take()
-                register, self._to_register = self._to_register, set()
+        while not self._stopping:
+            with self._lock:
+                while not self._stopping and not self._due(time.monotonic()):
+                    self._lock.wait(max(0.0, self._next_due() - time.monotonic()))
+            self._sending = batch = self._take()
             try:
-                if failures:  # back from an outage: is this a new Redis (or a new master)?
-                    self._recovered()
-                    batch = self._hold_acquires(batch)
-                if register:
-                    self._client.zadd(self._registry, dict.fromkeys(register, time.time()))
-                if renew or failures:
-                    self._renew_all()
-                    next_renew = time.monotonic() + self._renew_every
-                if batch:
-                    self._apply(batch, self._store.execute(batch))
-                failures = 0
+                self._send(batch)
                 self._recovered()
+            except ServerChanged:  # nothing was sent; the grace holds the acquires back
+                self._requeue(batch.ops, batch.registered)
             except _OUTAGE_ERRORS as exc:
-                with self._cond:
-                    self._ops.extendleft(reversed(batch))
-                    self._to_register |= register
-                self._outage.down(exc)
-                time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
-                failures += 1
-                if self._stopping:
-                    return
+                self._requeue(batch.ops, batch.registered)
+                self._pause(self._failed(exc))
             except Exception:
                 logger.exception("celery-throttled: lease operations failed; retrying")
-                with self._cond:
-                    self._ops.extendleft(reversed(batch))
-                time.sleep(0.5)
+                self._requeue(batch.ops, batch.registered)
+                self._pause(0.5)
+            self._sending = None
+            self._wake()  # stop() waits for the queue to empty
 
-    def _hold_acquires(self, batch: list[Op]) -> list[Op]:
-        """During the grace after a restart or failover, acquires wait; the rest goes now."""
-        if time.monotonic() >= self._acquire_after:
-            return batch
-        held = [op for op in batch if isinstance(op, Acquire)]
-        with self._cond:
-            self._ops.extendleft(reversed(held))
-        return [op for op in batch if not isinstance(op, Acquire)]
+    def _send(self, batch: Batch) -> None:
+        commands = batch.commands + (batch.round.commands if batch.round else [])
+        ops: list[Op] = []
+        if commands:
+            pipe = self._client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+            replies = pipe.execute()
+            if batch.round is not None:
+                ops += batch.round.renewals + batch.round.reaping(replies[-1])
+        ops += batch.ops
+        if ops:
+            for op, outcome in zip(ops, self._store.execute(ops), strict=True):
+                self.callbacks.deliver(op, outcome)
 
-    def _ready(self) -> bool:
-        if not self._ops:
-            return False
-        if time.monotonic() >= self._acquire_after:
-            return True
-        return any(not isinstance(op, Acquire) for op in self._ops)
+    def _pause(self, seconds: float) -> None:
+        with self._lock:
+            self._lock.wait_for(lambda: self._stopping, seconds)
 
-    def _take(self) -> list[Op]:
-        if time.monotonic() >= self._acquire_after:
-            batch = list(self._ops)
-            self._ops.clear()
-            return batch
-        keep = [op for op in self._ops if isinstance(op, Acquire)]
-        batch = [op for op in self._ops if not isinstance(op, Acquire)]
-        self._ops.clear()
-        self._ops.extend(keep)
-        return batch
+    # -- every new connection ------------------------------------------------------------------
+    def _on_connect(self, connection: Any) -> None:
+        if self._login is not None:
+            self._login(connection)
+        connection.send_command("INFO", "server")
+        found = run_id(connection.read_response())
+        address = getattr(connection, "path", None) or f"{connection.host}:{connection.port}"
+        changed = self._connected(address, found)
+        batch = self._sending if threading.current_thread() is self._threads[0] else None
+        if changed or (batch is not None and self._stale(batch)):
+            raise ServerChanged(f"the Redis at {address} is a new server (run id {found})")
 
-    def _renew_all(self) -> None:
-        renewals = self._cb.snapshot()
-        now = time.time()
-        if renewals:
-            self._client.zadd(self._registry, {op.key: now for op in renewals})
-        self._client.zremrangebyscore(self._registry, "-inf", now - REGISTRY_RETENTION)
-        members = self._client.zrevrangebyscore(
-            self._registry, "+inf", now - REGISTRY_WINDOW, start=0, num=REGISTRY_BATCH
-        )
-        renewals += foreign_keys({op.key for op in renewals}, members)
-        if renewals:
-            self._apply(renewals, self._store.execute(renewals))
-
-    def _apply(self, ops: list[Op] | list[Renew], outcomes: list[Outcome]) -> None:
-        for op, outcome in zip(ops, outcomes, strict=True):
-            self._cb.deliver(op, outcome)
-
-    # -- listener thread ---------------------------------------------------------------------
+    # -- the listener thread -------------------------------------------------------------------
     def _listen(self) -> None:
-        failures = 0
+        failures, listened = 0, False
         while not self._stopping:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
-                pubsub.subscribe(*self._channels)
-                if failures:
-                    self.renew_soon()  # grants sent while we were away are found by renewal
-                failures = 0
+                pubsub.subscribe(*self.channels)
+                if listened:
+                    self.renew_soon()  # grants sent while nobody listened are found so
+                failures, listened = 0, True
                 while not self._stopping:
                     message = pubsub.get_message(timeout=0.5)
                     if message is not None and message["type"] == "message":
-                        self._cb.message(message["data"])
+                        self.callbacks.message(message["data"])
+            except ServerChanged:
+                continue
             except _OUTAGE_ERRORS as exc:
-                self._outage.down(exc)
-                time.sleep(_BACKOFF[min(failures, len(_BACKOFF) - 1)])
+                self.outage.down(exc)
+                self._pause(backoff(failures))
                 failures += 1
             finally:
                 with contextlib.suppress(Exception):  # closing a broken connection
                     pubsub.close()
-
-    # -- outages ---------------------------------------------------------------------------
-    def _recovered(self) -> None:
-        if not self._outage.ongoing and self._run_id is not None:
-            return
-        try:
-            run_id = server_identity(self._client)
-        except _OUTAGE_ERRORS:
-            return
-        if self._run_id is not None and run_id != self._run_id:
-            self._acquire_after = time.monotonic() + self._grace
-            self.renew_soon()
-        self._run_id = run_id
-        self._outage.up()

@@ -33,7 +33,7 @@ from ..keys import ERRGROUP_KEY_PREFIX, holder_id
 from ..metrics import Metrics
 from ..settings import Settings
 from ..task import ThrottledTask
-from ..transport.leases import Acquire, RedisLeases, Release
+from ..transport.leases import Acquire, Release
 from . import outcomes, poolqueue
 from .endpaths import hook_end_paths
 from .lines import Held, Lines
@@ -65,7 +65,6 @@ class Gate:
         client = settings.client(
             socket_timeout=5, socket_connect_timeout=2, health_check_interval=10
         )
-        self.store = RedisLeases(client, settings.key_prefix, settings.lease_ttl, self.worker)
         self.lines = Lines()
         self.window = Window(consumer, settings.max_held)
         self.pool_kind = poolqueue.kind(consumer.pool)
@@ -80,7 +79,10 @@ class Gate:
             group_cancelled=self.loop.on_loop(self.group_cancelled),
         )
         self.transport = transport.build(
-            settings, consumer.hub, self.store, client, self.worker, callbacks
+            settings,
+            hub=consumer.hub,
+            worker=self.worker,
+            callbacks=callbacks,
         )
         self._closed = False
         self._sweeper: Any = None
