@@ -62,14 +62,14 @@ class ThreadedTransport(Transport):
             prefix=prefix, worker=worker, lease_ttl=lease_ttl, callbacks=callbacks, where=where
         )
         self._login = login
-        self._client = connect(self._on_connect)
-        self._store = RedisLeases(self._client, prefix, lease_ttl, worker)
         self._stopping = False
         self._sending: Batch | None = None  # on the operations thread
         self._threads = [
             threading.Thread(target=self._operate, name="throttle-ops", daemon=True),
             threading.Thread(target=self._listen, name="throttle-listen", daemon=True),
         ]
+        self._client = connect(self._on_connect)  # a Cluster client connects right away
+        self._store = RedisLeases(self._client, prefix, lease_ttl, worker)
 
     def start(self) -> None:
         for thread in self._threads:
