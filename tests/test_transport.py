@@ -9,6 +9,7 @@ leases reported lost exactly once, and ``throttle_redis_options`` on every conne
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -261,3 +262,23 @@ def test_redis_options_apply_to_every_connection(open_side: Open, server, probe,
     assert named >= 2  # operations and grant messages
     a = side.acquire("k", "a", 1)
     side.wait_for("granted", "k", a)
+
+
+def test_options_the_event_loop_cannot_honour_make_the_worker_use_threads(loop: Loop, server,
+                                                                          probe, prefix, caplog):
+    """Given a worker with an event loop and an option its own connections cannot apply (the
+    RESP3 protocol), when its transport is built, then it is the threaded one, the log says once
+    which option made it so, and leases work through it. Catches: an option silently dropped on
+    the event loop."""
+    side = Side()
+    with caplog.at_level(logging.WARNING, logger="celery_throttled"):
+        opened = open_transport("threads", loop, server.url, prefix, side, 30.0,
+                                {"protocol": 3}, hub=loop.hub)
+    try:
+        warnings = [r.getMessage() for r in caplog.records if "cannot apply" in r.getMessage()]
+        assert len(warnings) == 1 and "protocol=3" in warnings[0]
+        ready(side, probe, prefix)
+        a = side.acquire("k", "a", 1)
+        side.wait_for("granted", "k", a)
+    finally:
+        opened.close()

@@ -178,13 +178,16 @@ class Opened:
 
 
 def open_transport(kind: str, loop: Loop, url: str, prefix: str, side: Side, lease_ttl: float,
-                   options: dict[str, Any] | None = None) -> Opened:
-    """A transport of ``kind`` for ``side``, started, built as the worker builds it."""
+                   options: dict[str, Any] | None = None, hub: Any = None) -> Opened:
+    """A transport of ``kind`` for ``side``, started, built as the worker builds it (``hub``:
+    the event loop it is offered, by default the loop's for the event-loop kind, else none)."""
     app = Celery(set_as_current=False)
     app.conf.update(throttle_redis_url=url, throttle_key_prefix=prefix,
                     throttle_lease_ttl=lease_ttl, throttle_redis_options=options)
-    transport = build(Settings.from_app(app), hub=loop.hub if kind == "eventloop" else None,
-                      worker=side.worker, callbacks=side.callbacks())
+    if hub is None and kind == "eventloop":
+        hub = loop.hub
+    transport = build(Settings.from_app(app), hub=hub, worker=side.worker,
+                      callbacks=side.callbacks())
     assert transport.name == NAMES[kind]
     side.transport = transport
     if kind == "eventloop":

@@ -18,10 +18,10 @@ when they need it, and ``ssl_*`` options apply to both; the URL's credentials ar
 ``throttle_redis_options`` adds keyword arguments to every client (``ssl_cert_reqs``,
 ``socket_keepalive``…).
 
-Only ``redis://`` over TCP runs on the worker's event loop (:mod:`.hub`); every other form goes
-through redis-py on the limiter's two threads (:mod:`.limiter`), which follows a failover. In a
-Cluster every script touches one slot (each key family shares a hash tag); lease operations
-are pipelined per node (:meth:`.leases.RedisLeases.execute`).
+Only ``redis://`` over TCP runs on the worker's event loop (:mod:`.transport.eventloop`); every
+other form goes through redis-py on two threads (:mod:`.transport.threads`), which follows a
+failover. In a Cluster every script touches one slot (each key family shares a hash tag); lease
+operations are pipelined per node (:meth:`.transport.leases.RedisLeases.execute`).
 """
 
 from __future__ import annotations
