@@ -32,8 +32,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     ),
     "throttle_redis_options": (
         None,
-        "Extra keyword arguments for every limiter Redis client (a dict: ssl_cert_reqs, "
-        "socket_keepalive…).",
+        "Extra keyword arguments for every limiter Redis client and connection, the event "
+        "loop's included (a dict: client_name, socket_keepalive, ssl_cert_reqs…).",
     ),
     "throttle_key_prefix": ("throttle", "Prefix of every Redis key and channel the limiter uses."),
     "throttle_lease_ttl": (
