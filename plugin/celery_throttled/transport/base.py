@@ -57,8 +57,11 @@ def backoff(failures: int) -> float:
     return BACKOFF[min(failures, len(BACKOFF) - 1)]
 
 
-def run_id(info: bytes | str) -> str:
-    """The ``run_id`` in a reply to ``INFO server``."""
+def run_id(info: Any) -> str:
+    """The ``run_id`` in a reply to ``INFO server``; empty when there is none (a server that
+    refuses INFO: then every reconnection after an outage waits the grace, to be safe)."""
+    if not isinstance(info, (bytes, str)):
+        return ""
     text = info.decode() if isinstance(info, bytes) else info
     for line in text.splitlines():
         if line.startswith("run_id:"):
@@ -199,8 +202,9 @@ class Transport(ABC):
             self._queue.clear()
             if grace:
                 ops = self._hold_acquires(ops)
+            server = self._server
         batch = Batch(self._round(grace) if due else None, registered=registered, ops=ops)
-        batch.server = self._server
+        batch.server = server
         if registered:
             batch.commands.append(("ZADD", self.registry, *_scored(registered, time.time())))
         return batch

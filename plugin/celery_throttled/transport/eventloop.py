@@ -199,9 +199,6 @@ class EventLoopTransport(Transport):
         self._cmd.request(("INFO", "server"), self._info)
 
     def _info(self, reply: Any) -> None:
-        if isinstance(reply, Exception):
-            self._down(reply, self._cmd.close())
-            return
         self._connected(self.endpoint.address, run_id(reply))
         self._ready = True
         self._recovered()

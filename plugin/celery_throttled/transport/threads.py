@@ -143,7 +143,10 @@ class ThreadedTransport(Transport):
         if self._login is not None:
             self._login(connection)
         connection.send_command("INFO", "server")
-        found = run_id(connection.read_response())
+        try:
+            found = run_id(connection.read_response())
+        except redis.ResponseError:  # INFO refused
+            found = ""
         address = getattr(connection, "path", None) or f"{connection.host}:{connection.port}"
         changed = self._connected(address, found)
         batch = self._sending if threading.current_thread() is self._threads[0] else None
