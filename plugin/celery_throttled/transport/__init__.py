@@ -20,7 +20,7 @@ from redis.retry import Retry
 from ..settings import Settings
 from ..topology import mask
 from .base import Transport
-from .connection import unsupported
+from .endpoint import unsupported
 from .eventloop import EventLoopTransport
 from .reports import Callbacks
 from .threads import ThreadedTransport

@@ -28,7 +28,8 @@ from typing import Any
 import redis
 
 from .base import Round, Transport, run_id
-from .connection import Connection, Endpoint
+from .connection import Connection
+from .endpoint import Endpoint
 from .leases import Op, RedisLeases, Scripts
 from .reports import Callbacks
 
