@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,16 +80,45 @@ class LimiterRedis:
         self.start()
 
 
-def start_worker(name: str, prefix: str, broker: str, limiter: str, logdir: Path
-                 ) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "REDIS_URL": broker, "LIMITER_URL": limiter, "BENCH_PREFIX": prefix,
-           "LEASE_TTL": str(LEASE_TTL), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+def start_worker(
+    name: str, prefix: str, broker: str, limiter: str, logdir: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "REDIS_URL": broker,
+        "LIMITER_URL": limiter,
+        "BENCH_PREFIX": prefix,
+        "LEASE_TTL": str(LEASE_TTL),
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+    }
     with (logdir / f"{name}.log").open("wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "benchmarks.bench_app", "worker", "-P",
-             "prefork", "-c", "4", "-n", f"{name}-{prefix}@localhost", "-l", "warning",
-             "-Q", prefix, "--without-gossip", "--without-mingle"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "benchmarks.bench_app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "4",
+                "-n",
+                f"{name}-{prefix}@localhost",
+                "-l",
+                "warning",
+                "-Q",
+                prefix,
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -116,8 +146,35 @@ def job(rng: random.Random, n: int) -> tuple[str, list[Any]]:
     return "bench.soak_free", [label, duration]
 
 
+@contextlib.contextmanager
+def log_folder(keep: Path | None) -> Iterator[Path]:
+    """Where the workers and the limiter's Redis log: ``keep`` when given (left in place), else a
+    temporary folder removed when the run ends."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix="soak-logs-") as tmp:
+        yield Path(tmp)
+
+
+def log_tails(logdir: Path, lines: int = 30) -> dict[str, str]:
+    """The last lines of every log in ``logdir``, to print before a temporary folder goes."""
+    return {
+        path.name: "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        for path in sorted(logdir.glob("*.log"))
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    logdir = Path(tempfile.mkdtemp(prefix="soak-logs-"))
+    with log_folder(args.logs) as logdir:
+        summary = soak(args, logdir)
+        if not summary["ok"]:
+            summary["log_tails"] = log_tails(logdir)
+    return summary
+
+
+def soak(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
     prefix = f"soak{uuid.uuid4().hex[:6]}"
     rng = random.Random(args.seed)
     events: list[str] = []
@@ -127,10 +184,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         limiter.start()
         probe = redis.Redis.from_url(broker, decode_responses=True)
         client = Celery("soak-client", broker=broker, set_as_current=False)
-        client.conf.update(task_serializer="json", accept_content=["json"],
-                           broker_connection_retry_on_startup=True)
-        workers = {name: start_worker(name, prefix, broker, limiter.url, logdir)
-                   for name in ("soak1", "soak2")}
+        client.conf.update(
+            task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True
+        )
+        workers = {
+            name: start_worker(name, prefix, broker, limiter.url, logdir)
+            for name in ("soak1", "soak2")
+        }
         submitted: dict[str, tuple[str, list[Any]]] = {}
         try:
             wait_until(lambda: len(client.control.ping(timeout=0.5)) >= 2, 90, "both workers")
@@ -144,8 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 while time.monotonic() < end:
                     name, task_args = job(rng, n)
                     n += 1
-                    result = client.send_task(name, args=task_args, queue=prefix,
-                                              producer=producer)
+                    result = client.send_task(name, args=task_args, queue=prefix, producer=producer)
                     submitted[result.id] = (name, task_args)
                     now = time.monotonic()
                     if now >= next_kill:
@@ -176,23 +235,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     statuses = Counter(meta.get("status", "MISSING") for meta in outcomes.values())
     kinds = Counter(
         (meta.get("envelope") or {}).get("error", {}).get("kind", "?")
-        for meta in outcomes.values() if meta.get("status") == states.FAILURE
+        for meta in outcomes.values()
+        if meta.get("status") == states.FAILURE
     )
     missing = [task_id for task_id in submitted if task_id not in outcomes]
-    labels = {args_[1] if name == "bench.soak_tenant" else args_[0]
-              for name, args_ in submitted.values()}
+    labels = {
+        args_[1] if name == "bench.soak_tenant" else args_[0] for name, args_ in submitted.values()
+    }
     twice = sorted(label for label, count in runs.items() if count > 1)
     strangers = sorted(set(runs) - labels)
     over = {key: (peaks[key], cap) for key, cap in CAPS.items() if peaks[key] > cap}
     failing = sum(1 for name, _ in submitted.values() if name == "bench.soak_failing")
     summary = {
-        "minutes": args.minutes, "rate": args.rate, "seed": args.seed, "prefix": prefix,
-        "submitted": len(submitted), "statuses": dict(statuses), "failure_kinds": dict(kinds),
-        "failing_on_purpose": failing, "missing_outcome": len(missing),
-        "missing_sample": missing[:5], "bodies_run_twice": twice[:20],
-        "runs_without_a_submission": strangers[:20], "peaks": peaks, "caps": CAPS,
-        "over_cap": over, "leases_left": leases, "events": events,
-        "worker_exits": exits, "logs": str(logdir),
+        "minutes": args.minutes,
+        "rate": args.rate,
+        "seed": args.seed,
+        "prefix": prefix,
+        "submitted": len(submitted),
+        "statuses": dict(statuses),
+        "failure_kinds": dict(kinds),
+        "failing_on_purpose": failing,
+        "missing_outcome": len(missing),
+        "missing_sample": missing[:5],
+        "bodies_run_twice": twice[:20],
+        "runs_without_a_submission": strangers[:20],
+        "peaks": peaks,
+        "caps": CAPS,
+        "over_cap": over,
+        "leases_left": leases,
+        "events": events,
+        "worker_exits": exits,
+        "logs": str(args.logs) if args.logs else None,
     }
     summary["ok"] = not (missing or twice or strangers or over or any(leases.values()))
     return summary
@@ -201,6 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def peak(probe: redis.Redis, prefix: str, group: str, kills: list[tuple[int, float]]) -> int:
     """The most bodies of ``group`` that ever ran at once, from their logged spans; a body
     whose process was killed ends at the kill."""
+
     def events(what: str) -> list[list[str]]:
         return [item.split() for item in probe.lrange(f"{prefix}:probe:{group}:{what}", 0, -1)]
 
@@ -219,17 +293,19 @@ def peak(probe: redis.Redis, prefix: str, group: str, kills: list[tuple[int, flo
     return highest
 
 
-def wait_for_outcomes(probe: redis.Redis, ids: list[str], timeout: float
-                      ) -> dict[str, dict[str, Any]]:
+def wait_for_outcomes(
+    probe: redis.Redis, ids: list[str], timeout: float
+) -> dict[str, dict[str, Any]]:
     """The stored result of every id that reaches a final state within ``timeout``."""
     done: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + timeout
     while len(done) < len(ids) and time.monotonic() < deadline:
         pending = [i for i in ids if i not in done]
         for start in range(0, len(pending), 1000):
-            chunk = pending[start:start + 1000]
-            for task_id, raw in zip(chunk, probe.mget([f"celery-task-meta-{i}" for i in chunk]),
-                                    strict=True):
+            chunk = pending[start : start + 1000]
+            for task_id, raw in zip(
+                chunk, probe.mget([f"celery-task-meta-{i}" for i in chunk]), strict=True
+            ):
                 if raw:
                     meta = json.loads(raw)
                     if meta.get("status") in states.READY_STATES:
@@ -262,22 +338,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=25.0, help="tasks submitted per second")
-    parser.add_argument("--kill-every", type=float, default=10.0,
-                        help="seconds between pool process kills")
+    parser.add_argument(
+        "--kill-every", type=float, default=10.0, help="seconds between pool process kills"
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write the summary")
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        default=None,
+        help="keep the logs here (default: a temporary folder, removed at the end)",
+    )
     args = parser.parse_args(argv)
     summary = run(args)
     print(f"soak of {args.minutes:g} min at {args.rate:g} tasks/s: {summary['submitted']} tasks")
     for line in summary["events"]:
         print(f"  {line}")
-    print(f"  outcomes: {summary['statuses']}; failures by kind: {summary['failure_kinds']} "
-          f"({summary['failing_on_purpose']} failing on purpose)")
-    print(f"  without an outcome: {summary['missing_outcome']}; bodies run twice: "
-          f"{len(summary['bodies_run_twice'])}; leases or waiters left: "
-          f"{sum(summary['leases_left'].values())}")
+    print(
+        f"  outcomes: {summary['statuses']}; failures by kind: {summary['failure_kinds']} "
+        f"({summary['failing_on_purpose']} failing on purpose)"
+    )
+    print(
+        f"  without an outcome: {summary['missing_outcome']}; bodies run twice: "
+        f"{len(summary['bodies_run_twice'])}; leases or waiters left: "
+        f"{sum(summary['leases_left'].values())}"
+    )
     print("  peak / cap: " + ", ".join(f"{k} {summary['peaks'][k]}/{c}" for k, c in CAPS.items()))
-    print(f"  {'OK' if summary['ok'] else 'FAILED'}; worker logs in {summary['logs']}")
+    for name, tail in summary.get("log_tails", {}).items():
+        print(f"----- the end of {name} -----\n{tail}")
+    kept = f"; logs in {summary['logs']}" if summary["logs"] else ""
+    print(f"  {'OK' if summary['ok'] else 'FAILED'}{kept}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0 if summary["ok"] else 1

