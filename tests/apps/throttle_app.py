@@ -88,8 +88,9 @@ def shared_b(label: str, duration: float = 0.2) -> str:
     return tracked("shared", label, duration)
 
 
-@throttled_task(limit=1, key=lambda tenant, *args, **kwargs: f"tenant:{tenant}",
-                name="t.per_tenant")
+@throttled_task(
+    limit=1, key=lambda tenant, *args, **kwargs: f"tenant:{tenant}", name="t.per_tenant"
+)
 def per_tenant(tenant: str, label: str, duration: float = 0.2) -> str:
     return tracked(f"tenant:{tenant}", label, duration)
 
@@ -254,7 +255,10 @@ def impatient(label: str) -> str:
 
 
 @throttled_task(
-    limit=1, key="policy", name="t.retrying", bind=True,
+    limit=1,
+    key="policy",
+    name="t.retrying",
+    bind=True,
     retry=RetryPolicy(max_attempts=3, on=(OSError,), backoff=0.6, jitter=False),
 )
 def retrying(self: Any, label: str) -> str:
@@ -357,3 +361,57 @@ def nest(labels: list[str], seconds: float = 30.0) -> list[Any]:
 def nest_deadline(count: int) -> list[Any]:
     """An errgroup started inside a task with a deadline: what deadline its members see."""
     return errgroup([report_deadline.s() for _ in range(count)]).apply_async().unwrap(30)
+
+
+# -- blocking calls and decorator-level timeouts ------------------------------------------------
+import contextlib  # noqa: E402
+import socket  # noqa: E402
+
+
+def _block(seconds: float, how: str) -> None:
+    """One blocking call of ``seconds``: a single ``time.sleep``, or a socket read no data ends."""
+    if how == "recv":
+        a, b = socket.socketpair()
+        with a, b:
+            a.settimeout(seconds)
+            with contextlib.suppress(TimeoutError):
+                a.recv(1)
+    else:
+        time.sleep(seconds)
+
+
+def _blocked_run(group: str, label: str, seconds: float, how: str) -> str:
+    """Log the start, block in one call, log whether the call returned, and the end."""
+    base = f"{PREFIX}:probe:{group}"
+    probe.rpush(f"{base}:started", f"{label} {time.time()}")
+    try:
+        _block(seconds, how)
+        probe.rpush(f"{base}:returned", f"{label} {time.time()}")
+    finally:
+        probe.rpush(f"{base}:finished", f"{label} {time.time()}")
+    return "blocked"
+
+
+@throttled_task(limit=1, key="blocking", name="t.blocker")
+def blocker(label: str, seconds: float, how: str = "sleep") -> str:
+    return _blocked_run("blocking", label, seconds, how)
+
+
+@throttled_task(limit=1, key="timed", soft_timeout=0.5, name="t.timed_soft")
+def timed_soft(label: str, seconds: float) -> str:
+    """Declares soft_timeout=0.5 on the decorator; sleeps in 10 ms steps."""
+    base = f"{PREFIX}:probe:timed"
+    probe.rpush(f"{base}:started", f"{label} {time.time()}")
+    end = time.time() + seconds
+    try:
+        while time.time() < end:
+            time.sleep(0.01)
+    finally:
+        probe.rpush(f"{base}:finished", f"{label} {time.time()}")
+    return "slept"
+
+
+@throttled_task(limit=1, key="timed", hard_timeout=0.6, name="t.timed_hard")
+def timed_hard(label: str, seconds: float) -> str:
+    """Declares hard_timeout=0.6 on the decorator; blocks in one call."""
+    return _blocked_run("timed", label, seconds, "sleep")
