@@ -35,5 +35,34 @@ def wait_drained(probe: redis.Redis, prefix: str, key: str, timeout: float = 10.
     """Wait until ``key`` has no holder and no waiter left (releases are asynchronous)."""
     from .conftest import wait_until
 
-    wait_until(lambda: leases(probe, prefix, key) == {"holders": 0, "waiters": 0}, timeout,
-               what=f"key {key!r} to drain, now {leases(probe, prefix, key)}")
+    wait_until(
+        lambda: leases(probe, prefix, key) == {"holders": 0, "waiters": 0},
+        timeout,
+        what=f"key {key!r} to drain, now {leases(probe, prefix, key)}",
+    )
+
+
+def unacknowledged(probe: redis.Redis, task_ids: list[str]) -> set[str]:
+    """Which of ``task_ids`` have a message delivered to a worker and not yet acknowledged
+    (kombu's Redis transport keeps those in the ``unacked`` hash until the ack)."""
+    pending = set()
+    for raw in probe.hvals("unacked"):
+        text = str(raw)
+        pending |= {task_id for task_id in task_ids if task_id in text}
+    return pending
+
+
+def queued(probe: redis.Redis, queue: str, task_ids: list[str]) -> set[str]:
+    """Which of ``task_ids`` wait in the broker's ``queue`` list."""
+    messages = [str(raw) for raw in probe.lrange(queue, 0, -1)]
+    return {task_id for task_id in task_ids if any(task_id in m for m in messages)}
+
+
+def span_peak(spans: list[tuple[float, float]]) -> int:
+    """The most spans (start, end) that overlap at any moment; an end before a start on a tie."""
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = highest = 0
+    for _, step in edges:
+        running += step
+        highest = max(highest, running)
+    return highest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 from celery import Celery
@@ -12,7 +13,8 @@ from celery import Celery
 from celery_throttled.envelope import Envelope, ErrorInfo
 from celery_throttled.results import EnvelopeResult
 
-from .conftest import ROOT, Workers
+from .conftest import ROOT, Workers, wait_until
+from .probes import finished, leases, started
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,8 +70,13 @@ def test_panic_matrix(workers: Workers, client: Celery, pool: str):
     print(f"\npanic matrix on {pool}: " + ", ".join(f"{c}={k}" for c, k in table))
 
 
-def test_envelope_details_and_chained_cause(workers: Workers, client: Celery):
-    workers.start(pool="threads", concurrency=2)
+def test_envelope_details_and_chained_cause(workers: Workers, client: Celery, probe, prefix):
+    """Given a threads worker, then an envelope carries the chained cause, the traceback, the
+    key, worker, attempts and times, and a run that queued behind the cap says how long it
+    waited: at least from when it was seen waiting until the first slot freed, at most from its
+    sending to its start. Catches: a ``waited`` that is always 0 (or never set), and causes or
+    details dropped from the envelope."""
+    workers.start(pool="threads", concurrency=4)
     env = envelope(client, client.send_task("t.panic", ("chained",)))
     assert env.error is not None and env.error.message == "outer"
     assert env.error.cause is not None and env.error.cause.type == "builtins.KeyError"
@@ -82,10 +89,26 @@ def test_envelope_details_and_chained_cause(workers: Workers, client: Celery):
     assert ok.waited is not None and ok.waited >= 0
     with pytest.raises(Exception, match=r"\[error\] builtins.RuntimeError: outer"):
         env.unwrap()
+    # A run that queued behind the cap of 2
+    busy = [client.send_task("t.limited", (f"busy{i}", 1.0)) for i in range(2)]
+    wait_until(lambda: len(started(probe, prefix, "limited")) == 3, 30, what="2 busy runs")
+    sent = time.time()
+    queued = client.send_task("t.limited", ("queued", 0.0))
+    wait_until(
+        lambda: leases(probe, prefix, "t.limited")["waiters"] == 1, 10, what="the third run to wait"
+    )
+    seen_waiting = time.time()
+    waited = envelope(client, queued)
+    assert all(envelope(client, r).ok for r in busy)
+    starts, ends = dict(started(probe, prefix, "limited")), dict(finished(probe, prefix, "limited"))
+    assert waited.ok and waited.waited is not None
+    assert waited.waited >= min(ends["busy0"], ends["busy1"]) - seen_waiting, waited
+    assert waited.waited <= starts["queued"] - sent, waited
 
 
-def test_a_client_without_the_plugin_reads_results(workers: Workers, client: Celery, redis_url,
-                                                   prefix):
+def test_a_client_without_the_plugin_reads_results(
+    workers: Workers, client: Celery, redis_url, prefix
+):
     # Given an ok and a failed result stored by a worker
     workers.start(pool="threads", concurrency=2)
     ok = client.send_task("t.limited", ("plain-json", 0.0))
@@ -104,29 +127,43 @@ except Exception as exc:
 assert "celery_throttled" not in sys.modules
 print(json.dumps({{"ok": ok, "failure": failure}}))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=ROOT / "benchmarks", timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT / "benchmarks",
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     # Then the ok one is plain JSON data, the failed one an ordinary Celery failure with its story
     assert seen["ok"] == "plain-json"
-    assert seen["failure"] == ["celery.exceptions.TaskError",
-                               "[error] builtins.ValueError: boom"]
+    assert seen["failure"] == ["celery.exceptions.TaskError", "[error] builtins.ValueError: boom"]
 
 
 def test_envelope_json_round_trip():
     inner = ErrorInfo("error", "builtins.KeyError", "'k'")
-    env = Envelope(ok=False, error=ErrorInfo("soft_timeout", "x.Y", "late", "tb", inner),
-                   task_id="1", task_name="t", key="k", attempts=2, runtime=1.5, waited=0.25)
+    env = Envelope(
+        ok=False,
+        error=ErrorInfo("soft_timeout", "x.Y", "late", "tb", inner),
+        task_id="1",
+        task_name="t",
+        key="k",
+        attempts=2,
+        runtime=1.5,
+        waited=0.25,
+    )
     assert Envelope.from_json(json.loads(json.dumps(env.to_json()))) == env
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])
-def test_whole_worker_death_is_reported_by_a_survivor(workers: Workers, client: Celery, probe,
-                                                      prefix, pool: str):
+def test_whole_worker_death_is_reported_by_a_survivor(
+    workers: Workers, client: Celery, probe, prefix, pool: str
+):
     # Given a task running on a threads/solo worker, whose death takes the whole process
-    doomed = workers.start(pool=pool, concurrency=1 if pool == "solo" else 2, name="doomed",
-                           LEASE_TTL=2)
+    doomed = workers.start(
+        pool=pool, concurrency=1 if pool == "solo" else 2, name="doomed", LEASE_TTL=2
+    )
     result = client.send_task("t.sleeper", ("doomed", 60))
     from .conftest import wait_until
     from .probes import started

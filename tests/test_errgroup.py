@@ -17,10 +17,12 @@ from celery import Celery
 from celery_throttled import ConfigurationError, TaskError, ThrottledTask, errgroup
 from celery_throttled.keys import GroupKeys
 
-from .conftest import ROOT, Workers, wait_until
+from .conftest import ROOT, Workers, holds_for, wait_until
 from .probes import finished, peak, started
 
 pytestmark = pytest.mark.timeout(240)
+#: how long a member that was not started must stay so (several sweeps and cancel probes)
+QUIET = 1.0
 
 
 @pytest.fixture
@@ -62,6 +64,8 @@ def test_first_error_cancels_members_not_started_and_running(
     assert len(ran) <= 4, ran
     assert all(at <= failed_at for _, at in ran), ran
     assert probe.scard(GroupKeys.of(prefix, res.id).started) == len(ran)
+    # and none starts late either (a member held by a worker, or still in the broker)
+    holds_for(lambda: started(probe, prefix, "eg") == ran, QUIET, what="no late start")
     # And every member has an envelope: the error, and "cancelled" for all the others
     assert [e.task_id for e in envs] == res.member_ids
     assert envs[1].error is not None and envs[1].error.kind == "error", envs[1]
@@ -94,6 +98,7 @@ def test_terminate_stops_running_members_on_prefork(
     assert settled_at - failed_at < 1.0, settled_at - failed_at
     ran = labels(started(probe, prefix, "eg"))
     assert len(ran) == 4
+    holds_for(lambda: len(started(probe, prefix, "eg")) == 4, QUIET, what="no late start")
     for index, env in enumerate(envs):
         label = f"m{index}"
         if label == "m2":
@@ -124,6 +129,7 @@ def test_all_success_runs_the_body_once_with_values_in_member_order(
     assert [json.loads(b) for b in probe.lrange(f"{prefix}:probe:eg:body", 0, -1)] == [values]
     # And the group's own limit held across both workers, and was reached
     assert peak(probe, prefix, "eg") == 2
+
     # And everything the group keeps in Redis expires
     def forever() -> list[str]:
         ours = [res.id, *res.member_ids]
@@ -140,9 +146,7 @@ def test_concurrent_failures_send_one_errback(
     workers.start(pool="threads", concurrency=6)
     # Given six members that all fail at the same moment
     members = [sig(client, "t.member", f"f{i}", 1.0, fail_after=0.05) for i in range(6)]
-    group = (errgroup(members) | sig(client, "t.summarize")).on_error(
-        sig(client, "t.report_error")
-    )
+    group = (errgroup(members) | sig(client, "t.summarize")).on_error(sig(client, "t.report_error"))
     res = group.apply_async()
     envs = res.get(timeout=60)
     assert all(not e.ok for e in envs)
@@ -172,6 +176,7 @@ def test_cancel_from_the_caller(workers: Workers, client: Celery, tasks, probe, 
     # Then every member settles as cancelled, and nothing else starts
     assert all(e.error is not None and e.error.kind == "cancelled" for e in envs), envs
     assert len(started(probe, prefix, "eg")) == 2
+    holds_for(lambda: len(started(probe, prefix, "eg")) == 2, QUIET, what="no late start")
     wait_until(lambda: probe.llen(f"{prefix}:probe:eg:errback") == 1, 30, what="the errback")
 
 
@@ -196,6 +201,9 @@ def test_cancellation_flows_down_to_nested_errgroups(
     child = ErrgroupResult.from_id(child_id, app=client)
     child_envs = child.get(timeout=10)
     assert child.cancelled
+    # by the parent-group path: its parent errgroup was cancelled (the task itself did not fail)
+    reason = probe.hget(GroupKeys.of(prefix, child_id).state, "cancelled")
+    assert reason is not None and f"its parent errgroup {parent.id} was cancelled" in reason
     assert all(e.error is not None and e.error.kind == "cancelled" for e in child_envs)
     assert time.time() - sent < 15
 
@@ -222,8 +230,15 @@ def test_group_completes_after_its_submitter_exits(
         "print(res.id)\n"
     )
     env = {**os.environ, "REDIS_URL": redis_url, "TEST_PREFIX": prefix, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, check=True,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     gid = done.stdout.strip().splitlines()[-1]
     # Then the body still runs, once, with both values in member order
     body = f"{prefix}:probe:eg:body"

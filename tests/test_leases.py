@@ -48,10 +48,20 @@ def test_release_is_idempotent_and_frees_exactly_one_slot(store):
 
 
 def test_a_release_publishes_the_grant_to_another_workers_waiter(redis_url, prefix):
-    store = RedisLeases(redis.Redis.from_url(redis_url), prefix, lease_ttl=30, worker="mine")
-    pubsub = redis.Redis.from_url(redis_url).pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(grant_channel(prefix, "other"))
-    wait_until(lambda: pubsub.get_message(timeout=0.01) is None, 1)  # subscribed
+    """Given a waiter of another worker, when a release frees the slot, then the grant is not
+    returned to the releasing worker but published on the waiter's worker channel. Catches: a
+    grant returned to the caller whatever worker waits, or published on the wrong channel."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisLeases(client, prefix, lease_ttl=30, worker="mine")
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    channel = grant_channel(prefix, "other")
+    pubsub.subscribe(channel)
+
+    def subscribed() -> bool:
+        pubsub.get_message(timeout=0.01)  # reads the confirmation, so the subscription is live
+        return dict(client.pubsub_numsub(channel)).get(channel.encode()) == 1
+
+    wait_until(subscribed, 5, what="the subscription to be registered by Redis")
     acquire(store, "mine a", cap=1)
     acquire(store, "other b", cap=1)
     assert release(store, "mine a", cap=1).granted == []

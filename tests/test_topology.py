@@ -66,14 +66,18 @@ def test_urls_the_limiter_cannot_use_are_refused_with_the_value():
 
 def test_sentinel_url_names_hosts_service_database_and_credentials():
     topology = Topology.parse(
-        "rediss+sentinel://app:pw@h1,h2:26380/mymaster/2?sentinel_password=sp"
-        "&ssl_ca_certs=/ca.pem"
+        "rediss+sentinel://app:pw@h1,h2:26380/mymaster/2?sentinel_password=sp&ssl_ca_certs=/ca.pem"
     )
     hosts, service, master, sentinel = topology._sentinel_parts()
     assert hosts == [("h1", 26379), ("h2", 26380)]
     assert service == "mymaster"
-    assert master == {"db": 2, "username": "app", "password": "pw", "ssl": True,
-                      "ssl_ca_certs": "/ca.pem"}
+    assert master == {
+        "db": 2,
+        "username": "app",
+        "password": "pw",
+        "ssl": True,
+        "ssl_ca_certs": "/ca.pem",
+    }
     assert sentinel == {"password": "sp", "ssl": True, "ssl_ca_certs": "/ca.pem"}
     assert not topology.on_event_loop
     assert Topology.parse("redis://h:1/0").on_event_loop
@@ -88,8 +92,11 @@ def test_celerys_own_sentinel_broker_settings_name_the_limiter_too():
     settings = Settings.from_app(app)
     assert settings.redis_url == "redis+sentinel://:pw@s1:26379,s2:26380/orders/3"
     hosts, service, master, _ = settings.topology._sentinel_parts()
-    assert (hosts, service, master) == ([("s1", 26379), ("s2", 26380)], "orders",
-                                        {"db": 3, "password": "pw"})
+    assert (hosts, service, master) == (
+        [("s1", 26379), ("s2", 26380)],
+        "orders",
+        {"db": 3, "password": "pw"},
+    )
     # And without a master name it is refused, naming what to set
     app.conf.broker_transport_options = {}
     with pytest.raises(ConfigurationError, match="set throttle_redis_url"):
@@ -97,9 +104,9 @@ def test_celerys_own_sentinel_broker_settings_name_the_limiter_too():
 
 
 @pytest.mark.parametrize(("pool", "login"), [("prefork", "password"), ("threads", "acl user")])
-def test_cap_holds_on_a_tls_redis_with_a_password(workers: Workers, client: Celery, probe,
-                                                  prefix: str, tls_redis: TLSRedis, pool: str,
-                                                  login: str):
+def test_cap_holds_on_a_tls_redis_with_a_password(
+    workers: Workers, client: Celery, probe, prefix: str, tls_redis: TLSRedis, pool: str, login: str
+):
     # Given workers whose limiter Redis speaks TLS only and wants a password (of the default
     # user, or of an ACL user)
     url = tls_redis.url if login == "password" else tls_redis.acl_url
@@ -113,19 +120,27 @@ def test_cap_holds_on_a_tls_redis_with_a_password(workers: Workers, client: Cele
     assert ":***@" in worker.output() and secret not in worker.output()
 
 
-def test_cap_holds_through_sentinel_and_across_a_failover(workers: Workers, client: Celery,
-                                                         probe, prefix: str,
-                                                         sentinel: SentinelSetup):
-    # Given two workers whose limiter is the master Sentinel names
+def test_cap_holds_through_sentinel_and_across_a_failover(
+    workers: Workers, client: Celery, probe, prefix: str, sentinel: SentinelSetup
+):
+    """Given two workers whose limiter is the master Sentinel names, when the master fails over
+    while a backlog waits for the cap, then every task still runs, never more than 2 at once,
+    and tasks sent once the old master is a replica run through the new master: its counter of
+    ended runs rises by each of them. Catches: a limiter that keeps talking to the old master (now a
+    read-only replica), which replication alone would hide from a check of the cap."""
     for name in ("a", "b"):
         workers.start(pool="threads", concurrency=4, name=name, LIMITER_URL=sentinel.url)
     assert run_capped(client, 6) == [f"x{i}" for i in range(6)]
     first = sentinel.master_port()
-    assert redis.Redis(port=first).hget(f"{prefix}:{{t.limited}}:m", "cap") == b"2"
+    meta = f"{prefix}:{{t.limited}}:m"
+    assert redis.Redis(port=first).hget(meta, "cap") == b"2"
     # When the master fails over while a backlog waits for the cap
     results = [client.send_task("t.limited", (f"y{i}", 0.3)) for i in range(16)]
-    wait_until(lambda: len(probe.lrange(f"{prefix}:probe:limited:started", 0, -1)) >= 9, 30,
-               what="the backlog to be under way")
+    wait_until(
+        lambda: len(probe.lrange(f"{prefix}:probe:limited:started", 0, -1)) >= 9,
+        30,
+        what="the backlog to be under way",
+    )
     done = threading.Event()
     failed_over: list[int] = []
 
@@ -139,7 +154,24 @@ def test_cap_holds_through_sentinel_and_across_a_failover(workers: Workers, clie
     assert done.wait(30) and failed_over[0] != first
     assert peak(probe, prefix, "limited") == 2
     # And the new master holds the limiter's state
-    assert redis.Redis(port=failed_over[0]).hget(f"{prefix}:{{t.limited}}:m", "cap") == b"2"
+    new_master = redis.Redis(port=failed_over[0])
+    assert new_master.hget(meta, "cap") == b"2"
+    # And once Sentinel has turned the old master into a replica (a forced failover leaves it
+    # writable for some seconds), tasks sent now run through the new master
+    wait_until(
+        lambda: sentinel.role(first) == "slave",
+        60,
+        interval=0.2,
+        what="Sentinel to demote the old master",
+    )
+    ended_before = int(new_master.hget(meta, "done") or 0)
+    assert sorted(run_capped(client, 6)) == [f"x{i}" for i in range(6)]
+    wait_until(
+        lambda: int(new_master.hget(meta, "done") or 0) >= ended_before + 6,
+        10,
+        what="the new master to count the runs sent after the failover",
+    )
+    assert peak(probe, prefix, "limited") == 2
 
 
 @pytest.fixture
@@ -152,8 +184,9 @@ def cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_cap_holds_on_a_redis_cluster(workers: Workers, client: Celery, probe, prefix: str,
-                                      cluster: ClusterSetup, pool: str):
+def test_cap_holds_on_a_redis_cluster(
+    workers: Workers, client: Celery, probe, prefix: str, cluster: ClusterSetup, pool: str
+):
     # Given two workers whose limiter is a three-primary Redis Cluster
     for name in ("a", "b"):
         workers.start(pool=pool, concurrency=4, name=name, LIMITER_URL=cluster.url)
@@ -161,21 +194,27 @@ def test_cap_holds_on_a_redis_cluster(workers: Workers, client: Celery, probe, p
     assert run_capped(client, 10) == [f"x{i}" for i in range(10)]
     assert peak(probe, prefix, "limited") == 2
     nodes = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
-    family = [k.decode() for k in nodes.scan_iter(match=f"{prefix}:{{t.limited}}:*",
-                                                  target_nodes=RedisCluster.PRIMARIES)]
+    family = [
+        k.decode()
+        for k in nodes.scan_iter(
+            match=f"{prefix}:{{t.limited}}:*", target_nodes=RedisCluster.PRIMARIES
+        )
+    ]
     assert {f"{prefix}:{{t.limited}}:m", f"{prefix}:{{t.limited}}:wt"} <= set(family)
     assert len({nodes.keyslot(k) for k in family}) == 1
     assert nodes.hget(f"{prefix}:{{t.limited}}:m", "done") == b"10"
     # And per-tenant keys spread over the nodes hold their own caps
-    results = [client.send_task("t.per_tenant", (f"tenant{i % 5}", f"p{i}", 0.05))
-               for i in range(20)]
+    results = [
+        client.send_task("t.per_tenant", (f"tenant{i % 5}", f"p{i}", 0.05)) for i in range(20)
+    ]
     assert len([r.get(timeout=60) for r in results]) == 20
     slots = {nodes.keyslot(f"{prefix}:{{tenant:tenant{i}}}:m") for i in range(5)}
     assert len({nodes.nodes_manager.get_node_from_slot(s).port for s in slots}) >= 2
 
 
-def test_errgroups_and_status_on_a_redis_cluster(workers: Workers, client: Celery, prefix: str,
-                                                 redis_url: str, cluster: ClusterSetup):
+def test_errgroups_and_status_on_a_redis_cluster(
+    workers: Workers, client: Celery, prefix: str, redis_url: str, cluster: ClusterSetup
+):
     workers.start(pool="threads", concurrency=4, LIMITER_URL=cluster.url)
     os.environ.setdefault("REDIS_URL", redis_url)
     importlib.import_module("tests.apps.throttle_app")  # the tasks, as a web app imports them
@@ -206,13 +245,16 @@ def test_lease_batches_are_pipelined_per_cluster_node(cluster: ClusterSetup, pre
     assert len(owners) >= 2
     # When they run as one batch: one slot each is granted, a second holder of k0 waits
     first = leases.execute([Acquire(k, holder_id("w1/1/abc", f"t-{k}"), 1) for k in keys])
-    assert all(outcome.granted == [holder_id("w1/1/abc", f"t-{k}")]
-               for k, outcome in zip(keys, first, strict=True))
+    assert all(
+        outcome.granted == [holder_id("w1/1/abc", f"t-{k}")]
+        for k, outcome in zip(keys, first, strict=True)
+    )
     waiting = leases.execute([Acquire("k0", holder_id("w1/1/abc", "t-late"), 1)])
     assert waiting[0].granted == []
     # Then releasing them all in one batch hands k0's slot to the waiter, and nothing is left
-    released = leases.execute([Release(k, holder_id("w1/1/abc", f"t-{k}"), 1, "done")
-                               for k in keys])
+    released = leases.execute(
+        [Release(k, holder_id("w1/1/abc", f"t-{k}"), 1, "done") for k in keys]
+    )
     assert all(outcome.known for outcome in released)
     assert released[0].granted == [holder_id("w1/1/abc", "t-late")]
     assert all(client.zcard(Family.of(prefix, k).holders) == 0 for k in keys[1:])

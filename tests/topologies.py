@@ -252,6 +252,10 @@ class SentinelSetup:
         )
         return int(reply[1])
 
+    def role(self, port: int) -> str:
+        """ "master" or "slave": what the server on ``port`` says it is."""
+        return str(redis.Redis(port=port).info("replication")["role"])
+
     def failover(self) -> int:
         """Force a failover; returns the new master's port once every sentinel agrees."""
         before = self.master_port()

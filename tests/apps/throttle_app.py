@@ -2,7 +2,7 @@
 
 Configured from the environment by the test fixtures: ``REDIS_URL`` (limiter, results and,
 unless ``BROKER_URL`` is set, the broker), ``TEST_PREFIX`` (the key prefix and queue name that
-isolate one test from another) and ``LEASE_TTL``.
+isolate one test from another), ``LEASE_TTL`` and a few more settings a test may need.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ app.conf.update(
 app.conf.throttle_max_result_bytes = 1000
 if os.environ.get("METRICS_PORT"):
     app.conf.throttle_metrics_port = int(os.environ["METRICS_PORT"])
+if os.environ.get("METRICS_ADDR"):
+    app.conf.throttle_metrics_addr = os.environ["METRICS_ADDR"]
+if os.environ.get("MAX_HELD"):
+    app.conf.throttle_max_held = int(os.environ["MAX_HELD"])
 if os.environ.get("MAX_HOLD"):
     app.conf.throttle_max_hold = float(os.environ["MAX_HOLD"])
 
