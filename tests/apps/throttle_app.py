@@ -154,6 +154,12 @@ def late(label: str, duration: float = 0.1) -> str:
     return tracked("late", label, duration)
 
 
+@throttled_task(limit=2, key="t.limited", name="t.limited_late", acks_late=True)
+def limited_late(label: str, duration: float = 0.2) -> str:
+    """t.limited's key and cap, acknowledged only once it ends (its message fills the window)."""
+    return tracked("limited", label, duration)
+
+
 @throttled_task(limit=1, name="t.fair", bind=True)
 def fair(self: Any, index: int, duration: float = 0.05) -> str:
     return tracked("fair", f"{index}@{self.request.hostname}", duration)
