@@ -18,6 +18,7 @@ re-exported below for the tests that want them.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NoReturn
 
 import pytest
@@ -218,6 +220,17 @@ def client(redis_url: str, prefix: str) -> Iterator[Celery]:
     app = make_client(redis_url, redis_url, prefix)
     yield app
     app.close()
+
+
+@pytest.fixture
+def tasks(client: Celery, redis_url: str, prefix: str) -> ModuleType:
+    """The test tasks, imported in this process as a web app imports its tasks module; the
+    client shares the workers' key prefix (for errgroups, and ``apply_async(deadline=...)``)."""
+    os.environ.setdefault("REDIS_URL", redis_url)
+    module = importlib.import_module(WORKER_APP)
+    client.conf.throttle_key_prefix = prefix
+    client.tasks  # noqa: B018  (finalize: the shared tasks register in the client app)
+    return module
 
 
 @dataclass

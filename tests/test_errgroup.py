@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
 import sys
 import time
-from types import ModuleType
 
 import pytest
 import redis
@@ -23,17 +21,6 @@ from .probes import finished, peak, started
 pytestmark = pytest.mark.timeout(240)
 #: how long a member that was not started must stay so (several sweeps and cancel probes)
 QUIET = 1.0
-
-
-@pytest.fixture
-def tasks(client: Celery, redis_url: str, prefix: str) -> ModuleType:
-    """The test tasks, imported in this process as a web app imports its tasks module; the
-    client shares the workers' key prefix."""
-    os.environ.setdefault("REDIS_URL", redis_url)
-    module = importlib.import_module("tests.apps.throttle_app")
-    client.conf.throttle_key_prefix = prefix
-    client.tasks  # noqa: B018  (finalize: the shared tasks register in the client app)
-    return module
 
 
 def sig(client: Celery, name: str, *args, **kwargs):

@@ -425,3 +425,70 @@ def timed_soft(label: str, seconds: float) -> str:
 def timed_hard(label: str, seconds: float) -> str:
     """Declares hard_timeout=0.6 on the decorator; blocks in one call."""
     return _blocked_run("timed", label, seconds, "sleep")
+
+
+# -- outcomes: causes, deadlines seen from inside, fallbacks, errbacks --------------------------
+@throttled_task(limit=2, name="t.deep_chain")
+def deep_chain(depth: int) -> None:
+    """Raise a chain of ``depth`` exceptions: ``E0 from E1 from … E{depth-1}``."""
+    error: BaseException | None = None
+    for level in reversed(range(depth)):
+        try:
+            raise ValueError(f"level {level}") from error
+        except ValueError as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
+@throttled_task(limit=2, name="t.deadline_probe")
+def deadline_probe(label: str) -> str:
+    """Record remaining() before the deadline; sleep through it (catching the soft limit it
+    becomes), record remaining() again, then call check()."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    ctx = current_context()
+    base = f"{PREFIX}:probe:context:{label}"
+    probe.rpush(base, json.dumps({"deadline": ctx.deadline, "remaining": ctx.remaining()}))
+    try:
+        while not ctx.expired():
+            time.sleep(0.01)
+    except SoftTimeLimitExceeded:
+        while not ctx.expired():  # the soft limit may fire a little early
+            time.sleep(0.01)
+    probe.rpush(base, json.dumps({"remaining": ctx.remaining(), "cancelled": ctx.cancelled}))
+    ctx.check()
+    return "check() did not raise"
+
+
+def _failing_fallback(error: Any, sku: str) -> Any:
+    raise LookupError(f"no cached price for {sku}")
+
+
+@throttled_task(limit=2, name="t.fallback_fails", fallback=_failing_fallback)
+def fallback_fails(sku: str) -> Any:
+    raise ValueError(f"pricing service down for {sku}")
+
+
+def _stand_in(error: Any, *args: Any, **kwargs: Any) -> str:
+    return "degraded"
+
+
+@throttled_task(limit=1, key="fallback-blocking", name="t.fallback_blocker", fallback=_stand_in)
+def fallback_blocker(label: str, seconds: float) -> str:
+    """Block in one call for ``seconds``, then fail (so a fallback would stand in)."""
+    _blocked_run("fallback", label, seconds, "sleep")
+    raise ValueError(f"{label} failed late")
+
+
+@throttled_task(limit=1, key="fallback-blocking", name="t.fallback_suicide", fallback=_stand_in)
+def fallback_suicide(label: str) -> str:
+    probe.rpush(f"{PREFIX}:probe:fallback:started", f"{label} {time.time()}")
+    os.kill(os.getpid(), 9)
+    return label
+
+
+@shared_task(name="t.record_errback")
+def record_errback(task_id: str) -> None:
+    """An old-style errback (``link_error``): it gets the failed task's id."""
+    probe.rpush(f"{PREFIX}:probe:errbacks", task_id)

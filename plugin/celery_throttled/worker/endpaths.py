@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from billiard.einfo import ExceptionWithTraceback
 from celery.exceptions import Retry
 
 __all__ = ["hook_end_paths"]
@@ -35,8 +36,10 @@ def hook_end_paths(req: Any, release: Callable[[str], None]) -> None:
         try:
             return on_failure(exc_info, *args, **kwargs)
         finally:
-            retried = isinstance(getattr(exc_info, "exception", None), Retry)
-            release("retried" if retried else "failed")
+            exc = getattr(exc_info, "exception", None)
+            if isinstance(exc, ExceptionWithTraceback):  # how the threads and solo pools pass it
+                exc = exc.exc
+            release("retried" if isinstance(exc, Retry) else "failed")
 
     def on_timeout_hooked(soft: bool, timeout: float) -> Any:
         try:
