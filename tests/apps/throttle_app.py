@@ -492,3 +492,20 @@ def fallback_suicide(label: str) -> str:
 def record_errback(task_id: str) -> None:
     """An old-style errback (``link_error``): it gets the failed task's id."""
     probe.rpush(f"{PREFIX}:probe:errbacks", task_id)
+
+
+# -- errgroup promises ----------------------------------------------------------------------------
+@throttled_task(limit=4, name="t.nest_then_fail")
+def nest_then_fail(labels: list[str], seconds: float = 30.0) -> None:
+    """Start a child errgroup, wait until its members run, then fail (not as an errgroup member)."""
+    child = errgroup([member.s(label, seconds) for label in labels]).apply_async()
+    probe.set(f"{PREFIX}:probe:eg:child", child.id)
+    began = time.time()
+    while probe.llen(f"{PREFIX}:probe:eg:started") < len(labels) and time.time() < began + 20:
+        time.sleep(0.02)
+    raise RuntimeError("the parent task failed")
+
+
+@throttled_task(limit=2, name="t.quiet", ignore_result=True)
+def quiet(label: str) -> str:
+    return label
