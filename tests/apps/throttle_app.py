@@ -43,6 +43,10 @@ app.conf.update(
     throttle_redis_url=os.environ.get("LIMITER_URL") or REDIS_URL,
 )
 app.conf.throttle_max_result_bytes = 1000
+if os.environ.get("BROKER_MASTER"):  # Celery's own Sentinel broker settings
+    app.conf.broker_transport_options["master_name"] = os.environ["BROKER_MASTER"]
+if os.environ.get("LIMITER_URL") == "-":  # no throttle_redis_url: the limiter finds its own
+    app.conf.throttle_redis_url = None
 if os.environ.get("METRICS_PORT"):
     app.conf.throttle_metrics_port = int(os.environ["METRICS_PORT"])
 if os.environ.get("METRICS_ADDR"):
