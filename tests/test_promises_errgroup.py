@@ -104,6 +104,29 @@ def test_cancelling_members_that_wait_for_their_own_slot(
     assert probe.llen(key) == 1
 
 
+def test_a_member_already_handed_to_the_pool_never_starts_once_cancelled(
+    workers: Workers, client: Celery, tasks: ModuleType, probe: redis.Redis, prefix: str
+):
+    """Given a prefork worker whose one pool process is busy, and an errgroup member that was
+    granted its slot and handed to the pool (queued for that process), when the group is
+    cancelled, then the member settles as cancelled and never starts once the process frees.
+    Catches: a start step that does not check the cancellation atomically (the gate cannot
+    take back a request it already dispatched)."""
+    workers.start(pool="prefork", concurrency=1, PREFETCH=4)
+    hog = client.send_task("t.plain", ("hog", 1.5))
+    wait_until(lambda: started(probe, prefix, "plain"), 30, what="the hog to start")
+    res = errgroup([sig(client, "t.member", "m0", 0.1)]).apply_async()
+    wait_until(lambda: leases(probe, prefix, "members")["holders"] == 1, 10,
+               what="the member to be granted its slot")  # fmt: skip
+    assert res.cancel() is True
+    (env,) = res.get(timeout=10)
+    assert env.error is not None and env.error.kind == "cancelled", env
+    assert hog.get(timeout=30) == "hog"
+    holds_for(lambda: started(probe, prefix, "eg") == [], QUIET, what="the member never starts")
+    wait_until(lambda: leases(probe, prefix, "members") == {"holders": 0, "waiters": 0}, 10,
+               what="its slot to be released")  # fmt: skip
+
+
 def test_first_error_is_readable_before_the_group_settles(
     workers: Workers, client: Celery, tasks: ModuleType, probe: redis.Redis, prefix: str
 ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -12,6 +13,7 @@ from celery import Celery
 from .conftest import RedisServer, Workers, holds_for, wait_until
 from .probes import leases, peak, queued, started, unacknowledged, wait_drained
 from .test_envelope import envelope
+from .topologies import UnixRedis
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -34,6 +36,30 @@ def test_a_granted_request_goes_to_the_front_of_the_pool_queue(
     plain_starts = dict(started(probe, prefix, "plain"))
     assert all(capped_start < plain_starts[f"p{i}"] for i in range(4)), (capped_start, plain_starts)
     wait_drained(probe, prefix, "t.limited")
+
+
+@pytest.mark.parametrize("transport", ["event loop", "threads"])
+def test_a_run_longer_than_its_lease_keeps_its_slot(
+    workers: Workers, client: Celery, probe, prefix, tmp_path: Path, transport: str
+):
+    """Given two workers with leases of 1 s (renewed every third of it), on either transport,
+    when 4 tasks of 2 s each run at a cap of 2, then never more than 2 run: the running leases
+    are renewed, not reaped, while their tasks outlive the TTL. Catches: renewals that skip (or
+    do not extend) running leases, which would let waiters take slots that are still in use."""
+    env: dict[str, object] = {"LEASE_TTL": 1}
+    unix = UnixRedis(tmp_path)
+    if transport == "threads":
+        env["LIMITER_URL"] = unix.start().url  # a unix socket: the threads transport
+    try:
+        for name in ("a", "b"):
+            worker = workers.start(pool="threads", concurrency=4, name=name, **env)
+            assert f"through the {transport}" in worker.output()
+        results = [client.send_task("t.limited", (f"x{i}", 2.0)) for i in range(4)]
+        assert sorted(r.get(timeout=60) for r in results) == [f"x{i}" for i in range(4)]
+        assert peak(probe, prefix, "limited") == 2
+    finally:
+        workers.stop_all()
+        unix.stop()
 
 
 def test_the_oldest_waiter_in_the_cluster_is_served_first(
