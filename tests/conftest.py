@@ -53,6 +53,9 @@ from celery.contrib.pytest import (  # noqa: F401  (fixtures, re-exported)
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+#: for every process a test starts: the tests and this checkout's package (before any installed
+#: copy, so a scratch copy of the repository runs its own code: see tests/breakages.py)
+PYTHONPATH = os.pathsep.join([str(ROOT), str(ROOT / "plugin")])
 WORKER_APP = "tests.apps.throttle_app"
 
 
@@ -295,7 +298,7 @@ class Workers:
             **os.environ,
             "REDIS_URL": self.redis_url,
             "TEST_PREFIX": self.prefix,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": PYTHONPATH,
             "PYTHONUNBUFFERED": "1",
             **{k: str(v) for k, v in env.items()},
         }

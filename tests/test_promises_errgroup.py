@@ -43,7 +43,7 @@ def test_a_members_own_cap_applies_within_the_groups_limit(
             leases(probe, prefix, group_key)["holders"] == 4
             and leases(probe, prefix, "t.limited") == {"holders": 2, "waiters": 2}
         ),
-        30,
+        15,
         what="4 group slots held, 2 running and 2 waiting for their own cap",
     )
     assert res.unwrap(timeout=60) == [f"g{i}" for i in range(6)]

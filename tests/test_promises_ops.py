@@ -17,7 +17,7 @@ from celery import Celery
 
 from celery_throttled.status import set_cap
 
-from .conftest import ROOT, Workers, holds_for, wait_until
+from .conftest import PYTHONPATH, ROOT, Workers, holds_for, wait_until
 from .test_cli import limiter_app, run
 
 pytestmark = pytest.mark.timeout(180)
@@ -86,7 +86,7 @@ def test_top_refreshes_every_interval_and_marks_overrides(
         **os.environ,
         "REDIS_URL": redis_url,
         "TEST_PREFIX": prefix,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": PYTHONPATH,
         "COLUMNS": "200",
         "LINES": "40",
     }

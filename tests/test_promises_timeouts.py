@@ -72,7 +72,7 @@ def test_the_caller_gets_its_envelope_at_the_hard_limit_while_the_call_blocks(
     envelope, and a slot released while the code still runs."""
     workers.start(pool=pool, concurrency=1 if pool == "solo" else 2)
     res = client.send_task("t.blocker", ("stuck", 3.0, how), time_limit=0.5)
-    env = envelope(client, res)
+    env = envelope(client, res, timeout=5 * 3.0)
     assert env.error is not None and env.error.kind == "hard_timeout", env
     assert res.state == "FAILURE"
     assert "stuck" not in dict(finished(probe, prefix, "blocking")), "reported only at the end"

@@ -1,0 +1,405 @@
+"""The breakage drill: deliberate breakages of the core, each applied alone to a scratch copy of
+the repository, and the tests that must catch it.
+
+    .venv/bin/python tests/breakages.py [--only NAME[,NAME...]] [--list] [--json PATH]
+
+For each breakage the drill applies one exact edit (a file, the text to find, its replacement)
+to the copy, runs the tests named for it (``pytest -x``), records whether they failed (caught)
+or passed (survived), and undoes the edit. The text must be found exactly once, and every
+named test must exist, or the drill stops at once: it cannot rot silently as the code moves.
+The copy runs its own code (checked before the first breakage), workers included, and is
+removed at the end. Prints a table and exits 1 if any breakage survived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "plugin/celery_throttled"
+
+
+@dataclass(frozen=True)
+class Breakage:
+    name: str
+    #: the file, relative to the repository root
+    file: str
+    #: the exact text to replace, found exactly once
+    old: str
+    new: str
+    #: pytest node ids that must fail while the breakage is in place
+    tests: tuple[str, ...]
+
+
+GATE = "tests/test_promises_gate.py::"
+TIMEOUTS = "tests/test_promises_timeouts.py::"
+OUTCOMES = "tests/test_promises_outcomes.py::"
+ERRGROUP = "tests/test_promises_errgroup.py::"
+
+BREAKAGES = [
+    Breakage(
+        "a release that does not grant",
+        f"{PACKAGE}/lua/release.lua",
+        "local _, _, _, mine, reaped = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), "
+        "ARGV[5], ARGV[6])",
+        "local mine, reaped = {}, {}",
+        ("tests/test_leases.py::test_grants_up_to_the_cap_then_queues_in_order",),
+    ),
+    Breakage(
+        "a grant that ignores the cap",
+        f"{PACKAGE}/lua/grant.lua",
+        "local free = cap - running",
+        "local free = cap + 1 - running",
+        ("tests/test_leases.py::test_grants_up_to_the_cap_then_queues_in_order",),
+    ),
+    Breakage(
+        "grants to the newest waiter first",
+        f"{PACKAGE}/lua/grant.lua",
+        "local lucky = redis.call('ZRANGE', KEYS[2], 0, free - 1)",
+        "local lucky = redis.call('ZRANGE', KEYS[2], 0, free - 1, 'REV')",
+        (f"{GATE}test_the_oldest_waiter_in_the_cluster_is_served_first",),
+    ),
+    Breakage(
+        "a renewal that does not extend running leases",
+        f"{PACKAGE}/lua/renew.lua",
+        "  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])\n",
+        "",
+        (f"{GATE}test_a_run_longer_than_its_lease_keeps_its_slot[eventloop]",),
+    ),
+    Breakage(
+        "an event-loop transport that skips renewals",
+        f"{PACKAGE}/transport/eventloop.py",
+        "        for op in renewals:\n            self._write(op)",
+        "        for op in renewals:\n            pass",
+        (f"{GATE}test_a_run_longer_than_its_lease_keeps_its_slot[eventloop]",),
+    ),
+    Breakage(
+        "a threaded transport that skips renewals",
+        f"{PACKAGE}/transport/threads.py",
+        "        if renewals:\n            self._apply(renewals, self._store.execute(renewals))",
+        "        if renewals:\n            pass",
+        (f"{GATE}test_a_run_longer_than_its_lease_keeps_its_slot[threads]",),
+    ),
+    Breakage(
+        "no grace for acquires after a restart",
+        f"{PACKAGE}/transport/eventloop.py",
+        "            self._acquire_after = time.monotonic() + self._grace",
+        "            pass",
+        (f"{GATE}test_after_an_outage_no_new_task_is_admitted_before_running_leases_are_back",),
+    ),
+    Breakage(
+        "an end path that forgets to release",
+        f"{PACKAGE}/worker/endpaths.py",
+        '        finally:\n            release("done")',
+        "        finally:\n            pass",
+        ("tests/test_cap.py::test_killed_child_frees_its_slot_at_once",),
+    ),
+    Breakage(
+        "a watchdog that never fires on threads",
+        f"{PACKAGE}/pool/timeouts.py",
+        "    ctypes.pythonapi.PyThreadState_SetAsyncExc(\n"
+        "        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type)\n    )",
+        "    return",
+        (f"{TIMEOUTS}test_a_thread_blocked_in_a_c_call_sees_the_soft_timeout_when_it_returns",),
+    ),
+    Breakage(
+        "no SIGALRM for solo",
+        f"{PACKAGE}/pool/timeouts.py",
+        "            signal.setitimer(signal.ITIMER_REAL, max(soft, 0.001))",
+        "            pass",
+        ("tests/test_timeouts.py::test_soft_timeout_raises_inside_the_task[solo]",),
+    ),
+    Breakage(
+        "a hard timeout not reported on threads",
+        f"{PACKAGE}/pool/execution.py",
+        "timer = watchdog.arm(soft, hard, _hard_reporter(task, request, details, hard))",
+        "timer = watchdog.arm(soft, hard, None)",
+        (
+            f"{TIMEOUTS}test_the_caller_gets_its_envelope_at_the_hard_limit_while_the_call_blocks"
+            "[threads-sleep]",
+        ),
+    ),
+    Breakage(
+        "timeouts declared on the decorator ignored",
+        f"{PACKAGE}/pool/execution.py",
+        "    soft = soft or task.soft_time_limit\n    hard = hard or task.time_limit\n",
+        "",
+        (f"{TIMEOUTS}test_timeouts_declared_on_the_decorator_are_enforced[threads]",),
+    ),
+    Breakage(
+        "a fallback applied after a hard timeout",
+        f"{PACKAGE}/pool/execution.py",
+        "        if timer is not None and timer.hard_fired:\n"
+        "            raise Ignore() from None  # the caller already has its hard_timeout "
+        "envelope\n",
+        "",
+        (f"{OUTCOMES}test_hard_timeouts_and_lost_workers_are_not_degraded",),
+    ),
+    Breakage(
+        "a deadline ignored while queued",
+        f"{PACKAGE}/worker/gate.py",
+        "        if _deadline_passed(req):\n            deadline_passed(",
+        "        if False:\n            deadline_passed(",
+        ("tests/test_timeouts.py::test_deadline_passed_while_queued_never_runs",),
+    ),
+    Breakage(
+        "a message held past throttle_max_hold",
+        f"{PACKAGE}/worker/gate.py",
+        "            elif held.since < oldest:",
+        "            elif False:",
+        ("tests/test_resilience.py::test_messages_held_past_max_hold_go_back_and_run_once",),
+    ),
+    Breakage(
+        "a granted request left at the back of the pool queue",
+        f"{PACKAGE}/worker/gate.py",
+        "        self._jump_pool_queue(req)\n",
+        "",
+        (f"{GATE}test_a_granted_request_goes_to_the_front_of_the_pool_queue",),
+    ),
+    Breakage(
+        "widening past throttle_max_held",
+        f"{PACKAGE}/worker/gate.py",
+        "not held.widened and self._widened < self.settings.max_held:",
+        "not held.widened:",
+        (f"{GATE}test_throttle_max_held_bounds_the_messages_a_worker_holds",),
+    ),
+    Breakage(
+        "an errgroup member admitted without its own cap",
+        f"{PACKAGE}/worker/gate.py",
+        "        if held.next_cap is not None:",
+        "        if False:",
+        (f"{ERRGROUP}test_a_members_own_cap_applies_within_the_groups_limit",),
+    ),
+    Breakage(
+        "a refused task left unacknowledged",
+        f"{PACKAGE}/worker/outcomes.py",
+        '        req.send_event("task-failed", exception=repr(exc))\n        req.acknowledge()',
+        '        req.send_event("task-failed", exception=repr(exc))',
+        (f"{GATE}test_a_rejected_task_is_acknowledged",),
+    ),
+    Breakage(
+        "a reaper that reports nothing",
+        f"{PACKAGE}/worker/outcomes.py",
+        "def report_lost(app: Any, key: str, holders: list[str]) -> None:\n",
+        "def report_lost(app: Any, key: str, holders: list[str]) -> None:\n    return\n",
+        ("tests/test_envelope.py::test_whole_worker_death_is_reported_by_a_survivor[threads]",),
+    ),
+    Breakage(
+        "an errgroup start that ignores cancellation",
+        f"{PACKAGE}/errgroup/lua/eg_start.lua",
+        "if redis.call('HEXISTS', KEYS[1], 'cancelled') == 1 then",
+        "if false then",
+        (f"{ERRGROUP}test_a_member_already_handed_to_the_pool_never_starts_once_cancelled",),
+    ),
+    Breakage(
+        "a failed task that leaves its errgroups running",
+        f"{PACKAGE}/errgroup/flow.py",
+        "    if not ok and protocol.info(request):\n        task_failed(app, task_id)",
+        "    pass",
+        (f"{ERRGROUP}test_a_child_errgroup_is_cancelled_when_the_task_that_started_it_fails",),
+    ),
+    Breakage(
+        "a cause chain without a bound",
+        f"{PACKAGE}/envelope.py",
+        "_MAX_CAUSE_DEPTH = 5",
+        "_MAX_CAUSE_DEPTH = 50",
+        (f"{OUTCOMES}test_the_cause_is_kept_at_most_five_deep",),
+    ),
+    Breakage(
+        "a revocation read back as an error",
+        f"{PACKAGE}/results.py",
+        '    kind = "revoked" if status == states.REVOKED else "error"\n'
+        '    error = error_for(exc) if kind == "error" else ErrorInfo.from_exception(exc, kind)',
+        '    kind = "error"\n    error = ErrorInfo.from_exception(exc, kind)',
+        (f"{GATE}test_revoked_tasks_settle_as_revoked",),
+    ),
+    Breakage(
+        "a retry on threads counted as a failure",
+        f"{PACKAGE}/worker/endpaths.py",
+        "            if isinstance(exc, ExceptionWithTraceback):  # how the threads and solo "
+        "pools pass it\n                exc = exc.exc\n",
+        "",
+        (f"{OUTCOMES}test_retries_are_counted_as_retried[threads]",),
+    ),
+    Breakage(
+        "running gauges stuck at 0",
+        f"{PACKAGE}/metrics.py",
+        "running.add_metric([key], r)",
+        "running.add_metric([key], 0)",
+        ("tests/test_metrics.py::test_metrics_scrape_matches_the_workload",),
+    ),
+    Breakage(
+        "top refreshing on its own schedule",
+        f"{PACKAGE}/cli.py",
+        "time.sleep(interval)",
+        "time.sleep(1.0)",
+        ("tests/test_promises_ops.py::test_top_refreshes_every_interval_and_marks_overrides",),
+    ),
+]
+
+
+class DrillError(Exception):
+    """The drill itself is out of date: an edit that no longer applies, a test that is gone."""
+
+
+@dataclass
+class Result:
+    name: str
+    tests: str
+    outcome: str  # "caught" or "survived"
+    seconds: float
+
+
+def tracked_files(root: Path) -> list[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=root, capture_output=True, check=True,
+    ).stdout.decode()  # fmt: skip
+    return [name for name in listed.split("\0") if name and (root / name).is_file()]
+
+
+@contextmanager
+def scratch_copy() -> Iterator[Path]:
+    """The repository's files (tracked, and new ones not ignored) in a temporary folder."""
+    with tempfile.TemporaryDirectory(prefix="breakage-drill-") as tmp:
+        copy = Path(tmp) / "repo"
+        for name in tracked_files(ROOT):
+            target = copy / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target)
+        yield copy
+
+
+def environment(copy: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CI")}
+    env["PYTHONPATH"] = os.pathsep.join([str(copy), str(copy / "plugin")])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def check_copy_runs_its_own_code(copy: Path, env: dict[str, str]) -> None:
+    found = subprocess.run(
+        [sys.executable, "-c", "import celery_throttled; print(celery_throttled.__file__)"],
+        cwd=copy, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    if not Path(found).resolve().is_relative_to(copy.resolve()):
+        raise DrillError(f"the scratch copy imports celery_throttled from {found}, not its own")
+
+
+def check_tests_exist(copy: Path, env: dict[str, str], breakages: list[Breakage]) -> None:
+    wanted = sorted({test for b in breakages for test in b.tests})
+    listed = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         *wanted],
+        cwd=copy, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    collected = {line.strip() for line in listed.stdout.splitlines()}
+    missing = [test for test in wanted if test not in collected]
+    if listed.returncode != 0 or missing:
+        raise DrillError(f"tests named by the drill are gone: {missing}\n{listed.stdout[-2000:]}")
+
+
+def apply(copy: Path, breakage: Breakage) -> str:
+    """Apply the edit; returns the file's original text. Fails unless ``old`` occurs once."""
+    path = copy / breakage.file
+    if not path.exists():
+        raise DrillError(f"{breakage.name!r}: {breakage.file} does not exist")
+    original = path.read_text()
+    count = original.count(breakage.old)
+    if count != 1:
+        raise DrillError(
+            f"{breakage.name!r}: the text to replace occurs {count} times in {breakage.file} "
+            f"(must be exactly once):\n{breakage.old}"
+        )
+    path.write_text(original.replace(breakage.old, breakage.new))
+    return original
+
+
+def drill(copy: Path, env: dict[str, str], breakage: Breakage, log: Path) -> Result:
+    original = apply(copy, breakage)
+    began = time.monotonic()
+    try:
+        with log.open("a") as out:
+            out.write(f"\n===== {breakage.name} =====\n")
+            out.flush()
+            ran = subprocess.run(
+                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                 *breakage.tests],
+                cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600,
+            )  # fmt: skip
+    finally:
+        (copy / breakage.file).write_text(original)
+    if ran.returncode not in (0, 1):
+        raise DrillError(f"{breakage.name!r}: pytest exited {ran.returncode}; see {log}")
+    outcome = "caught" if ran.returncode == 1 else "survived"
+    tests = ", ".join(t.split("::", 1)[1] for t in breakage.tests)
+    return Result(breakage.name, tests, outcome, time.monotonic() - began)
+
+
+def table(results: list[Result]) -> str:
+    rows = [("breakage", "tests run", "result", "seconds")]
+    rows += [(r.name, r.tests, r.outcome, f"{r.seconds:.0f}") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+             for row in rows]  # fmt: skip
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--only", help="comma-separated breakage names (or parts of them)")
+    parser.add_argument("--list", action="store_true", help="list the breakages and exit")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    chosen = BREAKAGES
+    if args.only:
+        parts = [p.strip() for p in args.only.split(",") if p.strip()]
+        chosen = [b for b in BREAKAGES if any(p in b.name for p in parts)]
+    if args.list:
+        for b in chosen:
+            print(f"{b.name}: {b.file} -> {', '.join(b.tests)}")
+        return 0
+    began = time.monotonic()
+    results: list[Result] = []
+    with scratch_copy() as copy:
+        env = environment(copy)
+        check_copy_runs_its_own_code(copy, env)
+        check_tests_exist(copy, env, chosen)
+        for breakage in chosen:  # every edit must apply before any test runs
+            (copy / breakage.file).write_text(apply(copy, breakage))
+        log = copy.parent / "drill.log"
+        try:
+            for breakage in chosen:
+                result = drill(copy, env, breakage, log)
+                results.append(result)
+                print(f"{result.outcome:8}  {result.seconds:4.0f} s  {result.name}", flush=True)
+        except BaseException:
+            if log.exists():
+                sys.stdout.write(log.read_text()[-6000:])
+            raise
+        survivors = [r for r in results if r.outcome != "caught"]
+        if survivors and log.exists():
+            sys.stdout.write(log.read_text()[-6000:])
+    elapsed = time.monotonic() - began
+    print()
+    print(table(results))
+    print(f"\n{len(results) - len(survivors)} of {len(results)} caught in {elapsed:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
