@@ -56,7 +56,7 @@ def test_a_run_longer_than_its_lease_keeps_its_slot(
             assert f"through the {transport}" in worker.output()
         results = [client.send_task("t.limited", (f"x{i}", 2.0)) for i in range(4)]
         wait_until(lambda: all(r.ready() for r in results) or peak(probe, prefix, "limited") > 2,
-                   60, what="every run to end (or the cap to be exceeded)")  # fmt: skip
+                   30, what="every run to end (or the cap to be exceeded)")  # fmt: skip
         assert peak(probe, prefix, "limited") == 2
         assert sorted(r.get(timeout=60) for r in results) == [f"x{i}" for i in range(4)]
     finally:
