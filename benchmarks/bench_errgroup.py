@@ -59,19 +59,26 @@ def client_for(row: Row) -> Celery:
     os.environ.setdefault("REDIS_URL", row.bench.redis_url)
     import benchmarks.bench_app  # noqa: F401  (registers the shared tasks in every app)
 
-    app = Celery("p7-client", broker=row.bench.redis_url, backend=row.bench.redis_url,
-                 set_as_current=False)
-    app.conf.update(task_default_queue=row.prefix, task_serializer="json",
-                    result_serializer="json", accept_content=["json"],
-                    throttle_key_prefix=row.prefix, broker_connection_retry_on_startup=True)
+    app = Celery(
+        "p7-client", broker=row.bench.redis_url, backend=row.bench.redis_url, set_as_current=False
+    )
+    app.conf.update(
+        task_default_queue=row.prefix,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        throttle_key_prefix=row.prefix,
+        broker_connection_retry_on_startup=True,
+    )
     app.tasks  # noqa: B018  (finalize)
     return app
 
 
 def shape(app: Celery, name: str, **extra: Any) -> list[Any]:
     members = [app.signature(name, args=("s0", SECONDS), kwargs={"fail_after": FAIL_AFTER})]
-    members += [app.signature(name, args=(f"s{i}", SECONDS), kwargs=extra)
-                for i in range(1, SIBLINGS + 1)]
+    members += [
+        app.signature(name, args=(f"s{i}", SECONDS), kwargs=extra) for i in range(1, SIBLINGS + 1)
+    ]
     return members
 
 
@@ -87,7 +94,8 @@ def measure(row: Row, send: Callable[[], list[str]]) -> dict[str, Any]:
 
     def events(what: str) -> dict[str, float]:
         raw = r.lrange(f"{row.prefix}:probe:p7:{what}", 0, -1)
-        return {label: float(at) for label, at in (item.decode().split() for item in raw)}
+        text = (item.decode() if isinstance(item, bytes) else str(item) for item in raw)
+        return {label: float(at) for label, at in (line.split() for line in text)}
 
     starts, ends = events("starts"), events("ends")
     failed_at = ends["s0"]
@@ -99,8 +107,11 @@ def measure(row: Row, send: Callable[[], list[str]]) -> dict[str, Any]:
         end = ends.get(label, done.finished[by_label[label]])
         wasted += max(0.0, end - max(began, failed_at))
     # how long siblings running at F went on (for polling members: until they saw cancelled)
-    ran_on = [ends[label] - failed_at for label, began in starts.items()
-              if label != "s0" and began <= failed_at and label in ends]
+    ran_on = [
+        ends[label] - failed_at
+        for label, began in starts.items()
+        if label != "s0" and began <= failed_at and label in ends
+    ]
     return {
         "ran_on_after_failure_s": ran_on,
         "starts_after_failure": sum(1 for at in starts.values() if at > failed_at),
@@ -131,7 +142,7 @@ def scenarios(app: Celery, pending: list[Any]) -> dict[str, Callable[[], list[st
         def send() -> list[str]:
             members = shape(app, "bench.sibling", poll=poll)
             res = (errgroup(members, **options) | app.signature("bench.chord_body")).apply_async()
-            return res.member_ids
+            return list(res.member_ids)
 
         return send
 
@@ -162,6 +173,7 @@ def p7(bench: Bench, repeat: int) -> None:
             app.close()
     report.raw["P7"] = runs
     for name, results in runs.items():
+
         def figure(key: str, results: list[dict[str, Any]] = results) -> tuple[float, float]:
             values = [run[key] for run in results]
             return statistics.median(values), max(values)
@@ -173,22 +185,38 @@ def p7(bench: Bench, repeat: int) -> None:
         is_errgroup = name.startswith("errgroup")
         ran_on = [t for run in results for t in run["ran_on_after_failure_s"]]
         report.add(
-            Line("P7", f"{name}: sibling starts after the failure (worst)", str(late_starts),
-                 "0" if is_errgroup else "", late_starts == 0 if is_errgroup else None),
-            Line("P7", f"{name}: failure -> every member settled, median / worst",
-                 f"{settle:.2f} / {settle_worst:.2f} s",
-                 f"<= {SETTLE_TARGET} s" if "terminate" in name else "",
-                 settle_worst <= SETTLE_TARGET if "terminate" in name else None),
-            Line("P7", f"{name}: wasted sibling-seconds after the failure, median / worst",
-                 f"{wasted:.2f} / {wasted_worst:.2f} s"),
+            Line(
+                "P7",
+                f"{name}: sibling starts after the failure (worst)",
+                str(late_starts),
+                "0" if is_errgroup else "",
+                late_starts == 0 if is_errgroup else None,
+            ),
+            Line(
+                "P7",
+                f"{name}: failure -> every member settled, median / worst",
+                f"{settle:.2f} / {settle_worst:.2f} s",
+                f"<= {SETTLE_TARGET} s" if "terminate" in name else "",
+                settle_worst <= SETTLE_TARGET if "terminate" in name else None,
+            ),
+            Line(
+                "P7",
+                f"{name}: wasted sibling-seconds after the failure, median / worst",
+                f"{wasted:.2f} / {wasted_worst:.2f} s",
+            ),
             Line("P7", f"{name}: siblings that started at all (median)", f"{started:.0f}"),
         )
         if name == "errgroup" and ran_on:  # members that poll current_context().cancelled
             seen = max(ran_on)
-            report.add(Line(
-                "P7", f"{name}: running siblings see cancelled after F, median / worst",
-                f"{statistics.median(ran_on) * 1000:.0f} / {seen * 1000:.0f} ms",
-                f"<= {SEEN_TARGET * 1000:.0f} ms", seen <= SEEN_TARGET))
+            report.add(
+                Line(
+                    "P7",
+                    f"{name}: running siblings see cancelled after F, median / worst",
+                    f"{statistics.median(ran_on) * 1000:.0f} / {seen * 1000:.0f} ms",
+                    f"<= {SEEN_TARGET * 1000:.0f} ms",
+                    seen <= SEEN_TARGET,
+                )
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,14 +243,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = bench.report
     print()
     print(table(report.lines))
-    print(f"\n{repeat} run(s) of each scenario took {time.monotonic() - began:.0f} s on "
-          f"{env['cpu_count']} CPUs; worker logs in {logdir}")
+    print(
+        f"\n{repeat} run(s) of each scenario took {time.monotonic() - began:.0f} s on "
+        f"{env['cpu_count']} CPUs; worker logs in {logdir}"
+    )
     for message in report.errors:
         print(f"ERROR: {message}")
-    write_json(args.out, {"environment": env, "repeat": repeat,
-                          "table": [line.__dict__ for line in report.lines],
-                          "raw": report.raw, "errors": report.errors,
-                          "worker_logs": report.logs})
+    write_json(
+        args.out,
+        {
+            "environment": env,
+            "repeat": repeat,
+            "table": [line.__dict__ for line in report.lines],
+            "raw": report.raw,
+            "errors": report.errors,
+            "worker_logs": report.logs,
+        },
+    )
     print(f"results written to {args.out}")
     return 2 if report.errors else 0
 

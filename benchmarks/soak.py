@@ -276,7 +276,7 @@ def peak(probe: redis.Redis, prefix: str, group: str, kills: list[tuple[int, flo
     whose process was killed ends at the kill."""
 
     def events(what: str) -> list[list[str]]:
-        return [item.split() for item in probe.lrange(f"{prefix}:probe:{group}:{what}", 0, -1)]
+        return [str(item).split() for item in probe.lrange(f"{prefix}:probe:{group}:{what}", 0, -1)]
 
     ends = {label: float(at) for label, at in events("ends")}
     edges: list[tuple[float, int]] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import redis
+from redis.cluster import RedisCluster
 
 
 def peak(probe: redis.Redis, prefix: str, group: str) -> int:
@@ -25,7 +26,7 @@ def finished(probe: redis.Redis, prefix: str, group: str) -> list[tuple[str, flo
     return _events(probe, prefix, group, "finished")
 
 
-def leases(probe: redis.Redis, prefix: str, key: str) -> dict[str, int]:
+def leases(probe: redis.Redis | RedisCluster, prefix: str, key: str) -> dict[str, int]:
     """Holders and waiters the limiter has in Redis for ``key``."""
     base = f"{prefix}:{{{key}}}"
     return {"holders": int(probe.zcard(f"{base}:h")), "waiters": int(probe.zcard(f"{base}:w"))}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from celery import Celery
 
@@ -11,7 +13,9 @@ from .probes import finished, leases, peak, started, wait_drained
 pytestmark = pytest.mark.timeout(240)
 
 
-def run_all(client: Celery, name: str, args_list: list[tuple], timeout: float = 60) -> list:
+def run_all(
+    client: Celery, name: str, args_list: list[tuple[Any, ...]], timeout: float = 60
+) -> list[Any]:
     results = [client.send_task(name, args) for args in args_list]
     return [r.get(timeout=timeout) for r in results]
 
@@ -50,8 +54,9 @@ def test_key_function_caps_each_value_separately(workers: Workers, client, probe
     # Given a task capped at 1 per tenant
     workers.start(pool="threads", concurrency=6)
     # When three tenants each submit three tasks
-    results = [client.send_task("t.per_tenant", (t, f"{t}{i}", 0.3))
-               for i in range(3) for t in "ABC"]
+    results = [
+        client.send_task("t.per_tenant", (t, f"{t}{i}", 0.3)) for i in range(3) for t in "ABC"
+    ]
     for r in results:
         r.get(timeout=60)
     # Then each tenant ran one at a time ...
@@ -62,8 +67,9 @@ def test_key_function_caps_each_value_separately(workers: Workers, client, probe
     for t in "ABC":
         ends = dict(finished(probe, prefix, f"tenant:{t}"))
         runs += [(t, s, ends[label]) for label, s in started(probe, prefix, f"tenant:{t}")]
-    overlapping = [(a, b) for a in runs for b in runs
-                   if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]]
+    overlapping = [
+        (a, b) for a in runs for b in runs if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]
+    ]
     assert len(overlapping) >= 3, runs
 
 
@@ -104,13 +110,17 @@ def test_revoked_held_task_never_runs(workers: Workers, client, probe, prefix):
     wait_until(lambda: started(probe, prefix, "fragile"), 30, what="the first task to start")
     # When a second task waits for the slot and is revoked while it waits
     held = client.send_task("t.survivor", ("held", 0))
-    wait_until(lambda: leases(probe, prefix, "fragile")["waiters"] == 1, 10,
-               what="the second task to wait")
+    wait_until(
+        lambda: leases(probe, prefix, "fragile")["waiters"] == 1, 10, what="the second task to wait"
+    )
     client.control.revoke(held.id)
     # Then it settles as revoked and leaves the line at once, the running task is unaffected,
     wait_until(lambda: held.state == "REVOKED", 10, what="the held task to be revoked")
-    wait_until(lambda: leases(probe, prefix, "fragile") == {"holders": 1, "waiters": 0}, 5,
-               what="the revoked task to leave the line")
+    wait_until(
+        lambda: leases(probe, prefix, "fragile") == {"holders": 1, "waiters": 0},
+        5,
+        what="the revoked task to leave the line",
+    )
     assert first.get(timeout=30) == "first"
     # and the slot serves the next task normally
     assert client.send_task("t.survivor", ("third", 0)).get(timeout=30) == "third"
@@ -118,8 +128,9 @@ def test_revoked_held_task_never_runs(workers: Workers, client, probe, prefix):
     wait_drained(probe, prefix, "fragile")
 
 
-def test_bad_key_function_fails_the_task_and_the_worker_carries_on(workers: Workers, client,
-                                                                    probe, prefix):
+def test_bad_key_function_fails_the_task_and_the_worker_carries_on(
+    workers: Workers, client, probe, prefix
+):
     # Given a worker
     worker = workers.start(pool="prefork", concurrency=2)
     # When a task's key function raises, and another's returns a non-string
@@ -164,8 +175,11 @@ def test_hard_time_limit_and_terminate_free_the_slot(workers: Workers, client, p
     assert slow.state == "FAILURE"
     # When a running task is revoked with terminate=True
     stuck = client.send_task("t.survivor", ("stuck", 30))
-    wait_until(lambda: "stuck" in [label for label, _ in started(probe, prefix, "fragile")], 20,
-               what="the stuck task to start")
+    wait_until(
+        lambda: "stuck" in [label for label, _ in started(probe, prefix, "fragile")],
+        20,
+        what="the stuck task to start",
+    )
     client.control.revoke(stuck.id, terminate=True)
     # Then its slot is freed too
     assert client.send_task("t.survivor", ("after", 0)).get(timeout=20) == "after"

@@ -38,7 +38,10 @@ PROCESS_DEATH = ("os_exit", "sigkill", "segfault")
 
 
 def envelope(client: Celery, result, timeout: float = 60) -> Envelope:
-    return EnvelopeResult(result.id, app=client, backend=client.backend).get(timeout=timeout)
+    env: Envelope = EnvelopeResult(result.id, app=client, backend=client.backend).get(
+        timeout=timeout
+    )
+    return env
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])

@@ -185,11 +185,11 @@ def test_cancellation_flows_down_to_nested_errgroups(
     assert child_id is not None
     from celery_throttled import ErrgroupResult
 
-    child = ErrgroupResult.from_id(child_id, app=client)
+    child = ErrgroupResult.from_id(str(child_id), app=client)
     child_envs = child.get(timeout=10)
     assert child.cancelled
     # by the parent-group path: its parent errgroup was cancelled (the task itself did not fail)
-    reason = probe.hget(GroupKeys.of(prefix, child_id).state, "cancelled")
+    reason = probe.hget(GroupKeys.of(prefix, str(child_id)).state, "cancelled")
     assert reason is not None and f"its parent errgroup {parent.id} was cancelled" in reason
     assert all(e.error is not None and e.error.kind == "cancelled" for e in child_envs)
     assert time.time() - sent < 15
@@ -230,7 +230,7 @@ def test_group_completes_after_its_submitter_exits(
     # Then the body still runs, once, with both values in member order
     body = f"{prefix}:probe:eg:body"
     wait_until(lambda: probe.llen(body) == 1, 30, what="the body to run")
-    assert json.loads(probe.lindex(body, 0)) == ["x", "y"]
+    assert json.loads(str(probe.lindex(body, 0))) == ["x", "y"]
     from celery_throttled import ErrgroupResult
 
     assert ErrgroupResult.from_id(gid, app=client).unwrap(10) == ["x", "y"]
@@ -271,7 +271,7 @@ def test_only_throttled_signatures_may_join(client: Celery, tasks):
     with pytest.raises(ConfigurationError, match=r"member 1: task 't.plain' is not a throttled"):
         errgroup([sig(client, "t.member", "a"), sig(client, "t.plain", "b")])
     with pytest.raises(ConfigurationError, match="member 0: expected the signature"):
-        errgroup([lambda: None])  # type: ignore[list-item]
+        errgroup([lambda: None])
     with pytest.raises(ConfigurationError, match="limit must be a positive int"):
         errgroup([sig(client, "t.member", "a")], limit=0)
     with pytest.raises(ConfigurationError, match=r"'t\.nope' is not registered"):

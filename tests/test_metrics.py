@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -61,7 +62,7 @@ def test_metrics_scrape_matches_the_workload(workers: Workers, client: Celery, p
     assert rejected.error is not None and rejected.error.kind == "rejected"
     assert envelope(client, busy).ok
 
-    def settled() -> dict:
+    def settled() -> dict[Any, float]:
         m = scrape(port)
         return (
             m

@@ -91,7 +91,7 @@ def test_cancelling_members_that_wait_for_their_own_slot(
     # And the errback got the first member it cancelled
     key = f"{prefix}:probe:eg:errback"
     wait_until(lambda: probe.llen(key) == 1, 30, what="the errback")
-    payload = Envelope.from_json(json.loads(probe.lindex(key, 0)))
+    payload = Envelope.from_json(json.loads(str(probe.lindex(key, 0))))
     assert payload.task_id == res.member_ids[0]
     assert payload.error is not None and payload.error.kind == "cancelled"
     # And once the slots free, neither starts

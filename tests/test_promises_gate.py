@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -46,7 +47,7 @@ def test_a_run_longer_than_its_lease_keeps_its_slot(
     when 4 tasks of 2 s each run at a cap of 2, then never more than 2 run: the running leases
     are renewed, not reaped, while their tasks outlive the TTL. Catches: renewals that skip (or
     do not extend) running leases, which would let waiters take slots that are still in use."""
-    env: dict[str, object] = {"LEASE_TTL": 1}
+    env: dict[str, Any] = {"LEASE_TTL": 1}
     unix = UnixRedis(tmp_path)
     if transport == "threads":
         env["LIMITER_URL"] = unix.start().url  # a unix socket: the threads transport
@@ -77,10 +78,11 @@ def test_the_oldest_waiter_in_the_cluster_is_served_first(
     results = []
     for i in range(8):
         results.append(client.send_task("t.fair", (i, 0.02)))
+        count = i + 1
         wait_until(
-            lambda n=i + 1: leases(probe, prefix, "t.fair")["waiters"] == n,
+            lambda: leases(probe, prefix, "t.fair")["waiters"] == count,  # noqa: B023
             10,
-            what=f"{i + 1} waiting",
+            what=f"{count} waiting",
         )
     hold.get(timeout=30)
     for r in results:
@@ -131,7 +133,7 @@ def outage(
     """Worker A runs 2 tasks at a cap of 2; worker B holds ``before`` waiters; the limiter's Redis
     restarts empty while A is stalled; B reconnects first and gets ``after`` new tasks; then A
     comes back. Every task must run, never more than 2 at once."""
-    env = {"LIMITER_URL": redis.url}
+    env: dict[str, Any] = {"LIMITER_URL": redis.url}
     a = workers.start(pool="prefork", concurrency=2, name="a", **env)
     running = [client.send_task("t.limited_late", (f"x{i}", 6.0)) for i in range(2)]
     wait_until(lambda: len(started(probe, prefix, "limited")) == 2, 30, what="A to run 2")

@@ -95,7 +95,7 @@ def test_top_refreshes_every_interval_and_marks_overrides(
     try:
         for view in (fast, slow):
             wait_until(
-                lambda v=view: "2" in cap_cell(v.text(), "t.limited"),
+                lambda: "2" in cap_cell(view.text(), "t.limited"),  # noqa: B023
                 30,
                 what="top to show t.limited at its declared cap",
             )

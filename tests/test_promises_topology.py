@@ -8,9 +8,11 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 from celery import Celery
 
 from .conftest import ROOT, Workers, make_client, wait_until
@@ -115,7 +117,11 @@ def test_celerys_own_sentinel_broker_settings_name_the_limiter_live(
     client.conf.broker_transport_options = {"master_name": sentinel.service}
     workers.client = client
     try:
-        env = {"BROKER_URL": broker, "BROKER_MASTER": sentinel.service, "LIMITER_URL": "-"}
+        env: dict[str, Any] = {
+            "BROKER_URL": broker,
+            "BROKER_MASTER": sentinel.service,
+            "LIMITER_URL": "-",
+        }
         for pool in ("prefork", "threads"):
             worker = workers.start(pool=pool, concurrency=4, **env)
             assert "uses the limiter at redis+sentinel://" in worker.output()
@@ -139,7 +145,7 @@ def lose_leases_under_load(
     probe,
     prefix: str,
     url: str,
-    limiter: redis.Redis,
+    limiter: redis.Redis | redis.cluster.RedisCluster,
     lose: Callable[[], None],
     before: Callable[[], None] = lambda: None,
 ) -> None:
@@ -147,7 +153,7 @@ def lose_leases_under_load(
     stalls while ``lose`` makes the limiter lose every lease; A resumes once B is back (or has
     admitted a waiter). Every task must run once, never more than 2 at once, and A must put its
     leases back."""
-    env = {"LIMITER_URL": url, "LEASE_TTL": 9}
+    env: dict[str, Any] = {"LIMITER_URL": url, "LEASE_TTL": 9}
     a = workers.start(pool="prefork", concurrency=2, name="a", **env)
     b = workers.start(pool="threads", concurrency=4, name="b", **env)
     before()

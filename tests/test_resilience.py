@@ -6,6 +6,7 @@ import collections
 import os
 import signal
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -41,7 +42,7 @@ def test_killed_worker_slots_return_after_ttl_and_held_messages_run_once(
     the heir, and every task ran exactly once, still so once no message of them is left
     unacknowledged or queued. Catches: a worker that ignores another worker's live leases, a
     reaper that reports nothing, and a redelivery that runs a task twice."""
-    env = {"LEASE_TTL": 12, "VISIBILITY": 2}
+    env: dict[str, Any] = {"LEASE_TTL": 12, "VISIBILITY": 2}
     doomed = workers.start(pool="prefork", concurrency=4, name="doomed", **env)
     results = [client.send_task("t.limited", (f"x{i}", 3.0 if i < 2 else 0.3)) for i in range(6)]
     ids = [r.id for r in results]

@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -238,8 +239,8 @@ def test_lease_batches_are_pipelined_per_cluster_node(cluster: ClusterSetup, pre
     from celery_throttled.transport.leases import Acquire, RedisLeases, Release
 
     # Given a batch of operations on keys whose slots sit on different nodes
-    client = Topology.parse(cluster.url).client()
-    leases = RedisLeases(client, prefix, 30.0, "w1/1/abc")
+    client = cast(RedisCluster, Topology.parse(cluster.url).client())
+    leases = RedisLeases(cast(redis.Redis, client), prefix, 30.0, "w1/1/abc")
     keys = [f"k{i}" for i in range(12)]
     owners = {client.get_node_from_key(Family.of(prefix, k).meta).name for k in keys}
     assert len(owners) >= 2

@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.cluster
@@ -282,7 +282,8 @@ class SentinelSetup:
 
     def _all_sentinels_see_each_other(self) -> bool:
         for sentinel in self.sentinels:
-            fields = self.client(sentinel.port, decode_responses=True).sentinel_master(self.service)
+            client = self.client(sentinel.port, decode_responses=True)
+            fields = cast(dict[str, Any], client.sentinel_master(self.service))
             if int(fields["num-other-sentinels"]) < 2 or int(fields["num-slaves"]) < 1:
                 return False
         return True

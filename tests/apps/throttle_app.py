@@ -103,12 +103,12 @@ def per_tenant(tenant: str, label: str, duration: float = 0.2) -> str:
     return tracked(f"tenant:{tenant}", label, duration)
 
 
-@throttled_task(limit=1, key=lambda *a, **k: 1 / 0, name="t.bad_key")
+@throttled_task(limit=1, key=lambda *a, **k: 1 / 0, name="t.bad_key")  # type: ignore[arg-type]
 def bad_key(label: str) -> str:
     return tracked("bad_key", label, 0)
 
 
-@throttled_task(limit=1, key=lambda *a, **k: 42, name="t.non_string_key")
+@throttled_task(limit=1, key=lambda *a, **k: 42, name="t.non_string_key")  # type: ignore[arg-type]
 def non_string_key(label: str) -> str:
     return tracked("non_string_key", label, 0)
 
