@@ -46,7 +46,8 @@ def test_a_run_longer_than_its_lease_keeps_its_slot(
     """Given two workers with leases of 1 s (renewed every third of it), on either transport,
     when 4 tasks of 2 s each run at a cap of 2, then never more than 2 run: the running leases
     are renewed, not reaped, while their tasks outlive the TTL. Catches: renewals that skip (or
-    do not extend) running leases, which would let waiters take slots that are still in use."""
+    do not extend) running leases, which would let waiters take slots that are still in use (or,
+    when the waiters' own places lapse with them, starve the line)."""
     env: dict[str, Any] = {"LEASE_TTL": 1}
     unix = UnixRedis(tmp_path)
     if transport == "threads":
