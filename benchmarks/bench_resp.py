@@ -123,7 +123,7 @@ PREFIX = "throttle"
 FAMILY = [f"{PREFIX}:{{tasks.fetch}}:{part}" for part in ("h", "w", "we", "m", "wt")]
 WORKER = "celery@host-01/12345/9f8e7d6c"
 HOLDER = f"{WORKER} 5f0c6a8e-7c0b-4a65-9d7e-0a1b2c3d4e5f"
-COMMAND = ("EVALSHA", "a" * 40, 5, *FAMILY, "tasks.fetch", HOLDER, 5, 30000,
+COMMAND: tuple[Any, ...] = ("EVALSHA", "a" * 40, 5, *FAMILY, "tasks.fetch", HOLDER, 5, 30000,
            f"{PREFIX}:grant:", WORKER, "done", 12)
 
 

@@ -1,7 +1,7 @@
 """The breakage drill: deliberate breakages of the core, each applied alone to a scratch copy of
 the repository, and the tests that must catch it.
 
-    .venv/bin/python tests/breakages.py [--only NAME[,NAME...]] [--list] [--json PATH]
+    .venv/bin/python tests/breakages.py [--only NAME[,NAME...]] [--list] [--check] [--json PATH]
 
 For each breakage the drill applies one exact edit (a file, the text to find, its replacement)
 to the copy, runs the tests named for it (``pytest -x``), records whether they failed (caught)
@@ -80,23 +80,30 @@ BREAKAGES = [
     Breakage(
         "an event-loop transport that skips renewals",
         f"{PACKAGE}/transport/eventloop.py",
-        "        for op in renewals:\n            self._write(op)",
-        "        for op in renewals:\n            pass",
+        "        for op in round_.renewals:\n            self._write(op)",
+        "        for op in round_.renewals:\n            pass",
         (f"{GATE}test_a_run_longer_than_its_lease_keeps_its_slot[eventloop]",),
     ),
     Breakage(
         "a threaded transport that skips renewals",
         f"{PACKAGE}/transport/threads.py",
-        "        if renewals:\n            self._apply(renewals, self._store.execute(renewals))",
-        "        if renewals:\n            pass",
+        "                ops += batch.round.renewals + batch.round.reaping(replies[-1])",
+        "                ops += batch.round.reaping(replies[-1])",
         (f"{GATE}test_a_run_longer_than_its_lease_keeps_its_slot[threads]",),
     ),
     Breakage(
         "no grace for acquires after a restart",
-        f"{PACKAGE}/transport/eventloop.py",
-        "            self._acquire_after = time.monotonic() + self._grace",
-        "            pass",
+        f"{PACKAGE}/transport/base.py",
+        "                self._acquire_after = time.monotonic() + self.grace\n",
+        "",
         (f"{GATE}test_after_an_outage_no_new_task_is_admitted_before_running_leases_are_back",),
+    ),
+    Breakage(
+        "a renewal that grants waiters during the grace",
+        f"{PACKAGE}/transport/base.py",
+        "            renewals = [replace(op, waiting=()) for op in renewals]\n",
+        "            pass\n",
+        (f"{GATE}test_after_an_outage_waiters_are_not_granted_before_running_leases_are_back",),
     ),
     Breakage(
         "an end path that forgets to release",
@@ -149,29 +156,29 @@ BREAKAGES = [
     Breakage(
         "a deadline ignored while queued",
         f"{PACKAGE}/worker/gate.py",
-        "        if _deadline_passed(req):\n            deadline_passed(",
-        "        if False:\n            deadline_passed(",
+        "        if deadlines.passed(req):\n            outcomes.deadline_passed(",
+        "        if False:\n            outcomes.deadline_passed(",
         ("tests/test_timeouts.py::test_deadline_passed_while_queued_never_runs",),
     ),
     Breakage(
         "a message held past throttle_max_hold",
-        f"{PACKAGE}/worker/gate.py",
-        "            elif held.since < oldest:",
-        "            elif False:",
+        f"{PACKAGE}/worker/sweep.py",
+        "    if waited > max_hold:",
+        "    if False:",
         ("tests/test_resilience.py::test_messages_held_past_max_hold_go_back_and_run_once",),
     ),
     Breakage(
         "a granted request left at the back of the pool queue",
         f"{PACKAGE}/worker/gate.py",
-        "        self._jump_pool_queue(req)\n",
+        "        poolqueue.jump(self.consumer, req)\n",
         "",
         (f"{GATE}test_a_granted_request_goes_to_the_front_of_the_pool_queue",),
     ),
     Breakage(
         "widening past throttle_max_held",
-        f"{PACKAGE}/worker/gate.py",
-        "not held.widened and self._widened < self.settings.max_held:",
-        "not held.widened:",
+        f"{PACKAGE}/worker/window.py",
+        "if not held.widened and self.widened < self.limit:",
+        "if not held.widened:",
         (f"{GATE}test_throttle_max_held_bounds_the_messages_a_worker_holds",),
     ),
     Breakage(
@@ -361,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--only", help="comma-separated breakage names (or parts of them)")
     parser.add_argument("--list", action="store_true", help="list the breakages and exit")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that every edit applies and every test exists (seconds; CI runs it)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     chosen = BREAKAGES
@@ -379,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         check_tests_exist(copy, env, chosen)
         for breakage in chosen:  # every edit must apply before any test runs
             (copy / breakage.file).write_text(apply(copy, breakage))
+        if args.check:
+            print(f"{len(chosen)} breakages apply, and the tests they name exist")
+            return 0
         log = copy.parent / "drill.log"
         try:
             for breakage in chosen:

@@ -176,11 +176,6 @@ def test_after_an_outage_no_new_task_is_admitted_before_running_leases_are_back(
     outage(workers, client, probe, prefix, private_redis, before=0, after=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a renewal re-queues a worker's waiters and grants them at once, during "
-    "the grace after a restart, before the other workers re-asserted their running leases",
-)
 def test_after_an_outage_waiters_are_not_granted_before_running_leases_are_back(
     workers: Workers, client: Celery, probe, prefix, private_redis: RedisServer
 ):

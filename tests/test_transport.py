@@ -87,7 +87,7 @@ def other_worker(server: RedisServer, prefix: str, lease_ttl: float = 30.0) -> R
 
 
 def members(probe: redis.Redis, zset: str) -> set[str]:
-    return set(probe.zrange(zset, 0, -1))
+    return {str(member) for member in probe.zrange(zset, 0, -1)}
 
 
 def test_acquires_are_granted_up_to_the_cap_then_wait(open_side: Open, probe, prefix):
@@ -154,7 +154,7 @@ def test_renewals_keep_a_running_lease_past_its_ttl(open_side: Open, probe, pref
 
     def redis_ms() -> float:
         seconds, micros = probe.time()
-        return seconds * 1000 + micros / 1000
+        return float(seconds) * 1000 + float(micros) / 1000
 
     wait_until(lambda: redis_ms() > first + 300, 10, what="the first expiry to pass")
     assert float(probe.zscore(holders, a) or 0) > first

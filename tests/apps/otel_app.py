@@ -51,6 +51,7 @@ def spans() -> list[dict[str, Any]]:
     out = []
     for span in exporter.get_finished_spans():
         context = span.get_span_context()
+        assert context is not None
         out.append({
             "name": span.name,
             "trace_id": trace.format_trace_id(context.trace_id),
