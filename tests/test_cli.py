@@ -14,7 +14,7 @@ from celery.bin.base import CLIContext
 from click.testing import CliRunner
 
 from celery_throttled.cli import throttle
-from celery_throttled.status import inspect
+from celery_throttled.status import KeyStatus, UnknownKey, inspect
 
 from .conftest import ROOT, Workers, free_port, wait_until
 from .probes import finished, peak, started
@@ -26,6 +26,15 @@ def limiter_app(redis_url: str, prefix: str) -> Celery:
     app = Celery("cli", broker=redis_url, set_as_current=False)
     app.conf.throttle_key_prefix = prefix
     return app
+
+
+def status_of(app: Celery, key: str) -> KeyStatus | None:
+    """The key's status, or None while no task of it has reached a worker yet (polled right
+    after sending, the key may not be known)."""
+    try:
+        return inspect(app, [key])[0]
+    except UnknownKey:
+        return None
 
 
 def run(app: Celery, *args: str):
@@ -44,8 +53,11 @@ def test_status_set_reset_and_clear_errors(workers: Workers, client, probe, pref
     # Given a worker running 2 capped tasks with 3 waiting
     workers.start(pool="prefork", concurrency=6)
     results = [client.send_task("t.limited", (f"x{i}", 1.0)) for i in range(5)]
-    wait_until(lambda: (s := inspect(app, ["t.limited"])[0]).running == 2 and s.waiting == 3,
-               30, what="2 running and 3 waiting")
+    wait_until(
+        lambda: (s := status_of(app, "t.limited")) and s.running == 2 and s.waiting == 3,
+        30,
+        what="2 running and 3 waiting",
+    )
     # Then status shows it, in text and in JSON
     text = run(app, "status").output
     assert "t.limited" in text and "decorator" in text and "3 waiting on" in text
@@ -59,8 +71,11 @@ def test_status_set_reset_and_clear_errors(workers: Workers, client, probe, pref
     assert run(app, "reset", "t.limited").output.startswith("t.limited: cap 2 (decorator)")
     for r in results:
         r.get(timeout=30)
-    s = wait_until(lambda: (s := inspect(app, ["t.limited"])[0]).running == 0 and s, 10,
-                   what="the last release (asynchronous) to land")
+    s = wait_until(
+        lambda: (s := inspect(app, ["t.limited"])[0]).running == 0 and s,
+        10,
+        what="the last release (asynchronous) to land",
+    )
     assert (s.done, s.failed, s.running, s.waiting) == (5, 0, 0, 0)
     assert s.wait_p50 is not None and s.wait_p99 is not None and s.wait_p99 >= s.wait_p50
 
@@ -73,8 +88,9 @@ def test_unreachable_redis_is_one_clear_line():
     assert len(out.output.strip().splitlines()) == 1
 
 
-def test_set_changes_concurrency_on_running_workers(workers: Workers, client, probe, prefix,
-                                                    redis_url):
+def test_set_changes_concurrency_on_running_workers(
+    workers: Workers, client, probe, prefix, redis_url
+):
     app = limiter_app(redis_url, prefix)
     workers.start(pool="threads", concurrency=4)
     workers.start(pool="prefork", concurrency=4)
@@ -94,8 +110,10 @@ def test_set_changes_concurrency_on_running_workers(workers: Workers, client, pr
     assert run(app, "reset", "t.limited").exit_code == 0
     for r in results:
         r.get(timeout=60)
-    spans = {label: (s, dict(finished(probe, prefix, "limited"))[label])
-             for label, s in started(probe, prefix, "limited")}
+    spans = {
+        label: (s, dict(finished(probe, prefix, "limited"))[label])
+        for label, s in started(probe, prefix, "limited")
+    }
     for label, (start, _) in spans.items():
         if start > lowered_at + 0.05:
             overlapping = [o for o, (s, f) in spans.items() if o != label and s < start < f]
@@ -108,21 +126,33 @@ def test_the_celery_command_itself(workers: Workers, client, prefix, redis_url):
     assert client.send_task("t.limited", ("x", 0)).get(timeout=30) == "x"
     env = {**os.environ, "REDIS_URL": redis_url, "TEST_PREFIX": prefix, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.apps.throttle_app", "throttle", "status",
-         "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.apps.throttle_app",
+            "throttle",
+            "status",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     keys = {doc["key"]: doc for doc in json.loads(out.stdout)}
     assert keys["t.limited"]["done"] == 1 and keys["t.limited"]["cap"] == 2
 
 
-def test_top_renders_a_frame_sorted_by_pressure(workers: Workers, client, probe, prefix,
-                                                redis_url):
+def test_top_renders_a_frame_sorted_by_pressure(workers: Workers, client, probe, prefix, redis_url):
     app = limiter_app(redis_url, prefix)
     workers.start(pool="threads", concurrency=6)
     results = [client.send_task("t.limited", (f"x{i}", 1.0)) for i in range(5)]
     results.append(client.send_task("t.shared_a", ("a", 0.0)))
-    wait_until(lambda: inspect(app, ["t.limited"])[0].waiting == 3, 30, what="3 waiting")
+    wait_until(lambda: (s := status_of(app, "t.limited")) and s.waiting == 3, 30, what="3 waiting")
     out = run(app, "top", "--once")
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()

@@ -166,7 +166,7 @@ def outage(
 
 
 def test_after_an_outage_no_new_task_is_admitted_before_running_leases_are_back(
-    workers: Workers, client: Celery, probe, prefix, private_redis: RedisServer
+    private_redis: RedisServer, workers: Workers, client: Celery, probe, prefix
 ):
     """Given worker A running 2 tasks at a cap of 2 on a limiter Redis that restarts empty while
     A is stalled, when worker B is back first and 2 new tasks reach it, then B admits neither
@@ -177,7 +177,7 @@ def test_after_an_outage_no_new_task_is_admitted_before_running_leases_are_back(
 
 
 def test_after_an_outage_waiters_are_not_granted_before_running_leases_are_back(
-    workers: Workers, client: Celery, probe, prefix, private_redis: RedisServer
+    private_redis: RedisServer, workers: Workers, client: Celery, probe, prefix
 ):
     """Given worker A running 2 tasks at a cap of 2 and worker B holding 2 waiters, on a limiter
     Redis that restarts empty while A is stalled, when B is back first (its renewal puts its

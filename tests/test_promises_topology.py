@@ -77,7 +77,7 @@ def tls_cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
 
 
 def test_cap_holds_on_a_unix_socket_limiter(
-    workers: Workers, client: Celery, probe, prefix: str, unix_redis: UnixRedis
+    unix_redis: UnixRedis, workers: Workers, client: Celery, probe, prefix: str
 ):
     """Given a prefork and a threads worker whose limiter is a Redis on a unix socket, then the
     cap holds across both and the leases live in that Redis. Catches: a ``unix://`` URL parsed
@@ -91,7 +91,7 @@ def test_cap_holds_on_a_unix_socket_limiter(
 
 
 def test_cap_holds_through_sentinel_over_tls(
-    workers: Workers, client: Celery, probe, prefix: str, tls_sentinel: SentinelSetup
+    tls_sentinel: SentinelSetup, workers: Workers, client: Celery, probe, prefix: str
 ):
     """Given a prefork and a threads worker whose limiter is named by a ``rediss+sentinel://``
     URL (sentinels and master speaking TLS only), then the cap holds across both and the leases
@@ -106,7 +106,7 @@ def test_cap_holds_through_sentinel_over_tls(
 
 
 def test_celerys_own_sentinel_broker_settings_name_the_limiter_live(
-    workers: Workers, probe, prefix: str, redis_url: str, sentinel: SentinelSetup
+    sentinel: SentinelSetup, workers: Workers, probe, prefix: str, redis_url: str
 ):
     """Given workers whose broker is Celery's ``sentinel://`` URL with ``master_name`` and no
     ``throttle_redis_url``, then tasks sent through that broker run under the cap, and the
@@ -175,7 +175,7 @@ def lose_leases_under_load(
 
 
 def test_a_restart_of_a_unix_socket_limiter_keeps_the_cap(
-    workers: Workers, client: Celery, probe, prefix: str, unix_redis: UnixRedis
+    unix_redis: UnixRedis, workers: Workers, client: Celery, probe, prefix: str
 ):
     """Given two tasks running under leases and four waiting, on a limiter Redis reached through
     the threads transport (a unix socket), when that Redis restarts empty, then the running
@@ -186,7 +186,7 @@ def test_a_restart_of_a_unix_socket_limiter_keeps_the_cap(
 
 
 def test_a_failover_that_loses_writes_keeps_the_cap(
-    workers: Workers, client: Celery, probe, prefix: str, sentinel: SentinelSetup
+    sentinel: SentinelSetup, workers: Workers, client: Celery, probe, prefix: str
 ):
     """Given two tasks running (one on a prefork worker) and four waiting through Sentinel, whose
     leases the replica never received (its replication cut), when the master dies and the
@@ -212,7 +212,7 @@ def test_a_failover_that_loses_writes_keeps_the_cap(
 
 
 def test_a_cluster_primary_restarting_empty_keeps_the_cap(
-    workers: Workers, client: Celery, probe, prefix: str, cluster: ClusterSetup
+    cluster: ClusterSetup, workers: Workers, client: Celery, probe, prefix: str
 ):
     """Given two tasks running and four waiting under leases held on one Cluster primary, when
     that primary restarts with its data lost, then the workers put the running leases back
@@ -224,7 +224,7 @@ def test_a_cluster_primary_restarting_empty_keeps_the_cap(
 
 
 def test_cap_holds_on_a_tls_cluster(
-    workers: Workers, client: Celery, probe, prefix: str, tls_cluster: ClusterSetup
+    tls_cluster: ClusterSetup, workers: Workers, client: Celery, probe, prefix: str
 ):
     """Given a prefork and a threads worker whose limiter is a ``rediss+cluster://`` Cluster
     (TLS only, the cluster bus too), then the cap holds across both and the key's family sits
@@ -239,7 +239,7 @@ def test_cap_holds_on_a_tls_cluster(
 
 
 def test_a_slot_moving_under_load_keeps_the_cap(
-    workers: Workers, client: Celery, probe, prefix: str, cluster: ClusterSetup
+    cluster: ClusterSetup, workers: Workers, client: Celery, probe, prefix: str
 ):
     """Given a backlog at a cap of 2 on a Cluster, when the slot of the key's family moves to
     another primary while the backlog runs, then every task runs once, never more than 2 at

@@ -153,7 +153,7 @@ def test_messages_held_past_max_hold_go_back_and_run_once(workers: Workers, clie
 
 
 def test_limiter_redis_restart_fails_closed_and_recovers(
-    workers: Workers, client, probe, prefix, private_redis: RedisServer
+    private_redis: RedisServer, workers: Workers, client, probe, prefix
 ):
     # Given a worker whose limiter lives on its own Redis
     worker = workers.start(pool="prefork", concurrency=4, LIMITER_URL=private_redis.url)
@@ -193,7 +193,7 @@ def test_cap_holds_with_a_rabbitmq_broker(workers: Workers, probe, prefix, redis
 
 
 def test_renewals_never_revive_released_leases(
-    workers: Workers, client, probe, prefix, private_redis: RedisServer
+    private_redis: RedisServer, workers: Workers, client, probe, prefix
 ):
     # Given a limiter Redis that has never seen the scripts, and renewals every 0.1 s
     worker = workers.start(
@@ -212,7 +212,7 @@ def test_renewals_never_revive_released_leases(
 
 
 def test_limiter_url_by_name_tries_every_address(
-    workers: Workers, client, probe, prefix, private_redis: RedisServer
+    private_redis: RedisServer, workers: Workers, client, probe, prefix
 ):
     # Given a limiter URL naming "localhost", whose Redis listens on 127.0.0.1 only (the name
     # may resolve to ::1 first)

@@ -106,7 +106,7 @@ def test_celerys_own_sentinel_broker_settings_name_the_limiter_too():
 
 @pytest.mark.parametrize(("pool", "login"), [("prefork", "password"), ("threads", "acl user")])
 def test_cap_holds_on_a_tls_redis_with_a_password(
-    workers: Workers, client: Celery, probe, prefix: str, tls_redis: TLSRedis, pool: str, login: str
+    tls_redis: TLSRedis, workers: Workers, client: Celery, probe, prefix: str, pool: str, login: str
 ):
     # Given workers whose limiter Redis speaks TLS only and wants a password (of the default
     # user, or of an ACL user)
@@ -122,7 +122,7 @@ def test_cap_holds_on_a_tls_redis_with_a_password(
 
 
 def test_cap_holds_through_sentinel_and_across_a_failover(
-    workers: Workers, client: Celery, probe, prefix: str, sentinel: SentinelSetup
+    sentinel: SentinelSetup, workers: Workers, client: Celery, probe, prefix: str
 ):
     """Given two workers whose limiter is the master Sentinel names, when the master fails over
     while a backlog waits for the cap, then every task still runs, never more than 2 at once,
@@ -186,7 +186,7 @@ def cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_cap_holds_on_a_redis_cluster(
-    workers: Workers, client: Celery, probe, prefix: str, cluster: ClusterSetup, pool: str
+    cluster: ClusterSetup, workers: Workers, client: Celery, probe, prefix: str, pool: str
 ):
     # Given two workers whose limiter is a three-primary Redis Cluster
     for name in ("a", "b"):
@@ -214,7 +214,7 @@ def test_cap_holds_on_a_redis_cluster(
 
 
 def test_errgroups_and_status_on_a_redis_cluster(
-    workers: Workers, client: Celery, prefix: str, redis_url: str, cluster: ClusterSetup
+    cluster: ClusterSetup, workers: Workers, client: Celery, prefix: str, redis_url: str
 ):
     workers.start(pool="threads", concurrency=4, LIMITER_URL=cluster.url)
     os.environ.setdefault("REDIS_URL", redis_url)
