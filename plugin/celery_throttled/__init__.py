@@ -18,7 +18,7 @@ from .errors import (
 )
 from .policies import RetryPolicy
 from .results import EnvelopeResult
-from .status import KeyStatus, UnknownKey, inspect, reset_cap, set_cap
+from .status import KeyStatus, UnknownKey, inspect, reset_cap, set_cap, set_rate
 from .task import ThrottledTask, throttled_task
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "inspect",
     "reset_cap",
     "set_cap",
+    "set_rate",
     "throttled_task",
 ]
 

@@ -10,6 +10,7 @@ from celery import Task, shared_task
 
 from . import deadlines
 from . import request as protocol
+from .admission import UNCAPPED, Admission
 from .context import current_context
 from .errors import ConfigurationError, KeyFunctionError
 from .policies import RetryPolicy, validate_wait
@@ -24,6 +25,7 @@ KeySpec = str | Callable[..., str] | None
 
 _MAX_KEY_LENGTH = 1024
 _static_keys: dict[str, tuple[int, str]] = {}
+_families: dict[str, tuple[int, str]] = {}
 _static_keys_lock = threading.Lock()
 
 
@@ -40,6 +42,18 @@ class ThrottledTask(Task):  # type: ignore[misc]
     throttle_max_wait: float | None = None
     throttle_on_full: str = "wait"
     throttle_fallback: Callable[..., Any] | None = None
+    #: rate, family and total, max_pending (:mod:`celery_throttled.admission`), or None
+    throttle_admission: Admission | None = None
+
+    @property
+    def throttle_cap(self) -> int | None:
+        """The cap its keys wait for: ``limit``; without one, a key that only has a rate or a
+        family's total has no cap of its own (``UNCAPPED``); None: no lease at all."""
+        if self.throttle_limit is not None:
+            return int(self.throttle_limit)
+        if self.throttle_admission is not None and self.throttle_admission.needs_lease:
+            return UNCAPPED
+        return None
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
@@ -120,7 +134,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 f"task {self.name!r}: its key function {_describe(spec)} raised "
                 f"{type(exc).__name__}: {exc}; the task did not run"
             ) from exc
-        if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH:
+        if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH or "\x1f" in key:
             raise KeyFunctionError(
                 f"task {self.name!r}: its key function {_describe(spec)} returned {key!r}; "
                 f"a key must be a non-empty str of at most {_MAX_KEY_LENGTH} characters; "
@@ -151,6 +165,11 @@ def throttled_task(
     on_full: str = "wait",
     retry: RetryPolicy | None = None,
     fallback: Callable[..., Any] | None = None,
+    rate: str | float | None = None,
+    burst: int | None = None,
+    total: int | None = None,
+    family: str | None = None,
+    max_pending: int | None = None,
     **options: Any,
 ) -> Any:
     """Like ``@shared_task``, with a cluster-wide cap on concurrent runs.
@@ -161,6 +180,8 @@ def throttled_task(
     ``soft_timeout`` / ``hard_timeout``: seconds, honoured on every pool (Celery's
     ``soft_time_limit`` / ``time_limit``, which are accepted too).
     ``max_wait``, ``on_full``, ``retry``, ``fallback``: see :mod:`celery_throttled.policies`.
+    ``rate`` (``burst``), ``total`` (``family``), ``max_pending``: see
+    :mod:`celery_throttled.admission`.
     Every other option goes to ``shared_task`` (``name``, ``bind``, ``queue``, ``acks_late``…).
     """
 
@@ -168,6 +189,16 @@ def throttled_task(
         name = options.get("name") or f"{f.__module__}.{f.__qualname__}"
         _validate(name, limit, key)
         validate_wait(name, max_wait, on_full, fallback)
+        admission = Admission.declare(
+            name,
+            limit,
+            rate=rate,
+            burst=burst,
+            total=total,
+            family=family,
+            max_pending=max_pending,
+        )
+        _validate_family(name, admission)
         if retry is not None:
             if not isinstance(retry, RetryPolicy):
                 raise ConfigurationError(
@@ -199,6 +230,7 @@ def throttled_task(
             throttle_max_wait=max_wait,
             throttle_on_full=on_full,
             throttle_fallback=staticmethod(fallback) if fallback else None,
+            throttle_admission=admission,
             **options,
         )(f)
 
@@ -219,10 +251,10 @@ def _validate(name: str, limit: Any, key: Any) -> None:
         )
     if key is None or callable(key):
         return
-    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH:
+    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH or "\x1f" in key:
         raise ConfigurationError(
             f"task {name!r}: key must be a non-empty str (at most {_MAX_KEY_LENGTH} "
-            f"characters), a callable or None, got {key!r}"
+            f"characters, no \\x1f), a callable or None, got {key!r}"
         )
     if limit is None:
         return
@@ -232,6 +264,20 @@ def _validate(name: str, limit: Any, key: Any) -> None:
         raise ConfigurationError(
             f"task {name!r}: key {key!r} is already capped at {known[0]} by task "
             f"{known[1]!r}; tasks sharing a key must declare the same limit, got {limit!r}"
+        )
+
+
+def _validate_family(name: str, admission: Admission | None) -> None:
+    """Tasks sharing a family must declare the same total."""
+    if admission is None or admission.family is None or admission.total is None:
+        return
+    with _static_keys_lock:
+        known = _families.setdefault(admission.family, (admission.total, name))
+    if known[0] != admission.total and known[1] != name:
+        raise ConfigurationError(
+            f"task {name!r}: family {admission.family!r} already has total {known[0]} from "
+            f"task {known[1]!r}; tasks sharing a family must declare the same total, got "
+            f"{admission.total!r}"
         )
 
 

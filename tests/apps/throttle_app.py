@@ -47,6 +47,8 @@ if os.environ.get("METRICS_PORT"):
     app.conf.throttle_metrics_port = int(os.environ["METRICS_PORT"])
 if os.environ.get("MAX_HOLD"):
     app.conf.throttle_max_hold = float(os.environ["MAX_HOLD"])
+if os.environ.get("PENDING_TTL"):
+    app.conf.throttle_pending_ttl = float(os.environ["PENDING_TTL"])
 
 probe = redis.Redis.from_url(REDIS_URL)
 
@@ -357,3 +359,7 @@ def nest(labels: list[str], seconds: float = 30.0) -> list[Any]:
 def nest_deadline(count: int) -> list[Any]:
     """An errgroup started inside a task with a deadline: what deadline its members see."""
     return errgroup([report_deadline.s() for _ in range(count)]).apply_async().unwrap(30)
+
+
+# the flow-control tasks (rates, families, priorities, max_pending): their own module
+from . import flow_app  # noqa: E402, F401

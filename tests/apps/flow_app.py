@@ -1,0 +1,67 @@
+"""Throttled tasks with rates, families, priorities and max_pending, for the flow-control tests.
+
+Imported by ``throttle_app`` (so the test workers register them) and by the tests themselves
+(whose client apps submit them through ``apply_async``, where backpressure is checked). Nothing
+here needs the environment at import time: the tasks find their probe Redis (``REDIS_URL``) and
+prefix (``TEST_PREFIX``) when they run, and record themselves as ``throttle_app`` does, so
+``tests/probes.py`` reads them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import redis
+
+from celery_throttled import throttled_task
+
+
+@functools.cache
+def _probe() -> redis.Redis:
+    return redis.Redis.from_url(os.environ["REDIS_URL"])
+
+
+def tracked(group: str, label: str, duration: float) -> str:
+    """Count this run in ``group`` (current and peak), sleep, and log start/end times."""
+    probe = _probe()
+    base = f"{os.environ.get('TEST_PREFIX', 't')}:probe:{group}"
+    pipe = probe.pipeline()
+    pipe.incr(f"{base}:now")
+    pipe.rpush(f"{base}:started", f"{label} {time.time()}")
+    n = pipe.execute()[0]
+    probe.eval(
+        "if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then "
+        "redis.call('SET', KEYS[1], ARGV[1]) end",
+        1,
+        f"{base}:peak",
+        n,
+    )
+    try:
+        time.sleep(duration)
+    finally:
+        probe.decr(f"{base}:now")
+        probe.rpush(f"{base}:finished", f"{label} {time.time()}")
+    return label
+
+
+# -- rates ----------------------------------------------------------------------------------
+@throttled_task(rate="5/s", name="f.rated")
+def rated(label: str, duration: float = 0.0) -> str:
+    return tracked("rated", label, duration)
+
+
+@throttled_task(limit=1, rate="4/s", name="f.rated_capped")
+def rated_capped(label: str, duration: float = 0.0) -> str:
+    return tracked("rated_capped", label, duration)
+
+
+@throttled_task(rate="60/m", name="f.slow_rate")
+def slow_rate(label: str) -> str:
+    return tracked("slow_rate", label, 0)
+
+
+@throttled_task(rate="2/s", key=lambda tenant, *a, **k: f"rate:{tenant}", name="f.rate_per_key")
+def rate_per_key(tenant: str, label: str) -> str:
+    return tracked(f"rate:{tenant}", label, 0)
