@@ -7,6 +7,7 @@ from .context import TaskContext, current_context
 from .envelope import Envelope, ErrorInfo, TaskError
 from .errgroup import Errgroup, ErrgroupResult, errgroup
 from .errors import (
+    Backpressure,
     Cancelled,
     ConfigurationError,
     DeadlineExceeded,
@@ -22,6 +23,7 @@ from .status import KeyStatus, UnknownKey, inspect, reset_cap, set_cap, set_rate
 from .task import ThrottledTask, throttled_task
 
 __all__ = [
+    "Backpressure",
     "Cancelled",
     "ConfigurationError",
     "DeadlineExceeded",

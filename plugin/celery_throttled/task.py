@@ -7,10 +7,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from celery import Task, shared_task
+from celery.utils import uuid
 
 from . import deadlines
 from . import request as protocol
-from .admission import UNCAPPED, Admission
+from .admission import UNCAPPED, Admission, validate_priority
+from .backpressure import admit
 from .context import current_context
 from .errors import ConfigurationError, KeyFunctionError
 from .policies import RetryPolicy, validate_wait
@@ -96,17 +98,28 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """Celery's ``apply_async``, plus ``deadline=``: seconds from now or an aware datetime.
 
         Inside a running throttled task the caller's own deadline flows down: the child gets
-        the earlier of the two.
+        the earlier of the two. A ``priority`` outside Celery's range (0-9) raises
+        ``ConfigurationError``; a key already at ``max_pending`` raises ``Backpressure``, and
+        nothing is sent.
         """
+        validate_priority(self.name, options.get("priority", self.priority))
         deadline = deadlines.absolute(self.name, options.pop("deadline", None))
         inherited = current_context().deadline
         if inherited is not None:
             deadline = inherited if deadline is None else min(deadline, inherited)
         if deadline is not None:
             options["headers"] = protocol.DEADLINE.into(options.pop("headers", None), deadline)
+        admission = self.throttle_admission
+        if admission is not None and admission.max_pending and not self._eager():
+            task_id = task_id or uuid()
+            admit(self, args, kwargs, task_id, options)
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )
+
+    def _eager(self) -> bool:
+        """Whether this call runs inline (``task_always_eager``), where nothing is pending."""
+        return bool(self._get_app().conf.task_always_eager)
 
     def apply(self, args: Any = None, kwargs: Any = None, *a: Any, **options: Any) -> Any:
         """Eager execution: runs inline and returns an :class:`EagerEnvelopeResult`."""

@@ -65,3 +65,9 @@ def slow_rate(label: str) -> str:
 @throttled_task(rate="2/s", key=lambda tenant, *a, **k: f"rate:{tenant}", name="f.rate_per_key")
 def rate_per_key(tenant: str, label: str) -> str:
     return tracked(f"rate:{tenant}", label, 0)
+
+
+# -- backpressure ---------------------------------------------------------------------------
+@throttled_task(limit=2, max_pending=6, name="f.bounded")
+def bounded(label: str, duration: float = 0.2) -> str:
+    return tracked("bounded", label, duration)

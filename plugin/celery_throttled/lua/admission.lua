@@ -241,11 +241,12 @@ local function flow_task(holder)
 end
 
 -- A worker vouches for the pending tasks it holds or runs (the holders in ARGV[first ..]):
--- they count for another horizon.
+-- they count for another horizon, and one that had stopped counting (its message came back
+-- after its worker died) counts again: the count follows what the workers really hold.
 local function flow_vouch(spec, first, now)
   if not spec.pending then return end
   for i = first, #ARGV do
-    redis.call('ZADD', PENDING, 'XX', 'GT', now + spec.pending, flow_task(ARGV[i]))
+    redis.call('ZADD', PENDING, 'GT', now + spec.pending, flow_task(ARGV[i]))
   end
 end
 
