@@ -8,6 +8,7 @@ import redis
 
 from celery_throttled import ConfigurationError, throttled_task
 from celery_throttled.admission import Admission, Rate
+from celery_throttled.keys import family_key
 from celery_throttled.transport.leases import Acquire, Outcome, RedisLeases, Release, Renew
 
 from .conftest import wait_until
@@ -139,3 +140,88 @@ def test_rate_encodes_and_reads_back():
     rate = Rate.parse("50/s", burst=4)
     assert Rate.decode(rate.encode()) == rate and str(rate) == "50/s"
     assert str(Rate.parse("90/m")) == "1.5/s" and str(Rate.parse("30/m")) == "30/m"
+
+
+# -- families -----------------------------------------------------------------------------------
+def in_family(key: str) -> str:
+    return family_key("fam", key)
+
+
+FAMILY_OF_TWO = Admission(family="fam", total=2)
+
+
+def fam_acquire(store: RedisLeases, key: str, holder: str, cap: int = 2) -> bool:
+    return holder in acquire(store, holder, cap, in_family(key), FAMILY_OF_TWO).granted
+
+
+def fam_release(store: RedisLeases, key: str, holder: str, cap: int = 2) -> Outcome:
+    return store.execute([Release(in_family(key), holder, cap, "done",
+                                  admission=FAMILY_OF_TWO)])[0]
+
+
+def test_a_freed_slot_goes_to_the_key_served_least_recently(redis_url, prefix):
+    """Given a family of total 2 whose key A took both slots and queued three more, then keys B
+    and C queued one each,
+    When slots free one by one,
+    Then they go to B, then C (never served), then A again, first come first served within A:
+    a grant to the oldest waiter overall (A's backlog first) fails here."""
+    store = leases(redis_url, prefix)
+    assert [fam_acquire(store, "A", f"w a{i}") for i in range(5)] == [True, True, False, False,
+                                                                     False]
+    assert fam_acquire(store, "B", "w b0") is False
+    assert fam_acquire(store, "C", "w c0") is False
+    served = []
+    for key, holder in [("A", "w a0"), ("A", "w a1"), ("B", "w b0"), ("C", "w c0"),
+                        ("A", "w a2")]:
+        # a grant to another key than the released one is published, not returned
+        fam_release(store, key, holder)
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+        holders = set()
+        for k in "ABC":
+            holders |= set(client.zrange(store.family(in_family(k)).holders, 0, -1))
+        served.append(sorted(holders))
+    assert served == [
+        ["w a1", "w b0"], ["w b0", "w c0"], ["w a2", "w c0"], ["w a2", "w a3"], ["w a3", "w a4"]
+    ]
+
+
+def test_each_key_keeps_its_own_cap_within_the_total(redis_url, prefix):
+    """Given a family of total 2 and keys capped at 1,
+    When key A queues three and key B one, Then A never holds two slots even with the family
+    below its total, and B gets the second: a total without per-key caps fails here."""
+    store = leases(redis_url, prefix)
+    assert [fam_acquire(store, "A", f"w a{i}", cap=1) for i in range(3)] == [True, False, False]
+    assert fam_acquire(store, "B", "w b0", cap=1) is True
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.hget(store.family(in_family("A")).total, "running") == "2"
+    fam_release(store, "B", "w b0", cap=1)
+    assert client.zcard(store.family(in_family("A")).holders) == 1  # A still at its own cap
+    assert client.hget(store.family(in_family("A")).total, "running") == "1"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"limit": 4, "total": 3}, r"total \(3\) must be at least limit \(4\)"),
+        ({"limit": 1, "total": 0}, "total must be a positive int, got 0"),
+        ({"limit": 1, "family": "f"}, "family='f' needs total"),
+        ({"limit": 1, "total": 2, "family": ""}, "family must be a non-empty str"),
+    ],
+)
+def test_bad_totals_are_refused_at_decoration(options, message):
+    with pytest.raises(ConfigurationError, match=message) as info:
+
+        @throttled_task(name="api.bad_total", **options)
+        def task() -> None: ...
+
+    assert "api.bad_total" in str(info.value)
+
+
+def test_tasks_sharing_a_family_must_share_its_total():
+    @throttled_task(limit=1, total=3, family="api-fam", name="api.fam_one")
+    def one() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"family 'api-fam' already has total 3"):
+
+        @throttled_task(limit=1, total=4, family="api-fam", name="api.fam_two")
+        def two() -> None: ...

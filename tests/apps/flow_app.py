@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from typing import Any
 
 import redis
 
@@ -23,26 +24,28 @@ def _probe() -> redis.Redis:
     return redis.Redis.from_url(os.environ["REDIS_URL"])
 
 
-def tracked(group: str, label: str, duration: float) -> str:
-    """Count this run in ``group`` (current and peak), sleep, and log start/end times."""
+def tracked(group: str, label: str, duration: float, *also: str) -> str:
+    """Count this run in ``group`` and ``also`` (current and peak), sleep, and log start and
+    end times."""
     probe = _probe()
-    base = f"{os.environ.get('TEST_PREFIX', 't')}:probe:{group}"
-    pipe = probe.pipeline()
-    pipe.incr(f"{base}:now")
-    pipe.rpush(f"{base}:started", f"{label} {time.time()}")
-    n = pipe.execute()[0]
-    probe.eval(
-        "if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then "
-        "redis.call('SET', KEYS[1], ARGV[1]) end",
-        1,
-        f"{base}:peak",
-        n,
-    )
+    prefix = os.environ.get("TEST_PREFIX", "t")
+    bases = [f"{prefix}:probe:{g}" for g in (group, *also)]
+    for base in bases:
+        n = probe.incr(f"{base}:now")
+        probe.rpush(f"{base}:started", f"{label} {time.time()}")
+        probe.eval(
+            "if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then "
+            "redis.call('SET', KEYS[1], ARGV[1]) end",
+            1,
+            f"{base}:peak",
+            n,
+        )
     try:
         time.sleep(duration)
     finally:
-        probe.decr(f"{base}:now")
-        probe.rpush(f"{base}:finished", f"{label} {time.time()}")
+        for base in bases:
+            probe.decr(f"{base}:now")
+            probe.rpush(f"{base}:finished", f"{label} {time.time()}")
     return label
 
 
@@ -71,3 +74,29 @@ def rate_per_key(tenant: str, label: str) -> str:
 @throttled_task(limit=2, max_pending=6, name="f.bounded")
 def bounded(label: str, duration: float = 0.2) -> str:
     return tracked("bounded", label, duration)
+
+
+# -- fair shares ----------------------------------------------------------------------------
+def _tenant(tenant: str, *args: Any, **kwargs: Any) -> str:
+    return f"tenant:{tenant}"
+
+
+@throttled_task(limit=3, total=3, key=_tenant, name="f.tenant")
+def tenant_task(tenant: str, label: str, duration: float = 0.2) -> str:
+    return tracked("fair", f"{tenant}:{label}", duration, f"fair:{tenant}")
+
+
+@throttled_task(limit=3, key="everyone", name="f.fifo")
+def fifo_task(tenant: str, label: str, duration: float = 0.2) -> str:
+    """The same work behind one shared key: first come first served."""
+    return tracked("fair", f"{tenant}:{label}", duration)
+
+
+@throttled_task(limit=1, total=2, family="reports", key=_tenant, name="f.report")
+def report(tenant: str, label: str, duration: float = 0.1) -> str:
+    return tracked("reports", f"report:{label}", duration, f"reports:{tenant}")
+
+
+@throttled_task(limit=1, total=2, family="reports", key=_tenant, name="f.export")
+def export(tenant: str, label: str, duration: float = 0.1) -> str:
+    return tracked("reports", f"export:{label}", duration, f"reports:{tenant}")

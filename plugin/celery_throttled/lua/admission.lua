@@ -123,7 +123,15 @@ local function flow_idle(spec)
   return not spec.family or redis.call('ZCARD', TURNS) == 0
 end
 
--- The family's total and the key's rate let one more start now; takes the token if so.
+-- The key was served now: it goes to the back of the family's round robin.
+local function flow_served(meta)
+  local turn = redis.call('HINCRBY', FAMILY, 'turn', 1)
+  redis.call('HSET', meta, 'served', turn)
+  return turn
+end
+
+-- The family's total and the key's rate let one more start now; takes the token (and the
+-- family's turn) if so.
 local function flow_admit(spec, meta, now)
   if spec.family then
     local total, running = flow_total()
@@ -132,6 +140,7 @@ local function flow_admit(spec, meta, now)
   local due = flow_due(meta)
   if due and now < due then return false end
   flow_take(meta, now)
+  if spec.family then flow_served(meta) end
   return true
 end
 
@@ -203,8 +212,7 @@ local function flow_fair(spec, key_name, now, ttl, channel_prefix, caller, mine)
           flow_hand(holder, h, w, we, family .. '\031' .. k, now, ttl, channel_prefix, caller, to)
           flow_count(spec, m, h)
           running = running + 1
-          local turn = redis.call('HINCRBY', FAMILY, 'turn', 1)
-          redis.call('HSET', m, 'served', turn)
+          local turn = flow_served(m)
           if redis.call('ZCARD', w) > 0 then
             redis.call('ZADD', TURNS, turn, k)
             table.insert(again, k)
