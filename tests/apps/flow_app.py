@@ -100,3 +100,13 @@ def report(tenant: str, label: str, duration: float = 0.1) -> str:
 @throttled_task(limit=1, total=2, family="reports", key=_tenant, name="f.export")
 def export(tenant: str, label: str, duration: float = 0.1) -> str:
     return tracked("reports", f"export:{label}", duration, f"reports:{tenant}")
+
+
+# -- priority -------------------------------------------------------------------------------
+@throttled_task(limit=1, key="prio", name="f.prio")
+def prio(label: str, hold: bool = False) -> str:
+    """Run ``label``; a holding run keeps the only slot until the test pushes to
+    ``<prefix>:probe:release``."""
+    if hold:
+        _probe().blpop(f"{os.environ.get('TEST_PREFIX', 't')}:probe:release", timeout=60)
+    return tracked("prio", label, 0)

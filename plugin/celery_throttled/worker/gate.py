@@ -26,6 +26,7 @@ from celery.worker import state as worker_state
 
 from .. import deadlines, tracing, transport
 from .. import request as protocol
+from ..admission import rank
 from ..errgroup.members import Members
 from ..errgroup.store import GroupStore
 from ..errors import KeyFunctionError
@@ -73,6 +74,9 @@ class Gate:
         self.members = Members(consumer.app, groups, consumer, self.pool_kind, self._drop)
         self.loop = Loop(consumer)
         self.pokes = Pokes(self.loop.call_later, self._poke)
+        #: how the broker reads a message's priority: RabbitMQ serves the highest first
+        connection = getattr(consumer, "connection", None) or consumer.app.connection_for_read()
+        self.highest_first = connection.transport.driver_type == "amqp"
         callbacks = transport.Callbacks(
             snapshot=self.lines.renewals,
             granted=self.loop.batched(self._grant),
@@ -154,7 +158,9 @@ class Gate:
             if admission is not None:
                 admission = admission.on_worker(self.settings.pending_ttl)
                 key = family_key(admission.family, key)
-        held = Held(req, key, cap, holder_id(self.worker, req.id), admission)
+        priority = (req.delivery_info or {}).get("priority")
+        place = rank(priority, self.highest_first)
+        held = Held(req, key, cap, holder_id(self.worker, req.id), admission, place)
         held.outer, held.next_cap = outer, then
         held.wait = tracing.wait_started(req, key, cap)
         if self.lines.join(held):
