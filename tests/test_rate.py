@@ -126,6 +126,8 @@ def test_operators_see_and_change_a_rate(workers: Workers, client, probe, prefix
     (doc,) = json.loads(run(app, "status", "--json", "f.slow_rate").output)
     assert (doc["rate"], doc["rate_source"], doc["cap"]) == ("1/s", "decorator", None)
     assert "1/s (" in run(app, "status").output
+    top = run(app, "top", "--once").output
+    assert "rate" in top and "1/s (" in top, top
     out = run(app, "set", "f.slow_rate", "--rate", "20/s")
     assert out.exit_code == 0 and "rate 20/s*" in out.output, out.output
     for r in results:
