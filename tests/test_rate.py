@@ -67,9 +67,9 @@ def test_the_next_token_wakes_its_waiter_without_polling(workers: Workers, clien
     """Given a task at rate="60/m" whose limiter has a Redis of its own, and leases renewed
     only every 20 s,
     When four are submitted at once,
-    Then each starts about a second after the one before (woken when its token is due, not at
-    the next renewal), and the limiter ran only a few scripts per task: a waiter left until the
-    next renewal, or a worker polling Redis while it waits, fails here."""
+    Then they start a token apart (woken when each token is due, not at the next renewal), and
+    the limiter ran only a few scripts per task: a waiter left until the next renewal, or a
+    worker polling Redis while it waits, fails here."""
     limiter = redis.Redis(port=private_redis.port)
     workers.start(pool="prefork", concurrency=4, LIMITER_URL=private_redis.url, LEASE_TTL=60)
 
@@ -83,7 +83,9 @@ def test_the_next_token_wakes_its_waiter_without_polling(workers: Workers, clien
     ]
     stamps = sorted(stamp for _, stamp in started(probe, prefix, "slow_rate"))
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    assert all(0.9 <= gap < 10 for gap in gaps), gaps  # renewals come every 20 s
+    assert all(gap < 10 for gap in gaps), gaps  # woken when due: renewals come every 20 s
+    # the schedule never runs ahead (a start that came late lets the next follow sooner)
+    assert stamps[-1] - stamps[0] >= 3 - 0.3, gaps
     wait_until(lambda: int(limiter.zcard(f"{prefix}:{{f.slow_rate}}:h")) == 0, 10,
                what="the last release")
     # 4 acquires, 4 releases, about one wake-up per token: polling every 50 ms would be ~60
