@@ -125,6 +125,13 @@ def flow_bounded(duration: float) -> None:
 
 # -- the admission step's cost ---------------------------------------------------------------
 @throttled_task(
+    limit=NEVER_BINDS, key=lambda i, *args, **kwargs: f"k{i % 10}", name="bench.flow_noop_cap"
+)
+def flow_noop_cap(i: int) -> None:
+    """A no-op behind a cap alone, over the same ten keys as ``flow_noop``."""
+
+
+@throttled_task(
     limit=NEVER_BINDS,
     total=NEVER_BINDS,
     rate="1000000/s",
