@@ -261,3 +261,7 @@ def scale_capped(duration: float) -> None:
 )
 def scale_tenant(tenant: int, duration: float) -> None:
     time.sleep(duration)
+
+
+# -- bench_flow.py: rates, fair shares, backpressure (their own module) ----------------------
+from benchmarks import flow_app  # noqa: E402, F401

@@ -11,7 +11,10 @@ dashboard. Then it drives the scenarios with a live view:
 2. the same burst through ``@throttled_task(limit=5)``: no violation;
 3. an errgroup fan-out where one supplier is broken: the siblings are cancelled;
 4. a task that meets its soft timeout and cleans up, and one that runs into its hard timeout;
-5. tasks that panic (SystemExit, MemoryError, an unserializable value) and still yield envelopes.
+5. tasks that panic (SystemExit, MemoryError, an unserializable value) and still yield envelopes;
+6. one big tenant beside small ones, behind one shared key (first come first served) and with
+   fair shares (``total=``): how long the small tenants wait;
+7. calls to a rate-limited partner (20/s), as fast as the workers go and through ``rate="20/s"``.
 
 It ends with a report. Ctrl-C (or SIGTERM) stops everything it started, leaving no process
 behind; ``--stay`` keeps the stack and its dashboard up after the report until then.
@@ -342,6 +345,41 @@ def panics(env: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def tenants(env: dict[str, str], fair: bool, big: int) -> dict[str, Any]:
+    from demo.scenarios import tenants as send
+
+    started = send(fair=fair, big=big)
+    how = "fair shares (total=4)" if fair else "one shared key (limit=4)"
+    metas = watch(f"{big} syncs of one tenant, then 4 small ones: {how}", started.ids, env)
+    done: dict[str, float] = {}
+    for tenant, ids in started.notes["by_tenant"].items():
+        ends = [envelope(metas[t], t).finished_at for t in ids]
+        last = max(end.timestamp() for end in ends if end is not None)
+        done[tenant] = round(last - started.notes["sent_at"][tenant], 2)
+    small = [seconds for tenant, seconds in done.items() if tenant != "acme"]
+    failed = sum(1 for m in metas.values() if m["status"] != "SUCCESS")
+    return {"big": big, "small_worst": max(small), "big_done": done["acme"], "failed": failed}
+
+
+def partner(env: dict[str, str], size: int, rated: bool) -> dict[str, Any]:
+    from demo.scenarios import partner as send
+
+    downstream(env, "/reset", "POST")
+    began = time.monotonic()
+    started = send(size, rated=rated)
+    label = '@throttled_task(rate="20/s")' if rated else "plain @shared_task"
+    metas = watch(f"{size} partner calls through {label}", started.ids, env)
+    stats = downstream(env)
+    failed = sum(1 for m in metas.values() if m["status"] != "SUCCESS")
+    return {
+        "tasks": size,
+        "ok": size - failed,
+        "failed": failed,
+        "rate_violations": stats["rate_violations"],
+        "seconds": round(time.monotonic() - began, 2),
+    }
+
+
 def say(text: str) -> None:
     console.print(text, markup=False)
 
@@ -377,13 +415,44 @@ def report(results: dict[str, Any]) -> None:
         + "; ".join(f"{k} -> {v}" for k, v in p.items())
         + f"; workers alive afterwards: {alive}/2"
     )
+    rates = Table(title="the rate, from the partner's side (it takes 20 calls a second)")
+    for column in ("", "tasks", "ok", "failed", "429s", "seconds"):
+        rates.add_column(column)
+    for key, label in (
+        ("partner_unthrottled", "plain @shared_task"),
+        ("partner_rated", '@throttled_task(rate="20/s")'),
+    ):
+        r = results[key]
+        rates.add_row(
+            label,
+            str(r["tasks"]),
+            str(r["ok"]),
+            str(r["failed"]),
+            str(r["rate_violations"]),
+            str(r["seconds"]),
+        )
+    console.print(rates)
+    shared, fair = results["tenants_shared"], results["tenants_fair"]
+    say(
+        f"tenants: one tenant queued {fair['big']} syncs, then 4 small tenants 3 each; the "
+        f"small ones were all done {shared['small_worst']} s after they queued behind one "
+        f"shared key, {fair['small_worst']} s with fair shares (the big one: "
+        f"{shared['big_done']} s and {fair['big_done']} s)"
+    )
     capped, uncapped = results["capped"], results["uncapped"]
     verdict = (
         "the cap held: 0 violations through it"
         if capped["violations"] == 0
         else "THE CAP WAS EXCEEDED"
     )
-    say(f"\n{verdict}; {uncapped['violations']} without it.\n")
+    say(f"\n{verdict}; {uncapped['violations']} without it.")
+    rated, unrated = results["partner_rated"], results["partner_unthrottled"]
+    rate_verdict = (
+        "the rate held: 0 calls over the partner's rate through it"
+        if rated["rate_violations"] == 0
+        else "THE RATE WAS EXCEEDED"
+    )
+    say(f"{rate_verdict}; {unrated['rate_violations']} without it.\n")
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -429,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
             "errgroup": fanout(env),
             "timeouts": timeouts(env),
             "panics": panics(env),
+            "tenants_shared": tenants(env, fair=False, big=80 if args.quick else 200),
+            "tenants_fair": tenants(env, fair=True, big=80 if args.quick else 200),
+            "partner_unthrottled": partner(env, 40 if args.quick else 100, rated=False),
+            "partner_rated": partner(env, 40 if args.quick else 100, rated=True),
             "dashboard": env["WEB_URL"],
         }
         report(results)
@@ -439,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             while True:
                 stack.check()
                 time.sleep(0.5)
-        return 0 if results["capped"]["violations"] == 0 else 1
+        held = results["capped"]["violations"] == 0
+        return 0 if held and results["partner_rated"]["rate_violations"] == 0 else 1
     except KeyboardInterrupt:
         console.print("\nstopping ...")
         return 130

@@ -121,6 +121,21 @@ def test_the_cap_protects_the_downstream(demo: Demo):
     assert "the cap held: 0 violations through it" in demo.text()
 
 
+def test_fair_shares_and_the_rate_protect_the_small_tenants_and_the_partner(demo: Demo):
+    """Given the demo's report, Then with fair shares the small tenants were done sooner than
+    behind one shared key, every sync succeeded, and through rate="20/s" the partner never
+    answered 429 while the same calls without it were turned away: a family served first come
+    first served, or a rate kept per worker, fails here."""
+    report = demo.report
+    shared, fair = report["tenants_shared"], report["tenants_fair"]
+    assert shared["failed"] == fair["failed"] == 0, report
+    assert fair["small_worst"] < shared["small_worst"], report
+    rated, unrated = report["partner_rated"], report["partner_unthrottled"]
+    assert rated["rate_violations"] == 0 and rated["ok"] == rated["tasks"] == 40, report
+    assert unrated["rate_violations"] > 0, report
+    assert "the rate held: 0 calls over the partner's rate through it" in demo.text()
+
+
 def chrome() -> Any:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")

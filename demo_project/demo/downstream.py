@@ -1,11 +1,16 @@
 """The fragile downstream: an HTTP service that serves at most ``capacity`` callers at once.
 
 A caller beyond that gets ``503`` and is counted as a *violation*: the crushed downstream made
-visible. ``python -m demo.downstream --port 8081 --capacity 5``.
+visible. Its partner endpoint also has a rate limit (a token bucket of ``rate`` per second, at
+most 5 at once): a call beyond it gets ``429``, counted as ``rate_violations``.
+``python -m demo.downstream --port 8081 --capacity 5 --rate 20``.
 
     GET  /pay?ms=80&order=17   work for 80 ms, then 200 {"order": 17, "inside": 3}; 503 when full
+    GET  /sync?ms=80&tenant=acme   the same, for a tenant's sync
     GET  /quote?ms=80&supplier=acme&fail=1   the same; fail=1 answers 500 (a broken supplier)
-    GET  /stats                {"capacity", "in_flight", "peak", "served", "violations", "errors"}
+    GET  /notify?ms=10&n=4     the rate-limited partner: 429 when over its rate
+    GET  /stats                {"capacity", "in_flight", "peak", "served", "violations", "errors",
+                                "rate", "rate_violations"}
     POST /reset                zero every counter
     GET  /health               200 "ok"
 """
@@ -23,18 +28,36 @@ from urllib.parse import parse_qs, urlparse
 
 __all__ = ["Downstream", "serve"]
 
+#: the partner's token bucket holds this many calls (its burst)
+_BUCKET = 5.0
+
 
 class Downstream:
     """The service's counters, shared by its request threads."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, rate: float = 20.0) -> None:
         self.capacity = capacity
+        self.rate = rate
         self._lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
         with self._lock:
             self.in_flight = self.peak = self.served = self.violations = self.errors = 0
+            self.rate_violations = 0
+            self._tokens, self._refilled = _BUCKET, time.monotonic()
+
+    def within_rate(self) -> bool:
+        """Take a token of the partner's rate, or count a rate violation (429)."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(_BUCKET, self._tokens + (now - self._refilled) * self.rate)
+            self._refilled = now
+            if self._tokens < 1:
+                self.rate_violations += 1
+                return False
+            self._tokens -= 1
+            return True
 
     def enter(self) -> int | None:
         """Take a place inside, or None (a violation) when ``capacity`` callers are in."""
@@ -63,6 +86,8 @@ class Downstream:
                 "served": self.served,
                 "violations": self.violations,
                 "errors": self.errors,
+                "rate": int(self.rate),
+                "rate_violations": self.rate_violations,
             }
 
 
@@ -76,7 +101,12 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, "ok")
         elif url.path == "/stats":
             self._send(200, self.server.downstream.stats())
-        elif url.path in ("/pay", "/quote"):
+        elif url.path in ("/pay", "/quote", "/sync"):
+            self._work(url.path, query)
+        elif url.path == "/notify":
+            if not self.server.downstream.within_rate():
+                self._send(429, {"error": f"over {self.server.downstream.rate:g} calls a second"})
+                return
             self._work(url.path, query)
         else:
             self._send(404, {"error": f"no such path {url.path}"})
@@ -125,9 +155,9 @@ class Server(ThreadingHTTPServer):
         super().__init__(address, Handler)
 
 
-def serve(host: str, port: int, capacity: int) -> Server:
+def serve(host: str, port: int, capacity: int, rate: float = 20.0) -> Server:
     """Start serving in a background thread; returns the server (``shutdown()`` stops it)."""
-    server = Server((host, port), Downstream(capacity))
+    server = Server((host, port), Downstream(capacity, rate))
     threading.Thread(target=server.serve_forever, name="downstream", daemon=True).start()
     return server
 
@@ -137,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8081)
     parser.add_argument("--capacity", type=int, default=5, help="callers served at once")
+    parser.add_argument("--rate", type=float, default=20.0, help="/notify calls per second")
     args = parser.parse_args(argv)
-    server = Server((args.host, args.port), Downstream(args.capacity))
+    server = Server((args.host, args.port), Downstream(args.capacity, args.rate))
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"downstream on http://{args.host}:{args.port} (capacity {args.capacity})", flush=True)
     try:

@@ -7,6 +7,7 @@ Redis (``{prefix}:recent``) so the dashboard can list recent envelopes.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,19 @@ from typing import Any
 from celery_throttled import ErrgroupResult, errgroup
 
 from .celery import PREFIX, app
-from .tasks import best_quote, build_report, charge, charge_unthrottled, quote, quotes_failed, risky
+from .tasks import (
+    best_quote,
+    build_report,
+    charge,
+    charge_unthrottled,
+    notify,
+    notify_unthrottled,
+    quote,
+    quotes_failed,
+    risky,
+    sync_shared,
+    sync_tenant,
+)
 
 __all__ = ["SCENARIOS", "Started", "recent_key"]
 
@@ -76,10 +89,43 @@ def panics() -> Started:
     return Started("panics", ids, notes={"cases": list(PANICS)})
 
 
+def tenants(fair: bool, big: int = 200, small: int = 4, each: int = 3) -> Started:
+    """One big tenant queues ``big`` syncs, then ``small`` tenants queue ``each``: behind one
+    shared key (first come first served) or with fair shares. Notes when each tenant sent."""
+    task = sync_tenant if fair else sync_shared
+    name = "tenants-fair" if fair else "tenants-shared"
+    sent_at: dict[str, float] = {}
+    by_tenant: dict[str, list[str]] = {}
+    with app.producer_or_acquire() as producer:
+        plan = [("acme", big)] + [(f"small-{i}", each) for i in range(small)]
+        for tenant, count in plan:
+            sent_at[tenant] = time.time()
+            by_tenant[tenant] = [
+                task.apply_async((tenant, n), producer=producer).id for n in range(count)
+            ]
+    ids = [task_id for tenant_ids in by_tenant.values() for task_id in tenant_ids]
+    _remember(name, ids)
+    return Started(name, ids, notes={"sent_at": sent_at, "by_tenant": by_tenant})
+
+
+def partner(size: int = 100, rated: bool = True) -> Started:
+    """``size`` calls to the rate-limited partner, through ``rate=`` or as fast as possible."""
+    task = notify if rated else notify_unthrottled
+    name = "partner-rated" if rated else "partner-unthrottled"
+    with app.producer_or_acquire() as producer:
+        ids = [task.apply_async((i,), producer=producer).id for i in range(size)]
+    _remember(name, ids)
+    return Started(name, ids)
+
+
 SCENARIOS: dict[str, Callable[[], Started]] = {
     "burst-uncapped": lambda: burst(capped=False),
     "burst-capped": lambda: burst(capped=True),
     "errgroup": fanout,
     "timeouts": timeouts,
     "panics": panics,
+    "tenants-shared": lambda: tenants(fair=False),
+    "tenants-fair": lambda: tenants(fair=True),
+    "partner-unthrottled": lambda: partner(rated=False),
+    "partner-rated": lambda: partner(rated=True),
 }

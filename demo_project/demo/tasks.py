@@ -3,6 +3,9 @@
 ``charge`` goes through a cap equal to the downstream's capacity; ``charge_unthrottled`` is the
 same call as a plain ``@shared_task``. ``quote`` is an errgroup member; ``build_report`` meets its
 soft and hard timeouts; ``risky`` panics in the ways that take plain Celery workers down.
+``sync_shared`` and ``sync_tenant`` sync tenants behind one shared key (first come first served)
+or with fair shares; ``notify`` calls the rate-limited partner at its rate, ``notify_unthrottled``
+as fast as the workers go.
 """
 
 from __future__ import annotations
@@ -99,3 +102,38 @@ def risky(case: str) -> Any:
     if case == "error":
         raise ValueError("an ordinary bug")
     return "fine"
+
+
+SYNC_LIMIT = 4
+
+
+@throttled_task(limit=SYNC_LIMIT, key="tenants-api", name="demo.sync_shared")
+def sync_shared(tenant: str, n: int, ms: int = 50) -> dict[str, Any]:
+    """A tenant's sync behind one key shared by every tenant: first come first served."""
+    return call("/sync", tenant=tenant, n=n, ms=ms)
+
+
+@throttled_task(
+    limit=SYNC_LIMIT,
+    total=SYNC_LIMIT,
+    key=lambda tenant, *args, **kwargs: f"tenant:{tenant}",
+    name="demo.sync_tenant",
+)
+def sync_tenant(tenant: str, n: int, ms: int = 50) -> dict[str, Any]:
+    """The same sync with fair shares: tenants take turns within the same total."""
+    return call("/sync", tenant=tenant, n=n, ms=ms)
+
+
+PARTNER_RATE = os.environ.get("PARTNER_RATE", "20/s")
+
+
+@throttled_task(rate=PARTNER_RATE, key="partner-api", name="demo.notify")
+def notify(n: int, ms: int = 10) -> dict[str, Any]:
+    """Notify the rate-limited partner: at most its rate, across every worker."""
+    return call("/notify", n=n, ms=ms)
+
+
+@shared_task(name="demo.notify_unthrottled")
+def notify_unthrottled(n: int, ms: int = 10) -> dict[str, Any]:
+    """The same call as a plain task: as fast as the workers go."""
+    return call("/notify", n=n, ms=ms)

@@ -7,6 +7,7 @@ from .context import TaskContext, current_context
 from .envelope import Envelope, ErrorInfo, TaskError
 from .errgroup import Errgroup, ErrgroupResult, errgroup
 from .errors import (
+    Backpressure,
     Cancelled,
     ConfigurationError,
     DeadlineExceeded,
@@ -18,10 +19,11 @@ from .errors import (
 )
 from .policies import RetryPolicy
 from .results import EnvelopeResult
-from .status import KeyStatus, UnknownKey, inspect, reset_cap, set_cap
+from .status import KeyStatus, UnknownKey, inspect, reset_cap, set_cap, set_rate
 from .task import ThrottledTask, throttled_task
 
 __all__ = [
+    "Backpressure",
     "Cancelled",
     "ConfigurationError",
     "DeadlineExceeded",
@@ -46,6 +48,7 @@ __all__ = [
     "inspect",
     "reset_cap",
     "set_cap",
+    "set_rate",
     "throttled_task",
 ]
 

@@ -4,7 +4,7 @@ Registered through the ``celery.commands`` entry point, so it is a subcommand of
 CLI and finds the app the usual way (``-A``)::
 
     celery -A proj throttle status [KEY ...] [--json]
-    celery -A proj throttle set KEY N
+    celery -A proj throttle set KEY [N] [--rate 50/s]
     celery -A proj throttle reset KEY
     celery -A proj throttle top [--interval S] [--once]
 
@@ -24,7 +24,7 @@ import click
 import redis
 
 from .errors import ThrottleError
-from .status import KeyStatus, inspect, reset_cap, set_cap
+from .status import KeyStatus, inspect, reset_cap, set_cap, set_rate
 
 __all__ = ["throttle"]
 
@@ -59,7 +59,8 @@ def _app(ctx: click.Context) -> Any:
 @click.pass_context
 @_fail_cleanly
 def status(ctx: click.Context, keys: tuple[str, ...], as_json: bool) -> None:
-    """Per key: cap and its source, running, waiting, holders, outcomes, waits."""
+    """Per key: cap and its source, running, waiting, holders, outcomes, waits, rate,
+    family, pending."""
     statuses = inspect(_app(ctx), list(keys) or None)
     if as_json:
         click.echo(json.dumps([s.to_json() for s in statuses], indent=2))
@@ -81,12 +82,14 @@ def render(statuses: list[KeyStatus]) -> str:
         "failed",
         "wait p50",
         "wait p99",
+        "rate",
+        "pending",
     )
     rows = [header]
     for s in statuses:
         rows.append(
             (
-                s.key,
+                _label(s),
                 _num(s.cap),
                 s.cap_source,
                 str(s.running),
@@ -95,6 +98,8 @@ def render(statuses: list[KeyStatus]) -> str:
                 str(s.failed),
                 _secs(s.wait_p50),
                 _secs(s.wait_p99),
+                _rate(s),
+                _pending(s),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -103,12 +108,23 @@ def render(statuses: list[KeyStatus]) -> str:
         for row in rows
     ]
     for s in statuses:
+        label = _label(s)
+        if s.family is not None:
+            lines.append(
+                f"  {label}: family {s.family}, {s.family_running} running of its total "
+                f"{_num(s.total)}"
+            )
         for worker, n in sorted(s.waiting_by_worker.items()):
-            lines.append(f"  {s.key}: {n} waiting on {worker}")
+            lines.append(f"  {label}: {n} waiting on {worker}")
         for h in s.holders:
             renewed = f"lease renewed {h.age:.1f}s ago"
-            lines.append(f"  {s.key}: held by {h.task_id} on {h.worker} ({renewed})")
+            lines.append(f"  {label}: held by {h.task_id} on {h.worker} ({renewed})")
     return "\n".join(lines)
+
+
+def _label(s: KeyStatus) -> str:
+    """A key as the commands take it: KEY, or FAMILY/KEY for a key of a family."""
+    return s.key if s.family is None else f"{s.family}/{s.key}"
 
 
 def _num(value: int | None) -> str:
@@ -119,18 +135,39 @@ def _secs(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.0f}ms"
 
 
+def _rate(s: KeyStatus) -> str:
+    """ "50/s (48 last s)": the rate, a star for a live override, and its use."""
+    if s.rate is None:
+        return "-"
+    star = "*" if s.rate_source == "override" else ""
+    return f"{s.rate}{star} ({s.rate_used} last s)"
+
+
+def _pending(s: KeyStatus) -> str:
+    return "-" if s.max_pending is None else f"{s.pending}/{s.max_pending}"
+
+
 @throttle.command(name="set")
 @click.argument("key")
-@click.argument("cap", type=click.IntRange(min=1))
+@click.argument("cap", type=click.IntRange(min=1), required=False)
+@click.option("--rate", help="A rate for the whole cluster: 50/s, 100/m, 5/h or a number per s.")
 @click.pass_context
 @_fail_cleanly
-def set_command(ctx: click.Context, key: str, cap: int) -> None:
-    """Override KEY's cap with CAP across the cluster, until `reset`."""
-    s = set_cap(_app(ctx), key, cap)
-    click.echo(
-        f"{key}: cap {s.cap} (override; declared {_num(s.declared)}), "
-        f"{s.running} running, {s.waiting} waiting"
+def set_command(ctx: click.Context, key: str, cap: int | None, rate: str | None) -> None:
+    """Override KEY's cap with CAP (and/or its rate) across the cluster, until `reset`."""
+    if cap is None and rate is None:
+        raise click.UsageError("give a CAP, a --rate, or both")
+    s = set_cap(_app(ctx), key, cap) if cap is not None else None
+    if rate is not None:
+        s = set_rate(_app(ctx), key, rate)
+    assert s is not None
+    cap_text = (
+        f"cap {_num(s.cap)} (override; declared {_num(s.declared)})"
+        if s.cap_source == "override"
+        else f"cap {_num(s.cap)} (decorator)"
     )
+    rate_text = f", rate {_rate(s)}" if s.rate is not None else ""
+    click.echo(f"{key}: {cap_text}{rate_text}, {s.running} running, {s.waiting} waiting")
 
 
 @throttle.command()
@@ -138,9 +175,12 @@ def set_command(ctx: click.Context, key: str, cap: int) -> None:
 @click.pass_context
 @_fail_cleanly
 def reset(ctx: click.Context, key: str) -> None:
-    """Back to the cap KEY's tasks declare."""
+    """Back to the cap (and rate) KEY's tasks declare."""
     s = reset_cap(_app(ctx), key)
-    click.echo(f"{key}: cap {_num(s.cap)} (decorator), {s.running} running, {s.waiting} waiting")
+    rate_text = f", rate {_rate(s)}" if s.rate is not None else ""
+    click.echo(
+        f"{key}: cap {_num(s.cap)} (decorator){rate_text}, {s.running} running, {s.waiting} waiting"
+    )
 
 
 @throttle.command()
@@ -190,6 +230,8 @@ def frame(statuses: list[KeyStatus]) -> Any:
         "failed",
         "rejected",
         "wait p99",
+        "rate",
+        "pending",
     ):
         table.add_column(column, justify="left" if column in ("key", "load") else "right")
     for s in statuses:
@@ -201,7 +243,7 @@ def frame(statuses: list[KeyStatus]) -> Any:
         bar += Text("·" * (width - used - queued), style="dim")
         cap_text = f"{_num(s.cap)}{'*' if s.cap_source == 'override' else ''}"
         table.add_row(
-            s.key,
+            _label(s),
             cap_text,
             str(s.running),
             str(s.waiting),
@@ -210,9 +252,11 @@ def frame(statuses: list[KeyStatus]) -> Any:
             str(s.failed),
             str(s.rejected),
             _secs(s.wait_p99),
+            _rate(s),
+            _pending(s),
         )
     if not statuses:
-        table.add_row("no throttled key is in use", *[""] * 8)
+        table.add_row("no throttled key is in use", *[""] * 10)
     table.caption = "* a live override (celery throttle set); reset with celery throttle reset"
     return table
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "Backpressure",
     "Cancelled",
     "ConfigurationError",
     "DeadlineExceeded",
@@ -67,3 +68,18 @@ class Unserializable(ThrottleError):
 
 class Rejected(ThrottleError):
     """The error type of a ``rejected`` envelope: the task's wait policy refused it a slot."""
+
+
+class Backpressure(ThrottleError):
+    """``apply_async`` / ``delay`` refused a task: its key already has ``max_pending`` tasks
+    submitted and not yet finished. Nothing was sent."""
+
+    def __init__(self, task: str, key: str, pending: int, max_pending: int) -> None:
+        self.task, self.key, self.pending, self.max_pending = task, key, pending, max_pending
+        super().__init__(
+            f"task {task!r}: key {key!r} already has {pending} tasks pending "
+            f"(max_pending={max_pending}); this one was not submitted"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (Backpressure, (self.task, self.key, self.pending, self.max_pending))

@@ -9,6 +9,27 @@ touches a single slot::
     {prefix}:{<key>}:m    HASH  meta: cap (declared), override (live cap), seq (ticket counter),
                                 done / failed (runs ended, by outcome)
     {prefix}:{<key>}:wt   LIST  the last 1000 waits for a slot, in ms (newest first)
+    {prefix}:{<key>}:p    ZSET  pending (``max_pending``): member task id, score = the time it
+                                stops counting unless a worker vouches for it again (ms)
+
+A key's meta also keeps its rate (``rate``, ``rate_override``: "<interval ms>/<burst>"), the
+rate's theoretical arrival time (``tat``, ms), the starts in the last two seconds (``use``),
+who was told to wake when the next token is due (``wake``), ``max_pending`` and, in a family,
+``served`` (the family's turn when it was last served) and ``counted`` (its holders as last
+counted into the family's running total).
+
+The keys of a task with ``total`` form one family (the task's name, or ``family=``) and share
+the family's hash tag instead of their own, so one script can hand a freed slot to any key of
+the family. Their names carry the family (``family_key``: "<family>\x1f<key>")::
+
+    {prefix}:{fam:<family>}:k:<key>:h, …:w, …:we, …:m, …:wt, …:p   as above, per key
+    {prefix}:{fam:<family>}:t   HASH  total (declared), override, running (holders of every
+                                      key), turn (round-robin counter), wake
+    {prefix}:{fam:<family>}:q   ZSET  keys with waiters: member key, score = its last turn
+                                      (least recently served first)
+
+A key outside a family has the same two as unused names (``{prefix}:{<key>}:ft``, ``:fq``),
+so every lease script gets the same KEYS.
     {prefix}:grant:<worker>     pub/sub channel on which a worker hears of slots granted to it
     {prefix}:keys         ZSET  every key in use: member key, score = last seen (epoch s); lets
                                 any worker reap the leases of a dead one, and tools list keys;
@@ -38,12 +59,14 @@ __all__ = [
     "Family",
     "GroupKeys",
     "errgroup_channel",
+    "family_key",
     "grant_channel",
     "grant_channel_prefix",
     "group_of_task",
     "holder_id",
     "node_of",
     "registry",
+    "split_key",
     "task_groups",
     "task_of",
 ]
@@ -59,13 +82,52 @@ class Family:
     meta: str
     waits: str
 
+    #: pending task ids, then the family's total and turns (see the table above)
+    pending: str = ""
+    total: str = ""
+    turns: str = ""
+
     @classmethod
     def of(cls, prefix: str, key: str) -> Family:
-        base = f"{prefix}:{{{key}}}"
-        return cls(f"{base}:h", f"{base}:w", f"{base}:we", f"{base}:m", f"{base}:wt")
+        family, name = split_key(key)
+        if family is None:
+            base = f"{prefix}:{{{key}}}"
+            shared = base + ":f"
+        else:
+            shared = f"{prefix}:{{fam:{family}}}:"
+            base = f"{shared}k:{name}"
+        return cls(
+            f"{base}:h",
+            f"{base}:w",
+            f"{base}:we",
+            f"{base}:m",
+            f"{base}:wt",
+            f"{base}:p",
+            f"{shared}t",
+            f"{shared}q",
+        )
 
     def all(self) -> list[str]:
         return [self.holders, self.waiters, self.waiter_expiry, self.meta, self.waits]
+
+    def admission(self) -> list[str]:
+        """The keys ``lua/admission.lua`` finds at the end of every lease script's KEYS."""
+        return [self.pending, self.total, self.turns]
+
+
+#: separates a family from a key in the name the limiter uses for a key of a family
+FAMILY_SEPARATOR = "\x1f"
+
+
+def family_key(family: str | None, key: str) -> str:
+    """The limiter's name of ``key``: the key itself, or "<family>\x1f<key>" in a family."""
+    return key if family is None else f"{family}{FAMILY_SEPARATOR}{key}"
+
+
+def split_key(name: str) -> tuple[str | None, str]:
+    """``family_key`` in reverse: (family or None, key)."""
+    family, sep, key = name.partition(FAMILY_SEPARATOR)
+    return (family, key) if sep else (None, name)
 
 
 #: throttle keys of errgroups' own limits start with this

@@ -3,7 +3,10 @@
 ========================================  =========  ==============================================
 name                                      type       meaning (labels: ``key``)
 ========================================  =========  ==============================================
-``celery_throttle_cap``                   gauge      the cap the key's tasks declare
+``celery_throttle_cap``                   gauge      the cap the key's tasks declare (+Inf: a
+                                                     rate or a family's total, no cap)
+``celery_throttle_rate``                  gauge      the rate the key's tasks declare, per second
+                                                     (its use: rate of started_total)
 ``celery_throttle_running``               gauge      tasks of the key running on this worker
 ``celery_throttle_waiting``               gauge      tasks of the key waiting for a slot here
 ``celery_throttle_started_total``         counter    runs admitted (a slot granted)
@@ -15,7 +18,7 @@ name                                      type       meaning (labels: ``key``)
 ========================================  =========  ==============================================
 
 Each worker serves its own numbers (sum them across workers for the cluster); ``celery throttle
-status`` reads the cluster-wide view from Redis.
+status`` reads the cluster-wide view from Redis. A key of a family is labelled ``FAMILY/KEY``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .admission import UNCAPPED
 from .errors import ConfigurationError
+from .keys import split_key
 
 __all__ = ["Metrics"]
 
@@ -33,8 +38,18 @@ logger = logging.getLogger(__name__)
 _BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
+def label(key: str) -> str:
+    """A key as ``celery throttle`` names it: KEY, or FAMILY/KEY."""
+    family, name = split_key(key)
+    return name if family is None else f"{family}/{name}"
+
+
 class Metrics:
-    def __init__(self, counts: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+    def __init__(
+        self,
+        counts: Callable[[], dict[str, tuple[int, int, int]]],
+        rates: Callable[[], dict[str, float]] = dict,
+    ) -> None:
         try:
             import prometheus_client as prom
             from prometheus_client.core import GaugeMetricFamily
@@ -83,11 +98,16 @@ class Metrics:
                 waiting = GaugeMetricFamily(
                     "celery_throttle_waiting", "Waiting for a slot here.", labels=["key"]
                 )
+                rate = GaugeMetricFamily(
+                    "celery_throttle_rate", "The key's rate, per second.", labels=["key"]
+                )
                 for key, (c, r, w) in sorted(counts().items()):
-                    cap.add_metric([key], c)
-                    running.add_metric([key], r)
-                    waiting.add_metric([key], w)
-                yield from (cap, running, waiting)
+                    cap.add_metric([label(key)], float("inf") if c >= UNCAPPED else c)
+                    running.add_metric([label(key)], r)
+                    waiting.add_metric([label(key)], w)
+                for key, per_second in sorted(rates().items()):
+                    rate.add_metric([label(key)], per_second)
+                yield from (cap, running, waiting, rate)
 
         self.registry.register(_Gauges())
         self._prom = prom
@@ -97,10 +117,12 @@ class Metrics:
         logger.info("celery-throttled: metrics on http://%s:%d/metrics", addr, port)
 
     def admitted(self, key: str, waited: float) -> None:
+        key = label(key)
         self._started.labels(key).inc()
         self._wait.labels(key).observe(waited)
 
     def ended(self, key: str, outcome: str, runtime: float | None) -> None:
+        key = label(key)
         if outcome == "rejected":
             self._rejected.labels(key).inc()
             return

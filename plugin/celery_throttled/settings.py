@@ -72,6 +72,12 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "Seconds an errgroup's state lives in Redis after its last change; a member whose "
         "message arrives later runs untracked (with a warning).",
     ),
+    "throttle_pending_ttl": (
+        600.0,
+        "Seconds a task of a max_pending task counts as pending after it was submitted, or "
+        "after a worker holding or running it last vouched for it (every lease_ttl/3): a task "
+        "whose message was purged, lost or expired stops counting after at most this long.",
+    ),
 }
 
 _RABBITMQ_CONSUMER_TIMEOUT_GUARD = 25 * 60.0
@@ -94,6 +100,7 @@ class Settings:
     metrics_addr: str
     errgroup_ttl: float = DEFAULTS["throttle_errgroup_ttl"][0]
     redis_options: dict[str, Any] = field(default_factory=dict)
+    pending_ttl: float = DEFAULTS["throttle_pending_ttl"][0]
 
     @property
     def topology(self) -> Topology:
@@ -170,6 +177,7 @@ class Settings:
         if not isinstance(addr, str) or not addr:
             raise ConfigurationError(f"throttle_metrics_addr must be an address, got {addr!r}")
         errgroup_ttl = _positive("throttle_errgroup_ttl", get("throttle_errgroup_ttl"))
+        pending_ttl = _positive("throttle_pending_ttl", get("throttle_pending_ttl"))
         return cls(
             redis_url,
             prefix,
@@ -182,6 +190,7 @@ class Settings:
             addr,
             errgroup_ttl,
             dict(redis_options),
+            pending_ttl,
         )
 
 

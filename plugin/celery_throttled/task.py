@@ -7,9 +7,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from celery import Task, shared_task
+from celery.utils import uuid
 
 from . import deadlines
 from . import request as protocol
+from .admission import UNCAPPED, Admission, validate_priority
+from .backpressure import admit
 from .context import current_context
 from .errors import ConfigurationError, KeyFunctionError
 from .policies import RetryPolicy, validate_wait
@@ -24,6 +27,7 @@ KeySpec = str | Callable[..., str] | None
 
 _MAX_KEY_LENGTH = 1024
 _static_keys: dict[str, tuple[int, str]] = {}
+_families: dict[str, tuple[int, str]] = {}
 _static_keys_lock = threading.Lock()
 
 
@@ -40,6 +44,18 @@ class ThrottledTask(Task):  # type: ignore[misc]
     throttle_max_wait: float | None = None
     throttle_on_full: str = "wait"
     throttle_fallback: Callable[..., Any] | None = None
+    #: rate, family and total, max_pending (:mod:`celery_throttled.admission`), or None
+    throttle_admission: Admission | None = None
+
+    @property
+    def throttle_cap(self) -> int | None:
+        """The cap its keys wait for: ``limit``; without one, a key that only has a rate or a
+        family's total has no cap of its own (``UNCAPPED``); None: no lease at all."""
+        if self.throttle_limit is not None:
+            return int(self.throttle_limit)
+        if self.throttle_admission is not None and self.throttle_admission.needs_lease:
+            return UNCAPPED
+        return None
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
@@ -82,17 +98,28 @@ class ThrottledTask(Task):  # type: ignore[misc]
         """Celery's ``apply_async``, plus ``deadline=``: seconds from now or an aware datetime.
 
         Inside a running throttled task the caller's own deadline flows down: the child gets
-        the earlier of the two.
+        the earlier of the two. A ``priority`` outside Celery's range (0-9) raises
+        ``ConfigurationError``; a key already at ``max_pending`` raises ``Backpressure``, and
+        nothing is sent.
         """
+        validate_priority(self.name, options.get("priority", self.priority))
         deadline = deadlines.absolute(self.name, options.pop("deadline", None))
         inherited = current_context().deadline
         if inherited is not None:
             deadline = inherited if deadline is None else min(deadline, inherited)
         if deadline is not None:
             options["headers"] = protocol.DEADLINE.into(options.pop("headers", None), deadline)
+        admission = self.throttle_admission
+        if admission is not None and admission.max_pending and not self._eager():
+            task_id = task_id or uuid()
+            admit(self, args, kwargs, task_id, options)
         return super().apply_async(
             args, kwargs, task_id, producer, link, link_error, shadow, **options
         )
+
+    def _eager(self) -> bool:
+        """Whether this call runs inline (``task_always_eager``), where nothing is pending."""
+        return bool(self._get_app().conf.task_always_eager)
 
     def apply(self, args: Any = None, kwargs: Any = None, *a: Any, **options: Any) -> Any:
         """Eager execution: runs inline and returns an :class:`EagerEnvelopeResult`."""
@@ -120,7 +147,7 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 f"task {self.name!r}: its key function {_describe(spec)} raised "
                 f"{type(exc).__name__}: {exc}; the task did not run"
             ) from exc
-        if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH:
+        if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH or "\x1f" in key:
             raise KeyFunctionError(
                 f"task {self.name!r}: its key function {_describe(spec)} returned {key!r}; "
                 f"a key must be a non-empty str of at most {_MAX_KEY_LENGTH} characters; "
@@ -151,6 +178,11 @@ def throttled_task(
     on_full: str = "wait",
     retry: RetryPolicy | None = None,
     fallback: Callable[..., Any] | None = None,
+    rate: str | float | None = None,
+    burst: int | None = None,
+    total: int | None = None,
+    family: str | None = None,
+    max_pending: int | None = None,
     **options: Any,
 ) -> Any:
     """Like ``@shared_task``, with a cluster-wide cap on concurrent runs.
@@ -161,6 +193,8 @@ def throttled_task(
     ``soft_timeout`` / ``hard_timeout``: seconds, honoured on every pool (Celery's
     ``soft_time_limit`` / ``time_limit``, which are accepted too).
     ``max_wait``, ``on_full``, ``retry``, ``fallback``: see :mod:`celery_throttled.policies`.
+    ``rate`` (``burst``), ``total`` (``family``), ``max_pending``: see
+    :mod:`celery_throttled.admission`.
     Every other option goes to ``shared_task`` (``name``, ``bind``, ``queue``, ``acks_late``…).
     """
 
@@ -168,6 +202,16 @@ def throttled_task(
         name = options.get("name") or f"{f.__module__}.{f.__qualname__}"
         _validate(name, limit, key)
         validate_wait(name, max_wait, on_full, fallback)
+        admission = Admission.declare(
+            name,
+            limit,
+            rate=rate,
+            burst=burst,
+            total=total,
+            family=family,
+            max_pending=max_pending,
+        )
+        _validate_family(name, admission)
         if retry is not None:
             if not isinstance(retry, RetryPolicy):
                 raise ConfigurationError(
@@ -199,6 +243,7 @@ def throttled_task(
             throttle_max_wait=max_wait,
             throttle_on_full=on_full,
             throttle_fallback=staticmethod(fallback) if fallback else None,
+            throttle_admission=admission,
             **options,
         )(f)
 
@@ -219,10 +264,10 @@ def _validate(name: str, limit: Any, key: Any) -> None:
         )
     if key is None or callable(key):
         return
-    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH:
+    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH or "\x1f" in key:
         raise ConfigurationError(
             f"task {name!r}: key must be a non-empty str (at most {_MAX_KEY_LENGTH} "
-            f"characters), a callable or None, got {key!r}"
+            f"characters, no \\x1f), a callable or None, got {key!r}"
         )
     if limit is None:
         return
@@ -232,6 +277,20 @@ def _validate(name: str, limit: Any, key: Any) -> None:
         raise ConfigurationError(
             f"task {name!r}: key {key!r} is already capped at {known[0]} by task "
             f"{known[1]!r}; tasks sharing a key must declare the same limit, got {limit!r}"
+        )
+
+
+def _validate_family(name: str, admission: Admission | None) -> None:
+    """Tasks sharing a family must declare the same total."""
+    if admission is None or admission.family is None or admission.total is None:
+        return
+    with _static_keys_lock:
+        known = _families.setdefault(admission.family, (admission.total, name))
+    if known[0] != admission.total and known[1] != name:
+        raise ConfigurationError(
+            f"task {name!r}: family {admission.family!r} already has total {known[0]} from "
+            f"task {known[1]!r}; tasks sharing a family must declare the same total, got "
+            f"{admission.total!r}"
         )
 
 

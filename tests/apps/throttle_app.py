@@ -55,6 +55,8 @@ if os.environ.get("MAX_HELD"):
     app.conf.throttle_max_held = int(os.environ["MAX_HELD"])
 if os.environ.get("MAX_HOLD"):
     app.conf.throttle_max_hold = float(os.environ["MAX_HOLD"])
+if os.environ.get("PENDING_TTL"):
+    app.conf.throttle_pending_ttl = float(os.environ["PENDING_TTL"])
 
 probe = redis.Redis.from_url(REDIS_URL)
 
@@ -513,3 +515,7 @@ def nest_then_fail(labels: list[str], seconds: float = 30.0) -> None:
 @throttled_task(limit=2, name="t.quiet", ignore_result=True)
 def quiet(label: str) -> str:
     return label
+
+
+# the flow-control tasks (rates, families, priorities, max_pending): their own module
+from . import flow_app  # noqa: E402, F401

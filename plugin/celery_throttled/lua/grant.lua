@@ -5,10 +5,15 @@
 -- free slots to the oldest waiters in ticket order. A grant to one of the calling
 -- worker's own waiters is returned to it; any other is published on the waiter's worker
 -- channel (channel_prefix .. worker) as the JSON array [key_name, holder].
--- The effective cap is meta.override, else meta.cap, else cap_arg.
+-- cap_arg is the key's spec (admission.lua): its cap, and its rate, family, pending horizon.
+-- The effective cap is meta.override, else meta.cap, else the spec's cap. A grant also needs a
+-- token of the key's rate, and in a family a place within its total (admission.lua decides
+-- which key of the family goes next).
 -- Returns now (ms), the effective cap, the number of holders after granting, the list
--- of holders granted to the caller's worker, and the holders whose lease expired (their
--- worker died or stalled): the caller reports those tasks as lost, exactly once.
+-- of holders granted to the caller's worker, the holders whose lease expired (their
+-- worker died or stalled): the caller reports those tasks as lost, exactly once; and
+-- wake_at: when the oldest waiter is blocked only by time (its rate's next token), the
+-- Redis time (ms) at which the caller's worker should run grant() again, or 0.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -38,24 +43,20 @@ local function grant(key_name, cap_arg, ttl, channel_prefix, caller)
     remove_all(KEYS[2], dead)
     remove_all(KEYS[3], dead)
   end
-  local cap = effective_cap(cap_arg)
+  local spec = flow_spec(cap_arg)
+  local cap = effective_cap(spec.cap)
   local running = redis.call('ZCARD', KEYS[1])
-  local free = cap - running
-  local mine = {}
-  if free > 0 then
-    local lucky = redis.call('ZRANGE', KEYS[2], 0, free - 1)
+  local mine, wake = {}, nil
+  if spec.family then
+    wake = flow_fair(spec, key_name, now, ttl, channel_prefix, caller, mine)
+    running = redis.call('ZCARD', KEYS[1])
+  else
+    local lucky
+    lucky, wake = flow_next(cap - running, now)
     for _, holder in ipairs(lucky) do
-      redis.call('ZADD', KEYS[1], now + ttl, holder)
-      redis.call('ZREM', KEYS[2], holder)
-      redis.call('ZREM', KEYS[3], holder)
-      local worker = string.sub(holder, 1, string.find(holder, ' ', 1, true) - 1)
-      if worker == caller then
-        table.insert(mine, holder)
-      else
-        redis.call('PUBLISH', channel_prefix .. worker, cjson.encode({key_name, holder}))
-      end
+      flow_hand(holder, KEYS[1], KEYS[2], KEYS[3], key_name, now, ttl, channel_prefix, caller, mine)
     end
     running = running + #lucky
   end
-  return now, cap, running, mine, reaped
+  return now, cap, running, mine, reaped, flow_claim(spec, wake, caller)
 end

@@ -7,17 +7,22 @@
 -- KEYS[5] - waits LIST (ms, newest first, at most 1000)
 -- ARGV[1] - key name
 -- ARGV[2] - holder
--- ARGV[3] - declared cap (used only when the family has no meta yet)
+-- ARGV[3] - spec (admission.lua; its cap is used only when the family has no meta yet)
 -- ARGV[4] - lease TTL in ms (for the leases it grants)
 -- ARGV[5] - grant channel prefix
 -- ARGV[6] - the calling worker (its own waiters granted now are returned, not published)
 -- ARGV[7] - how the run ended, counted in meta: "done", "failed", "retried", "rejected"
 --           (counted for a waiter too), or "" (not counted)
 -- ARGV[8] - how long it waited for its slot in ms, or -1 (not recorded)
+-- KEYS[#KEYS-2 ..] - the admission keys (admission.lua): a run that ended stops counting as
+--                    pending
 -- returns {1 when the holder held a slot or waited, 0 when unknown (idempotent),
---          {holders of the calling worker granted now}, {holders reaped now}}
+--          {holders of the calling worker granted now}, {holders reaped now},
+--          wake_at (ms, or 0), now (ms, or 0 when nothing was granted)}
 
 local holder = ARGV[2]
+local spec = flow_spec(ARGV[3])
+flow_ended(ARGV[7], holder)
 local held = redis.call('ZREM', KEYS[1], holder)
 local removed = held + redis.call('ZREM', KEYS[2], holder)
 redis.call('ZREM', KEYS[3], holder)
@@ -30,11 +35,12 @@ if ARGV[7] ~= '' and (held > 0 or ARGV[7] == 'rejected') then
     if expire then redis.call('EXPIRE', KEYS[5], expire) end
   end
 end
--- Fast path, nobody waiting: nothing to hand on (expired leases are reaped by the next
--- acquire or by a renewal pass).
-if redis.call('ZCARD', KEYS[2]) == 0 then
-  return {removed > 0 and 1 or 0, {}, {}}
+-- Fast path, nobody waiting (in the key, nor in its family): nothing to hand on (expired
+-- leases are reaped by the next acquire or by a renewal pass).
+if redis.call('ZCARD', KEYS[2]) == 0 and flow_idle(spec) then
+  if held > 0 then flow_count(spec, KEYS[4], KEYS[1]) end
+  return {removed > 0 and 1 or 0, {}, {}, 0, 0}
 end
-local _, _, _, mine, reaped = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6])
-if removed > 0 then return {1, mine, reaped} end
-return {0, mine, reaped}
+local now, _, _, mine, reaped, wake = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6])
+if removed > 0 then return {1, mine, reaped, wake, now} end
+return {0, mine, reaped, wake, now}

@@ -6,8 +6,8 @@
 -- KEYS[4] - meta HASH
 -- KEYS[5] - waits LIST (unused here)
 -- ARGV[1] - key name
--- ARGV[2] - declared cap, or 0 when the caller does not know it (a reaping pass over a key
---           this worker has no task of)
+-- ARGV[2] - spec (admission.lua): the declared cap, or 0 when the caller does not know it (a
+--           reaping pass over a key this worker has no task of, or a wake-up)
 -- ARGV[3] - lease TTL in ms
 -- ARGV[4] - grant channel prefix
 -- ARGV[5] - the calling worker
@@ -17,14 +17,18 @@
 --                   because the task really is running and must be counted
 -- ARGV[7+n .. ]   - holders waiting for a slot: their liveness is extended; one that vanished
 --                   from the line is enqueued again
+-- KEYS[#KEYS-2 ..] - the admission keys (admission.lua): the pending tasks of these holders
+--                    count for another horizon
 -- returns {lost leases put back, waiters granted (found granted, or granted now),
---          holders whose lease expired, reaped now}
+--          holders whose lease expired, reaped now, wake_at (ms, or 0), now (ms)}
 --
 -- A waiter found among the holders was granted while its worker missed the grant message;
 -- it is reported so the worker dispatches it (the pub/sub fallback).
 
 local ttl, n = tonumber(ARGV[3]), tonumber(ARGV[6])
-if tonumber(ARGV[2]) > 0 then redis.call('HSET', KEYS[4], 'cap', ARGV[2]) end
+local spec = flow_spec(ARGV[2])
+if spec.cap > 0 then redis.call('HSET', KEYS[4], 'cap', spec.cap_text) end
+flow_declare(spec, KEYS[4])
 local now = now_ms()
 local restored, granted = {}, {}
 for i = 7, 6 + n do
@@ -42,6 +46,7 @@ for i = 7 + n, #ARGV do
     redis.call('ZADD', KEYS[3], now + ttl, holder)
   end
 end
-local _, _, _, mine, reaped = grant(ARGV[1], ARGV[2], ttl, ARGV[4], ARGV[5])
+flow_vouch(spec, 7, now)
+local _, _, _, mine, reaped, wake = grant(ARGV[1], ARGV[2], ttl, ARGV[4], ARGV[5])
 for _, h in ipairs(mine) do table.insert(granted, h) end
-return {restored, granted, reaped}
+return {restored, granted, reaped, wake, now}

@@ -176,11 +176,20 @@ class Connection:
 
     # -- moving bytes ----------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
-        """Buffer ``data``; everything written in one pass of the loop goes out in one send."""
+        """Buffer ``data``; everything written in one pass of the loop goes out in one send.
+
+        The send happens on the hub's tick, just before it polls: a write made by a timer (a
+        renewal round, a rate's wake-up) would otherwise wait for the poll to time out, since
+        the hub's ``call_soon`` does not wake a poll from the loop's own thread.
+        """
         self._out += data
         if not self._flush_scheduled and not self._writer_registered:
             self._flush_scheduled = True
-            self.hub.call_soon(self._flush)
+            self.hub.on_tick.add(self._flush_on_tick)
+
+    def _flush_on_tick(self) -> None:
+        self.hub.on_tick.discard(self._flush_on_tick)
+        self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -13,7 +13,9 @@ ticket order, so the oldest waiter in the cluster is served first and no worker 
 A grant to a waiter of the calling worker comes back in the script's reply; a grant to a
 waiter elsewhere is published on that worker's channel.
 
-The scripts live in ``lua/`` with a KEYS/ARGV/returns header each; ``grant.lua`` is shared.
+The scripts live in ``lua/`` with a KEYS/ARGV/returns header each; ``admission.lua`` (rates,
+families, priorities, pending sets) and ``grant.lua`` are shared. A key's admission rules travel
+in each operation (:class:`~..admission.Admission`) and reach the scripts in their cap argument.
 This module turns operations into script calls and replies into :class:`Outcome`; the
 transports (a redis-py pipeline here, the event loop's own connection in :mod:`.eventloop`) only
 move bytes.
@@ -31,7 +33,8 @@ from typing import Any
 import redis
 from redis.cluster import RedisCluster
 
-from ..keys import Family, grant_channel_prefix
+from ..admission import Admission, spec
+from ..keys import Family, grant_channel_prefix, split_key
 
 __all__ = ["Acquire", "Outcome", "RedisLeases", "Release", "Renew", "Scripts", "ServerChanged"]
 
@@ -47,6 +50,9 @@ class Acquire:
     key: str
     holder: str
     cap: int
+    admission: Admission | None = None
+    #: its place among priorities (lower goes first; :func:`~..admission.rank`)
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Release:
     outcome: str = ""
     #: seconds it waited for its slot, kept for the wait-time percentiles; None: not recorded
     waited: float | None = None
+    admission: Admission | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class Renew:
     cap: int
     running: Sequence[str] = ()
     waiting: Sequence[str] = ()
+    admission: Admission | None = None
 
 
 Op = Acquire | Release | Renew
@@ -77,13 +85,17 @@ class Outcome:
     (the caller itself included, for an acquire); ``restored`` the leases a renewal put back;
     ``reaped`` the holders whose lease expired and which this operation removed (reported as
     lost by the caller, exactly once across the cluster); ``known`` whether a released holder
-    held or waited."""
+    held or waited; ``wake_at`` when the key's first waiter is blocked only by time (a rate's
+    next token), the Redis time in ms at which to run the key's grant again (a :class:`Renew`),
+    and ``clock`` the Redis time in ms when the script ran."""
 
     key: str
     granted: list[str] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)
     known: bool = True
     reaped: list[str] = field(default_factory=list)
+    wake_at: int | None = None
+    clock: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,13 +106,15 @@ class Script:
 
 
 class Scripts:
-    """The three scripts, with ``grant.lua`` prepended, and their SHA1s for EVALSHA."""
+    """The lease scripts, with ``admission.lua`` and ``grant.lua`` prepended, and their SHA1s
+    for EVALSHA."""
 
     @staticmethod
     @cache
     def get(name: str) -> Script:
         lua = resources.files("celery_throttled").joinpath("lua")
-        source = lua.joinpath("grant.lua").read_text() + "\n" + lua.joinpath(name).read_text()
+        parts = ("admission.lua", "grant.lua", name)
+        source = "\n".join(lua.joinpath(part).read_text() for part in parts)
         return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
@@ -117,17 +131,28 @@ class Codec:
         return Family.of(self.prefix, key)
 
     def call(self, op: Op) -> tuple[Script, list[str], list[Any]]:
-        keys = self.family(op.key).all()
+        family = self.family(op.key)
+        keys = family.all() + family.admission()
+        cap = self.spec(op)
         if isinstance(op, Acquire):
-            args = [op.key, op.holder, op.cap, self.ttl_ms, self.channel_prefix, self.worker]
+            args = [op.key, op.holder, cap, self.ttl_ms, self.channel_prefix, self.worker]
             return Scripts.get("acquire.lua"), keys, args
         if isinstance(op, Release):
             waited = -1 if op.waited is None else int(op.waited * 1000)
-            args = [op.key, op.holder, op.cap, self.ttl_ms, self.channel_prefix, self.worker]
+            args = [op.key, op.holder, cap, self.ttl_ms, self.channel_prefix, self.worker]
             return Scripts.get("release.lua"), keys, [*args, op.outcome, waited]
-        args = [op.key, op.cap, self.ttl_ms, self.channel_prefix, self.worker]
+        args = [op.key, cap, self.ttl_ms, self.channel_prefix, self.worker]
         args += [len(op.running), *op.running, *op.waiting]
         return Scripts.get("renew.lua"), keys, args
+
+    def spec(self, op: Op) -> str:
+        """The cap argument: the cap and the key's admission rules (``admission.spec``)."""
+        return spec(
+            op.cap,
+            op.admission,
+            rank=op.rank if isinstance(op, Acquire) else None,
+            in_family=split_key(op.key)[0] is not None,
+        )
 
     @staticmethod
     def decode(op: Op, reply: Any) -> Outcome:
@@ -135,13 +160,20 @@ class Codec:
             granted = _text(reply[3])
             if int(reply[0]):
                 granted.insert(0, op.holder)
-            return Outcome(op.key, granted, reaped=_text(reply[4]))
-        if isinstance(op, Release):
-            return Outcome(
+            outcome = Outcome(op.key, granted, reaped=_text(reply[4]))
+            tail = reply[5:]
+        elif isinstance(op, Release):
+            outcome = Outcome(
                 op.key, _text(reply[1]), known=bool(int(reply[0])), reaped=_text(reply[2])
             )
-        restored, granted, reaped = reply
-        return Outcome(op.key, _text(granted), _text(restored), reaped=_text(reaped))
+            tail = reply[3:]
+        else:
+            restored, granted, reaped = reply[:3]
+            outcome = Outcome(op.key, _text(granted), _text(restored), reaped=_text(reaped))
+            tail = reply[3:]
+        if len(tail) >= 2 and int(tail[0]):
+            outcome.wake_at, outcome.clock = int(tail[0]), int(tail[1])
+        return outcome
 
 
 class RedisLeases:

@@ -31,6 +31,9 @@ class Callbacks:
     waiting: Callable[[str, str], None]
     #: an errgroup was cancelled somewhere in the cluster (its id)
     group_cancelled: Callable[[str], None] = lambda gid: None
+    #: a key's first waiter is blocked only by time: run the key's grant again (a Renew) at
+    #: ``at_ms``; (key, at_ms, now_ms), both in Redis time
+    wake: Callable[[str, int, int], None] = lambda key, at_ms, now_ms: None
 
     def deliver(self, op: Op, outcome: Outcome) -> None:
         """Report what one operation did, whichever transport carried it."""
@@ -47,6 +50,8 @@ class Callbacks:
             self.granted(outcome.key, holder)
         if isinstance(op, Acquire) and op.holder not in outcome.granted:
             self.waiting(op.key, op.holder)
+        if outcome.wake_at is not None and outcome.clock is not None:
+            self.wake(outcome.key, outcome.wake_at, outcome.clock)
 
     def message(self, data: bytes | str) -> None:
         """A pub/sub message: a grant ``[key, holder]`` or an errgroup's ``{"cancel": id}``."""

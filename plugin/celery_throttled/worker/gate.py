@@ -26,18 +26,20 @@ from celery.worker import state as worker_state
 
 from .. import deadlines, tracing, transport
 from .. import request as protocol
+from ..admission import rank
 from ..errgroup.members import Members
 from ..errgroup.store import GroupStore
 from ..errors import KeyFunctionError
-from ..keys import ERRGROUP_KEY_PREFIX, holder_id
+from ..keys import ERRGROUP_KEY_PREFIX, family_key, holder_id
 from ..metrics import Metrics
 from ..settings import Settings
 from ..task import ThrottledTask
-from ..transport.leases import Acquire, Release
+from ..transport.leases import Acquire, Release, Renew
 from . import outcomes, poolqueue
 from .endpaths import hook_end_paths
 from .lines import Held, Lines
 from .loop import Loop
+from .pokes import Pokes
 from .sweep import DEADLINE, HAND_BACK, REJECT, judge
 from .window import Window
 
@@ -71,12 +73,17 @@ class Gate:
         groups = GroupStore(client, settings.key_prefix, settings.errgroup_ttl)
         self.members = Members(consumer.app, groups, consumer, self.pool_kind, self._drop)
         self.loop = Loop(consumer)
+        self.pokes = Pokes(self.loop.call_later, self._poke)
+        #: how the broker reads a message's priority: RabbitMQ serves the highest first
+        connection = getattr(consumer, "connection", None) or consumer.app.connection_for_read()
+        self.highest_first = connection.transport.driver_type == "amqp"
         callbacks = transport.Callbacks(
             snapshot=self.lines.renewals,
             granted=self.loop.batched(self._grant),
             lost=self.lost,
             waiting=self.loop.on_loop(self.waiting),
             group_cancelled=self.loop.on_loop(self.group_cancelled),
+            wake=self.loop.on_loop(self.pokes.wake),
         )
         self.transport = transport.build(
             settings,
@@ -88,7 +95,7 @@ class Gate:
         self._sweeper: Any = None
         self.metrics: Metrics | None = None
         if settings.metrics_port is not None:
-            self.metrics = Metrics(self.lines.counts)
+            self.metrics = Metrics(self.lines.counts, self.lines.rates)
             self.metrics.serve(settings.metrics_port, settings.metrics_addr)
         self._dispatch: Callable[[Any], Any] = consumer.on_task_request
         consumer.on_task_request = self.route
@@ -103,7 +110,7 @@ class Gate:
         if deadlines.passed(req):
             outcomes.deadline_passed(req, "while it was queued")
             return None
-        limit = task.throttle_limit
+        limit = task.throttle_cap
         group = protocol.group(req)
         if group is not None and group.get("limit"):
             # an errgroup's own limit first, then the task's cap (always in that order)
@@ -134,7 +141,9 @@ class Gate:
         then: int | None = None,
         outer: Held | None = None,
     ) -> None:
-        """Wait for a slot of ``key`` (default: the task's key), holding ``outer`` meanwhile."""
+        """Wait for a slot of ``key`` (default: the task's key, under the task's admission
+        rules), holding ``outer`` meanwhile."""
+        admission = None
         if key is None:
             try:
                 key = req.task.throttle_key_for(req.args, req.kwargs)
@@ -145,12 +154,18 @@ class Gate:
                 outcomes.never_runs(req, exc)
                 return
             protocol.info(req)["key"] = key
-        held = Held(req, key, cap, holder_id(self.worker, req.id))
+            admission = req.task.throttle_admission
+            if admission is not None:
+                admission = admission.on_worker(self.settings.pending_ttl)
+                key = family_key(admission.family, key)
+        priority = (req.delivery_info or {}).get("priority")
+        place = rank(priority, self.highest_first)
+        held = Held(req, key, cap, holder_id(self.worker, req.id), admission, place)
         held.outer, held.next_cap = outer, then
         held.wait = tracing.wait_started(req, key, cap)
         if self.lines.join(held):
             self.transport.register(key)
-        self.transport.submit(Acquire(key, held.holder, cap))
+        self.transport.submit(Acquire(key, held.holder, cap, admission, held.rank))
 
     def waiting(self, key: str, holder: str) -> None:
         """No slot for ``holder`` right now: it waits (or is rejected, with on_full='reject')."""
@@ -211,7 +226,9 @@ class Gate:
         if not self.lines.leave(held):
             return
         tracing.wait_released(held.wait, wait or outcome, held.req)
-        self.transport.submit(Release(held.key, held.holder, held.cap, outcome, held.waited))
+        self.transport.submit(
+            Release(held.key, held.holder, held.cap, outcome, held.waited, held.admission)
+        )
         if held.outer is not None:
             self.release(held.outer, outcome)
         if self.metrics is not None:
@@ -284,6 +301,7 @@ class Gate:
         if self._sweeper is not None:
             self.consumer.timer.cancel(self._sweeper)
             self._sweeper = None
+        self.pokes.cancel_all()
         self.transport.suspend()
 
     def close(self) -> None:
@@ -291,6 +309,11 @@ class Gate:
         self.stop()
 
     # -- the transport side -----------------------------------------------------------------------
+    def _poke(self, key: str) -> None:
+        """A key's next token is due: run its grant (:mod:`.pokes`)."""
+        cap, admission = self.lines.rules(key)
+        self.transport.submit(Renew(key, cap, admission=admission))
+
     def lost(self, key: str, holders: list[str]) -> None:
         """Leases that expired: their worker died (or stalled past the lease TTL).
 

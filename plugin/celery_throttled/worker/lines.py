@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from ..admission import Admission
 from ..keys import ERRGROUP_KEY_PREFIX
 from ..tracing import Wait, wait_ended
 from ..transport.leases import Renew
@@ -25,12 +26,14 @@ class Held:
     """One request this worker holds or runs under a lease."""
 
     __slots__ = (
+        "admission",
         "admitted_at",
         "cap",
         "holder",
         "key",
         "next_cap",
         "outer",
+        "rank",
         "released",
         "req",
         "since",
@@ -39,11 +42,22 @@ class Held:
         "widened",
     )
 
-    def __init__(self, req: Any, key: str, cap: int, holder: str) -> None:
+    def __init__(
+        self,
+        req: Any,
+        key: str,
+        cap: int,
+        holder: str,
+        admission: Admission | None = None,
+        rank: int = 0,
+    ) -> None:
         self.req = req
         self.key = key
         self.cap = cap
         self.holder = holder
+        #: the key's rate, family and pending rules; its place among priorities
+        self.admission = admission
+        self.rank = rank
         self.since = time.monotonic()
         self.widened = False
         self.released = False
@@ -65,6 +79,7 @@ class Lines:
         self._waiting: dict[tuple[str, str], Held] = {}
         self._running: dict[tuple[str, str], Held] = {}
         self._caps: dict[str, int] = {}
+        self._admissions: dict[str, Admission | None] = {}
         #: requests holding or waiting for a slot of each key (held here, not yet released)
         self._uses: Counter[str] = Counter()
 
@@ -79,6 +94,7 @@ class Lines:
             self._waiting[(key, held.holder)] = held
             new_key = key not in self._caps
             self._caps[key] = held.cap
+            self._admissions[key] = held.admission
             self._uses[key] += 1
         return new_key
 
@@ -112,6 +128,7 @@ class Lines:
                 del self._uses[held.key]
                 if held.key.startswith(ERRGROUP_KEY_PREFIX):
                     self._caps.pop(held.key, None)  # one-off keys must not pile up
+                    self._admissions.pop(held.key, None)
         return True
 
     def waiting(self) -> list[Held]:
@@ -131,10 +148,29 @@ class Lines:
             for key, holder in self._waiting:
                 by_key.setdefault(key, ([], []))[1].append(holder)
             caps = dict(self._caps)
-        return [Renew(key, caps.get(key, 1), run, wait) for key, (run, wait) in by_key.items()]
+            admissions = dict(self._admissions)
+        return [
+            Renew(key, caps.get(key, 1), run, wait, admissions.get(key))
+            for key, (run, wait) in by_key.items()
+        ]
+
+    def rules(self, key: str) -> tuple[int, Admission | None]:
+        """The cap and admission rules this worker last declared for ``key`` (0: unknown)."""
+        with self._lock:
+            return self._caps.get(key, 0), self._admissions.get(key)
+
+    def rates(self) -> dict[str, float]:
+        """Per key with a rate: starts per second (for the metrics gauge)."""
+        with self._lock:
+            return {
+                key: admission.rate.per_second
+                for key, admission in self._admissions.items()
+                if admission is not None and admission.rate is not None
+            }
 
     def counts(self) -> dict[str, tuple[int, int, int]]:
-        """Per key: declared cap, running here, waiting here (for the metrics gauges)."""
+        """Per key: declared cap (``UNCAPPED``: none), running here, waiting here (for the
+        metrics gauges)."""
         with self._lock:
             out = {key: [cap, 0, 0] for key, cap in self._caps.items()}
             for key, _ in self._running:

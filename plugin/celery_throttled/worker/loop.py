@@ -33,6 +33,13 @@ class Loop:
         else:
             self.consumer.timer.call_after(0, fun, args)
 
+    def call_later(self, delay: float, fun: Callable[[], None]) -> Any:
+        """Run ``fun`` on the loop thread after ``delay`` seconds; the entry has ``cancel()``."""
+        hub = self.consumer.hub
+        if hub is not None:
+            return hub.call_later(delay, fun)
+        return self.consumer.timer.call_after(delay, fun)
+
     def on_loop(self, fun: Callable[..., None]) -> Callable[..., None]:
         """``fun`` called inline on the loop thread, and from any other thread by a hop."""
 

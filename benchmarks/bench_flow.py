@@ -1,0 +1,346 @@
+"""Benchmark flow control beside what people use without it, in one run.
+
+    python benchmarks/bench_flow.py [--quick] [--rows R1,F1,B1,C1]
+
+Every row runs two real ``celery worker`` subprocesses (prefork, concurrency 8, prefetch
+multiplier 1, json, Redis broker and result backend) of ``benchmarks/bench_app.py`` (whose
+flow tasks are in ``benchmarks/flow_app.py``), on its own queue and key prefix:
+
+* R1  ``rate="50/s"``, 500 x 10 ms over the two workers: the most starts in any 1 s window
+      (target <= 51) and the run against 10 s (target within 5 %); beside Celery's
+      ``rate_limit="50/s"`` on the same two workers (kept per worker: about twice the rate) and
+      the hand-written recipe "a counter per second in Redis, retry at the next second".
+* F1  ``limit=6, total=6`` per tenant key: one tenant submits 600 x 50 ms, then ten tenants 5
+      each: how long after its submission each small tenant was done (target <= 1.5 s); beside
+      the same load behind one shared key (first come first served).
+* B1  ``limit=4, max_pending=100`` (80 tasks/s of service): a producer submits at ten times
+      that for 5 s: the most pending ever seen (target <= 100), every accepted task done, every
+      refused one refused at submit (nothing else ran).
+* C1  the admission step's cost: no-ops behind a cap, a family's total and a rate (none
+      binding) against the cap alone, both over the same ten keys, on one worker, alternating
+      three times, best of each; with the lease scripts and the Redis CPU per task.
+
+Times run from the first submission to the last result's ``date_done``; starts are the bodies'
+own clocks. Prints a markdown table and writes every raw figure to
+``benchmarks/results/bench_flow.json``. Exit status: 0 even when a target is missed; 2 when a
+row could not be completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import flow_app  # noqa: E402
+from benchmarks.bench_cap import (  # noqa: E402
+    CONCURRENCY,
+    Bench,
+    Line,
+    Row,
+    environment,
+    percentile,
+    redis_for_bench,
+    table,
+    write_json,
+)
+from celery_throttled import Backpressure  # noqa: E402
+from celery_throttled.keys import Family  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "bench_flow.json"
+ROWS = ("R1", "F1", "B1", "C1")
+WORKERS = 2
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rated: int
+    big: int
+    small: int
+    bounded_s: float
+    noop: int
+
+    @classmethod
+    def of(cls, quick: bool) -> Sizes:
+        return cls(100, 120, 2, 2.0, 300) if quick else cls(500, 600, 5, 5.0, 1000)
+
+
+def most_in_any_window(stamps: Sequence[float], window: float) -> int:
+    """The largest number of ``stamps`` inside any closed interval of ``window`` seconds."""
+    ordered = sorted(stamps)
+    best = first = 0
+    for last, stamp in enumerate(ordered):
+        while stamp - ordered[first] > window:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+def starts(row: Row, group: str) -> list[float]:
+    return sorted(start for start, _ in row.spans(group))
+
+
+# -- R1 ---------------------------------------------------------------------------------------
+def r1_rate(bench: Bench, sizes: Sizes) -> None:
+    report, n = bench.report, sizes.rated
+    ideal = (n - 1) / flow_app.RATE_PER_SECOND
+    raw: dict[str, Any] = {"n": n, "rate": flow_app.RATE, "ideal_s": ideal}
+    variants = (
+        ("bench.flow_rated", "rated", f'@throttled_task(rate="{flow_app.RATE}")'),
+        ("bench.flow_celery_rate", "celery_rate", f'Celery rate_limit="{flow_app.RATE}"'),
+        ("bench.flow_recipe_rate", "recipe_rate", "recipe: counter per second + retry"),
+    )
+    for name, group, label in variants:
+        with bench.row(f"R1{group}", workers=WORKERS) as row:
+            row.warm_up("bench.flow_warm", [], n=4 * CONCURRENCY)
+            _, done = row.run([(name, [0.01])] * n, timeout=max(300.0, 30 * ideal))
+            stamps = starts(row, group)
+            window = most_in_any_window(stamps, 1.0)
+            gaps = [b - a for a, b in pairwise(stamps)]
+            span = stamps[-1] - stamps[0]
+            retries = row.counter("recipe:rate:retries")
+        makespan = done.makespan()
+        raw[group] = {"makespan_s": makespan, "first_to_last_start_s": span,
+                      "most_in_1s": window, "starts": len(stamps), "retries": retries,
+                      "start_offsets_s": [round(s - stamps[0], 4) for s in stamps]}
+        if group == "rated":
+            report.add(
+                Line("R1", f"{label}: most starts in any 1 s window", str(window), "<= 51",
+                     window <= flow_app.RATE_PER_SECOND + 1),
+                Line("R1", f"{label}: run (first to last start) / ideal {ideal:.2f} s",
+                     f"{span:.2f} s ({span / ideal:.3f})", "within 5 %",
+                     abs(span / ideal - 1) <= 0.05),
+                Line("R1", f"{label}: gap between starts p1 / p50 / p99",
+                     " / ".join(f"{percentile(gaps, q) * 1000:.0f}" for q in (1, 50, 99))
+                     + " ms"),
+                Line("R1", f"{label}: makespan (submit to last done)", f"{makespan:.2f} s"),
+            )
+        else:
+            extra = f", {retries} retries" if retries else ""
+            report.add(Line("R1", f"{label}: most in any 1 s; first to last start{extra}",
+                            f"{window}; {span:.2f} s"))
+    report.raw["R1"] = raw
+
+
+# -- F1 ---------------------------------------------------------------------------------------
+def f1_fair(bench: Bench, sizes: Sizes) -> None:
+    report = bench.report
+    raw: dict[str, Any] = {"big": sizes.big, "small_tenants": 10, "small_each": sizes.small,
+                           "work_s": 0.05, "cap": flow_app.FAIR_CAP}
+    for name, group, label in (
+        ("bench.flow_tenant", "fair", f"limit={flow_app.FAIR_CAP}, total={flow_app.FAIR_CAP}"),
+        ("bench.flow_shared", "shared", f"one shared key, limit={flow_app.FAIR_CAP}"),
+    ):
+        with bench.row(f"F1{group}", workers=WORKERS) as row:
+            row.warm_up("bench.flow_warm", [], n=4 * CONCURRENCY)
+            client = bench.client
+            sent_at: dict[str, float] = {}
+            ids: dict[str, list[str]] = {}
+            with client.producer_or_acquire() as producer:
+                began = time.time()
+                plan = [("big", sizes.big)] + [(f"small{i}", sizes.small) for i in range(10)]
+                for tenant, count in plan:
+                    sent_at[tenant] = time.time()
+                    ids[tenant] = [
+                        client.send_task(name, args=[tenant, 0.05], queue=row.prefix,
+                                         producer=producer).id
+                        for _ in range(count)
+                    ]
+            done = bench.wait([i for batch in ids.values() for i in batch], began, 300)
+            if not done.complete:
+                raise RuntimeError(f"F1 {group}: {done.missing} tasks never finished")
+            peak = row.peak(group)
+        waits = {t: max(done.finished[i] for i in batch) - sent_at[t] for t, batch in ids.items()}
+        small = [w for t, w in waits.items() if t != "big"]
+        raw[group] = {"small_done_after_s": waits, "peak": peak, "makespan_s": done.makespan()}
+        if group == "fair":
+            report.add(
+                Line("F1", f"{label}: every small tenant done after its submission (worst)",
+                     f"{max(small):.2f} s", "<= 1.5 s", max(small) <= 1.5),
+                Line("F1", f"{label}: big tenant done; peak concurrency",
+                     f"{waits['big']:.2f} s; {peak}", f"peak <= {flow_app.FAIR_CAP}",
+                     peak <= flow_app.FAIR_CAP),
+            )
+        else:
+            report.add(Line("F1", f"{label}: small tenants done after submission (worst); big",
+                            f"{max(small):.2f} s; {waits['big']:.2f} s"))
+    report.raw["F1"] = raw
+
+
+# -- B1 ---------------------------------------------------------------------------------------
+class PendingSampler:
+    """The most pending tasks of a key seen, read every 10 ms."""
+
+    def __init__(self, bench: Bench, pending_key: str) -> None:
+        self.bench, self.key, self.highest, self.samples = bench, pending_key, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        r = self.bench.redis
+        while not self._stop.wait(0.01):
+            seconds, micros = r.time()
+            count = int(r.zcount(self.key, seconds * 1000 + micros // 1000, "+inf"))
+            self.highest, self.samples = max(self.highest, count), self.samples + 1
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.highest
+
+
+def b1_backpressure(bench: Bench, sizes: Sizes) -> None:
+    report = bench.report
+    service = flow_app.BOUNDED_CAP / 0.05
+    target_rate = 10 * service
+    with bench.row("B1", workers=WORKERS) as row:
+        row.warm_up("bench.flow_warm", [], n=4 * CONCURRENCY)
+        producer = Celery("bench-producer", broker=bench.redis_url, set_as_current=False)
+        producer.conf.update(task_serializer="json", accept_content=["json"],
+                             throttle_key_prefix=row.prefix, throttle_redis_url=bench.redis_url)
+        task = producer.tasks["bench.flow_bounded"]
+        sampler = PendingSampler(bench, Family.of(row.prefix, "bench.flow_bounded").pending)
+        accepted: list[str] = []
+        refused = 0
+        began = time.time()
+        with producer.producer_or_acquire() as publisher:
+            while (elapsed := time.time() - began) < sizes.bounded_s:
+                try:
+                    accepted.append(task.apply_async([0.05], queue=row.prefix,
+                                                     producer=publisher).id)
+                except Backpressure:
+                    refused += 1
+                ahead = (len(accepted) + refused) / target_rate - elapsed
+                if ahead > 0:
+                    time.sleep(ahead)
+        submitted_s = time.time() - began
+        done = bench.wait(accepted, began, 300)
+        highest = sampler.stop()
+        ran = len(row.spans("bounded"))
+        peak = row.peak("bounded")
+        producer.close()
+    attempts = len(accepted) + refused
+    report.add(
+        Line("B1", f"submitted at {attempts / submitted_s:.0f}/s for {submitted_s:.1f} s "
+                   f"(service {service:.0f}/s): accepted / refused at submit",
+             f"{len(accepted)} / {refused}"),
+        Line("B1", f"most pending seen ({sampler.samples} samples)", str(highest), "<= 100",
+             highest <= flow_app.MAX_PENDING),
+        Line("B1", "accepted tasks done; bodies run; peak concurrency",
+             f"{sum(done.statuses.values())}/{len(accepted)}; {ran}; {peak}",
+             f"all; {len(accepted)}; <= {flow_app.BOUNDED_CAP}",
+             done.complete and ran == len(accepted) and peak <= flow_app.BOUNDED_CAP),
+    )
+    report.raw["B1"] = {"accepted": len(accepted), "refused": refused,
+                        "submit_rate": attempts / submitted_s, "service_rate": service,
+                        "highest_pending": highest, "samples": sampler.samples,
+                        "done": sum(done.statuses.values()), "bodies": ran, "peak": peak}
+
+
+# -- C1 ---------------------------------------------------------------------------------------
+def c1_cost(bench: Bench, sizes: Sizes) -> None:
+    report, n = bench.report, sizes.noop
+    cap_only, flow = "bench.flow_noop_cap", "bench.flow_noop"
+    makespans: dict[str, list[float]] = {cap_only: [], flow: []}
+    scripts: dict[str, list[float]] = {cap_only: [], flow: []}
+    redis_cpu: dict[str, list[float]] = {cap_only: [], flow: []}
+
+    def script_calls() -> int:
+        stats = bench.redis.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+    with bench.row("C1", workers=1) as row:
+        for name in (cap_only, flow):
+            row.run([(name, [i]) for i in range(4 * CONCURRENCY)], timeout=60)
+        for name in (cap_only, flow) * 3:
+            jobs = [(name, [i]) for i in range(n)]
+            before, calls = row.cpu(), script_calls()
+            _, done = row.run(jobs, max(120.0, n / 20))
+            after = row.cpu()
+            makespans[name].append(done.makespan())
+            scripts[name].append((script_calls() - calls) / n)
+            redis_cpu[name].append((after["redis"] - before["redis"]) / n * 1e6)
+    base, with_flow = min(makespans[cap_only]), min(makespans[flow])
+    ratio = base / with_flow
+    report.add(
+        Line("C1", f"{n} no-ops over 10 keys, cap alone (limit={flow_app.NEVER_BINDS}), best of 3",
+             f"{n / base:.0f} tasks/s"),
+        Line("C1", "same with a rate and a family's total (none binding), best of 3",
+             f"{n / with_flow:.0f} tasks/s"),
+        Line("C1", "throughput ratio with rate and fairness / cap alone", f"{ratio:.2f}"),
+        Line("C1", "lease scripts per task; Redis CPU per task: cap alone / with both",
+             f"{min(scripts[cap_only]):.2f} / {min(scripts[flow]):.2f}; "
+             f"{min(redis_cpu[cap_only]):.0f} / {min(redis_cpu[flow]):.0f} µs"),
+    )
+    report.raw["C1"] = {"n": n, "makespans_s": makespans, "ratio": ratio,
+                        "scripts_per_task": scripts, "redis_cpu_us_per_task": redis_cpu}
+
+
+RUNNERS: dict[str, Callable[[Bench, Sizes], None]] = {
+    "R1": r1_rate, "F1": f1_fair, "B1": b1_backpressure, "C1": c1_cost,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batches, for a smoke run")
+    parser.add_argument("--rows", default=",".join(ROWS), help="default: %(default)s")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
+    parser.add_argument("--loglevel", default="warning", help="worker log level")
+    args = parser.parse_args(argv)
+    rows = [r.strip().upper() for r in args.rows.split(",") if r.strip()]
+    if unknown := sorted(set(rows) - set(ROWS)):
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    sizes = Sizes.of(args.quick)
+    logdir = Path(tempfile.mkdtemp(prefix="bench-flow-logs-"))
+    began = time.monotonic()
+    with redis_for_bench() as url:
+        bench = Bench(url, logdir, args.loglevel)
+        env = environment(url)
+        try:
+            for tag in rows:
+                print(f"running {tag} ...", flush=True)
+                try:
+                    RUNNERS[tag](bench, sizes)
+                except Exception as exc:
+                    bench.report.errors.append(f"{tag}: {exc}")
+                    traceback.print_exc()
+        finally:
+            bench.close()
+    report = bench.report
+    elapsed = time.monotonic() - began
+    env["loadavg_at_end"] = os.getloadavg()
+    env["workers_per_row"] = WORKERS
+    print()
+    print(table(report.lines))
+    print(f"\n{'quick' if args.quick else 'full'} run of {', '.join(rows)} took {elapsed:.0f} s "
+          f"on {env['cpu_count']} CPUs (load {env['loadavg_at_start'][0]:.2f} at start); "
+          f"worker logs in {logdir}")
+    for message in report.errors:
+        print(f"ERROR: {message}")
+    write_json(args.out, {
+        "environment": env, "quick": args.quick, "rows": rows, "elapsed_s": elapsed,
+        "sizes": sizes.__dict__, "table": [line.__dict__ for line in report.lines],
+        "raw": report.raw, "errors": report.errors, "worker_logs": report.logs,
+    })
+    print(f"results written to {args.out}")
+    return 2 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

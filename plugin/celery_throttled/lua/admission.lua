@@ -1,0 +1,266 @@
+-- admission.lua: rates, families, priorities and pending sets; prepended, before grant.lua, to
+-- every lease script.
+--
+-- The last three KEYS of every lease script (after the key's own, whatever their number):
+--   KEYS[#KEYS-2] - pending ZSET (member task id, score = when it stops counting, ms)
+--   KEYS[#KEYS-1] - the family's HASH (total, override, running, turn, wake); unused outside a
+--                   family
+--   KEYS[#KEYS]   - the family's turns ZSET (member key with waiters, score = its last turn)
+-- The cap argument of every lease script is a spec (celery_throttled/admission.py):
+--   "<cap>[ r=<interval ms>/<burst>][ t=<total>][ p=<pending horizon ms>][ n=<rank>][ f]"
+--
+-- Rate: GCRA on the key's meta field "tat" (the theoretical arrival time). A start conforms
+-- when now >= tat - (burst - 1) * interval, and moves tat one interval on; a start that comes
+-- less than one interval late keeps the schedule (so the time a wake-up takes to arrive does not
+-- slow the rate down), one later than that restarts it from now.
+-- Family: the keys of one family share a hash tag; a freed slot goes to the key with waiters
+-- served least recently (its "served" turn), each key within its own cap and rate, all of them
+-- within the family's total.
+
+local PENDING, FAMILY, TURNS = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
+local UNCAPPED = 1000000000
+
+local function flow_spec(arg)
+  local spec = {cap = 0}
+  local first = true
+  for token in string.gmatch(arg or '', '%S+') do
+    if first then
+      spec.cap, spec.cap_text, first = tonumber(token) or 0, token, false
+    elseif token == 'f' then
+      spec.family = true
+    else
+      local name, value = string.sub(token, 1, 1), string.sub(token, 3)
+      if name == 'r' then spec.rate = value
+      elseif name == 't' then spec.total = tonumber(value)
+      elseif name == 'p' then spec.pending = tonumber(value)
+      elseif name == 'n' then spec.rank = tonumber(value)
+      end
+    end
+  end
+  return spec
+end
+
+local function field(hash, name)
+  local value = redis.call('HGET', hash, name)
+  if value then return value end
+  return nil
+end
+
+-- What the task declares, kept where every worker's scripts read it.
+local function flow_declare(spec, meta)
+  if spec.cap <= 0 then return end
+  if field(meta, 'rate') ~= spec.rate then
+    if spec.rate then redis.call('HSET', meta, 'rate', spec.rate)
+    else redis.call('HDEL', meta, 'rate') end
+  end
+  if spec.family and spec.total and tonumber(field(FAMILY, 'total')) ~= spec.total then
+    redis.call('HSET', FAMILY, 'total', spec.total)
+  end
+end
+
+-- A waiter's place in line: its rank (priority) first, then first come first served.
+local function flow_ticket(spec, meta)
+  return (spec.rank or 0) * 1e12 + redis.call('HINCRBY', meta, 'seq', 1)
+end
+
+-- The key's rate: interval (ms) and burst, or nil.
+local function flow_rate(meta)
+  local r = redis.call('HMGET', meta, 'rate_override', 'rate')
+  local text = r[1] or r[2]
+  if not text or text == '' then return nil end
+  local interval, burst = string.match(text, '^([^/]+)/(%d+)$')
+  return tonumber(interval), tonumber(burst)
+end
+
+-- When the key's next start conforms to its rate (ms); nil when it has no rate.
+local function flow_due(meta)
+  local interval, burst = flow_rate(meta)
+  if not interval then return nil end
+  return (tonumber(field(meta, 'tat')) or 0) - (burst - 1) * interval
+end
+
+-- One start under the key's rate (when it has one): the schedule moves on, the use is counted.
+local function flow_take(meta, now)
+  local interval = flow_rate(meta)
+  if not interval then return end
+  local tat = tonumber(field(meta, 'tat')) or 0
+  if now >= tat + interval then tat = now end
+  local second = math.floor(now / 1000)
+  local use = field(meta, 'use')
+  local at, n, before = 0, 0, 0
+  if use then at, n, before = string.match(use, '^(%d+) (%d+) (%d+)$') end
+  at, n = tonumber(at), tonumber(n)
+  if at == second then n = n + 1
+  elseif at == second - 1 then before, n = n, 1
+  else before, n = 0, 1 end
+  redis.call('HSET', meta, 'tat', tat + interval, 'use', second .. ' ' .. n .. ' ' .. before)
+end
+
+-- The cap of a key, read from its meta (the script's own key reads it through effective_cap).
+local function flow_cap(meta)
+  local c = redis.call('HMGET', meta, 'override', 'cap')
+  return tonumber(c[1] or c[2]) or UNCAPPED
+end
+
+-- Keeps the family's running total in step with this key's holders.
+local function flow_count(spec, meta, holders)
+  if not spec.family then return end
+  local n = redis.call('ZCARD', holders)
+  local was = tonumber(field(meta, 'counted')) or 0
+  if n ~= was then
+    redis.call('HSET', meta, 'counted', n)
+    redis.call('HINCRBY', FAMILY, 'running', n - was)
+  end
+end
+
+local function flow_total()
+  local t = redis.call('HMGET', FAMILY, 'override', 'total', 'running')
+  return tonumber(t[1] or t[2]) or UNCAPPED, tonumber(t[3]) or 0
+end
+
+-- No key of the family waits (a newcomer may take a free slot without queueing).
+local function flow_idle(spec)
+  return not spec.family or redis.call('ZCARD', TURNS) == 0
+end
+
+-- The key was served now: it goes to the back of the family's round robin.
+local function flow_served(meta)
+  local turn = redis.call('HINCRBY', FAMILY, 'turn', 1)
+  redis.call('HSET', meta, 'served', turn)
+  return turn
+end
+
+-- The family's total and the key's rate let one more start now; takes the token (and the
+-- family's turn) if so.
+local function flow_admit(spec, meta, now)
+  if spec.family then
+    local total, running = flow_total()
+    if running >= total then return false end
+  end
+  local due = flow_due(meta)
+  if due and now < due then return false end
+  flow_take(meta, now)
+  if spec.family then flow_served(meta) end
+  return true
+end
+
+-- Hands a slot to holder (leaving keys' line); to the caller's worker in mine, or published.
+local function flow_hand(holder, h, w, we, key_name, now, ttl, channel_prefix, caller, mine)
+  redis.call('ZADD', h, now + ttl, holder)
+  redis.call('ZREM', w, holder)
+  redis.call('ZREM', we, holder)
+  local worker = string.sub(holder, 1, string.find(holder, ' ', 1, true) - 1)
+  if mine and worker == caller then
+    table.insert(mine, holder)
+  else
+    redis.call('PUBLISH', channel_prefix .. worker, cjson.encode({key_name, holder}))
+  end
+end
+
+-- Up to n of the oldest waiters of this key that its rate lets start now, their tokens taken;
+-- and when the next token is due if the rate stopped them.
+local function flow_next(n, now)
+  if n <= 0 then return {}, nil end
+  local interval, burst = flow_rate(KEYS[4])
+  if not interval then return redis.call('ZRANGE', KEYS[2], 0, n - 1), nil end
+  local lucky = {}
+  for _, holder in ipairs(redis.call('ZRANGE', KEYS[2], 0, math.min(n, burst + 1) - 1)) do
+    local due = flow_due(KEYS[4])
+    if now < due then return lucky, due end
+    flow_take(KEYS[4], now)
+    table.insert(lucky, holder)
+  end
+  return lucky, nil
+end
+
+-- Round robin over the family's keys with waiters, least recently served first, one slot per
+-- key per round, until the total is reached or no key can take one. Grants to the caller's
+-- waiters of this script's own key go into mine; every other grant is published. Returns when
+-- the next token is due, when a key could have taken a slot but for its rate.
+local function flow_fair(spec, key_name, now, ttl, channel_prefix, caller, mine)
+  local family = string.match(key_name, '^(.-)\031')
+  local current = string.sub(key_name, #family + 2)
+  local base = string.sub(FAMILY, 1, -2)
+  flow_count(spec, KEYS[4], KEYS[1])
+  if redis.call('ZCARD', KEYS[2]) > 0 then
+    redis.call('ZADD', TURNS, 'NX', tonumber(field(KEYS[4], 'served')) or 0, current)
+  end
+  local total, running = flow_total()
+  local wake = nil
+  local open = redis.call('ZRANGE', TURNS, 0, -1)
+  while running < total and #open > 0 do
+    local again = {}
+    for _, k in ipairs(open) do
+      if running >= total then break end
+      local prefix = base .. 'k:' .. k
+      local h, w, we, m = prefix .. ':h', prefix .. ':w', prefix .. ':we', prefix .. ':m'
+      if k ~= current then
+        local dead = redis.call('ZRANGEBYSCORE', we, '-inf', now)
+        for _, d in ipairs(dead) do redis.call('ZREM', w, d); redis.call('ZREM', we, d) end
+      end
+      if redis.call('ZCARD', w) == 0 then
+        redis.call('ZREM', TURNS, k)
+      elseif redis.call('ZCARD', h) < flow_cap(m) then
+        local due = flow_due(m)
+        if due and now < due then
+          if not wake or due < wake then wake = due end
+        else
+          flow_take(m, now)
+          local holder = redis.call('ZRANGE', w, 0, 0)[1]
+          local to = nil
+          if k == current then to = mine end
+          flow_hand(holder, h, w, we, family .. '\031' .. k, now, ttl, channel_prefix, caller, to)
+          flow_count(spec, m, h)
+          running = running + 1
+          local turn = flow_served(m)
+          if redis.call('ZCARD', w) > 0 then
+            redis.call('ZADD', TURNS, turn, k)
+            table.insert(again, k)
+          else
+            redis.call('ZREM', TURNS, k)
+          end
+        end
+      end
+    end
+    open = again
+  end
+  if running < total then return wake end
+  return nil
+end
+
+-- Whom to wake when the next token is due: the first worker to learn of a due time pokes;
+-- others learning of the same time leave it to that one (the caller '' never pokes). 0: none.
+local function flow_claim(spec, due, caller)
+  if not due or caller == '' then return 0 end
+  due = math.ceil(due)
+  local hash = KEYS[4]
+  if spec.family then hash = FAMILY end
+  local mark = due .. ' ' .. caller
+  local claim = field(hash, 'wake')
+  if claim and claim ~= mark and tonumber(string.match(claim, '^(%d+)')) == due then return 0 end
+  redis.call('HSET', hash, 'wake', mark)
+  return due
+end
+
+-- The task of a holder ("<worker> <task id>[#n]").
+local function flow_task(holder)
+  local id = string.match(holder, ' (.*)$') or holder
+  return (string.gsub(id, '#%d+$', ''))
+end
+
+-- A worker vouches for the pending tasks it holds or runs (the holders in ARGV[first ..]):
+-- they count for another horizon, and one that had stopped counting (its message came back
+-- after its worker died) counts again: the count follows what the workers really hold.
+local function flow_vouch(spec, first, now)
+  if not spec.pending then return end
+  for i = first, #ARGV do
+    redis.call('ZADD', PENDING, 'GT', now + spec.pending, flow_task(ARGV[i]))
+  end
+end
+
+-- A run that ended (not retried, not handed back) stops counting at once.
+local function flow_ended(outcome, holder)
+  if outcome == 'done' or outcome == 'failed' or outcome == 'rejected' then
+    redis.call('ZREM', PENDING, flow_task(holder))
+  end
+end

@@ -1,0 +1,131 @@
+"""Fair shares across the keys of a family, with real Redis and real worker processes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import redis.cluster
+from celery import Celery
+from redis.cluster import RedisCluster
+
+import tests.apps.flow_app  # noqa: F401  (registers the f.* tasks on every app)
+
+from .conftest import Workers, wait_until
+from .probes import peak, started
+from .test_topology import cluster  # noqa: F401  (the three-primary Redis Cluster fixture)
+from .topologies import ClusterSetup
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def big_beside_small(client: Celery, probe, prefix: str, task: str) -> list[str]:
+    """One tenant queues 24 x 0.2 s; once 3 run, three small tenants queue 2 each. Returns the
+    tenants in the order their tasks started after the small ones were submitted."""
+    big = [client.send_task(task, ("big", f"b{i}", 0.2)) for i in range(24)]
+    wait_until(lambda: len(started(probe, prefix, "fair")) >= 3, 30, what="three to run")
+    before = len(started(probe, prefix, "fair"))
+    small = [client.send_task(task, (t, f"{t}{i}", 0.2)) for t in ("s1", "s2", "s3")
+             for i in range(2)]
+    for result in big + small:
+        result.get(timeout=90)
+    after = [label.split(":", 1)[0] for label, _ in started(probe, prefix, "fair")[before:]]
+    assert len(after) == 24 + 6 - before
+    return after
+
+
+def test_a_big_tenant_does_not_put_small_ones_behind_its_backlog(workers: Workers, client,
+                                                                  probe, prefix):
+    """Given limit=3, total=3 per tenant key (one family), and the same work behind one shared
+    key (first come first served),
+    When one tenant has queued 24 tasks and three small tenants queue 2 each,
+    Then in the family every small task starts within the next 9 starts (they take turns with
+    the big tenant), while behind the shared key they start only after the big backlog; the
+    family never runs more than 3: a freed slot handed to the oldest waiter overall, or a total
+    not held across keys, fails here."""
+    workers.start(pool="threads", concurrency=8)
+    workers.start(pool="prefork", concurrency=4)
+    fair = big_beside_small(client, probe, prefix, "f.tenant")
+    assert peak(probe, prefix, "fair") == 3
+    assert sum(1 for tenant in fair[:9] if tenant != "big") == 6, fair
+    probe.delete(*[f"{prefix}:probe:fair:{k}" for k in ("started", "finished", "peak", "now")])
+    fifo = big_beside_small(client, probe, prefix, "f.fifo")
+    assert all(tenant == "big" for tenant in fifo[:15]), fifo
+    print(f"\nstarts after the small tenants queued\n  family: {fair}\n  shared key: {fifo}")
+
+
+def test_task_types_naming_one_family_share_its_total(workers: Workers, client, probe, prefix,
+                                                     redis_url):
+    """Given two task types in family="reports" (total 2), each tenant key capped at 1,
+    When both types queue work for three tenants,
+    Then the family never runs more than 2 and no tenant more than 1: a total kept per task
+    type (4), or per-key caps ignored inside the family, fails here."""
+    workers.start(pool="threads", concurrency=8)
+    results = [client.send_task(name, (t, f"{t}{i}", 0.1))
+               for i in range(4) for t in ("a", "b", "c") for name in ("f.report", "f.export")]
+    for result in results:
+        result.get(timeout=60)
+    assert peak(probe, prefix, "reports") == 2
+    assert max(peak(probe, prefix, f"reports:{t}") for t in "abc") == 1
+    # And operators see each key with its family, named by its key or as FAMILY/KEY
+    from celery_throttled.status import inspect
+
+    from .test_cli import limiter_app, run
+
+    app = limiter_app(redis_url, prefix)
+    (status,) = inspect(app, ["tenant:a"])
+    assert (status.key, status.family, status.total, status.cap) == ("tenant:a", "reports", 2, 1)
+    assert status.done == 8 and status.family_running == 0
+    out = run(app, "status", "reports/tenant:b").output
+    assert "reports/tenant:b" in out and "family reports, 0 running of its total 2" in out, out
+    assert run(app, "set", "tenant:c", "2").exit_code == 0
+    assert inspect(app, ["tenant:c"])[0].cap == 2
+
+
+def test_a_family_holds_on_a_redis_cluster(workers: Workers, client, probe, prefix,
+                                           cluster: ClusterSetup):  # noqa: F811
+    """Given a limiter on a three-primary Redis Cluster,
+    When a family's tenants run side by side, Then its total holds and every key of the family
+    lives in one slot (the family's hash tag): keys of a family spread over slots (a script
+    refused, or a total that cannot be counted) fail here."""
+    for name in ("a", "b"):
+        workers.start(pool="threads", concurrency=6, name=name, LIMITER_URL=cluster.url)
+    results = [client.send_task("f.tenant", (t, f"{t}{i}", 0.1))
+               for i in range(4) for t in ("x", "y", "z")]
+    for result in results:
+        result.get(timeout=60)
+    assert peak(probe, prefix, "fair") == 3
+    nodes = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    family = [k.decode() for k in nodes.scan_iter(match=f"{prefix}:{{fam:f.tenant}}:*",
+                                                  target_nodes=RedisCluster.PRIMARIES)]
+    assert {f"{prefix}:{{fam:f.tenant}}:t", f"{prefix}:{{fam:f.tenant}}:k:tenant:x:m"} <= set(
+        family)
+    assert len({nodes.keyslot(k) for k in family}) == 1
+    assert nodes.hget(f"{prefix}:{{fam:f.tenant}}:t", "running") == b"0"
+
+
+def test_rates_and_backpressure_hold_on_a_redis_cluster(workers: Workers, client, probe,
+                                                        prefix, cluster: ClusterSetup):  # noqa: F811
+    """Given a limiter on a three-primary Redis Cluster (the threaded transport),
+    When a rate="5/s" backlog runs over two workers and a max_pending=6 key is filled,
+    Then the rate holds (woken through the threads, not only at renewals) and the seventh
+    submission is refused: a wake-up lost on the threaded transport, or a pending set the
+    cluster client cannot reach, fails here."""
+    from celery_throttled import Backpressure
+
+    from .test_rate import most_in_any_window
+
+    for name in ("a", "b"):
+        workers.start(pool="threads", concurrency=4, name=name, LIMITER_URL=cluster.url)
+    results = [client.send_task("f.rated", (f"r{i}",)) for i in range(10)]
+    assert [r.get(timeout=60) for r in results] == [f"r{i}" for i in range(10)]
+    stamps = [stamp for _, stamp in started(probe, prefix, "rated")]
+    assert most_in_any_window(stamps, 1.0) <= 6, sorted(stamps)
+    assert max(b - a for a, b in itertools.pairwise(sorted(stamps))) < 5  # renewals: every 10 s
+    client.conf.update(throttle_key_prefix=prefix, throttle_redis_url=cluster.url)
+    bounded = client.tasks["f.bounded"]
+    sent = [bounded.delay(f"b{i}", 0.5) for i in range(6)]
+    with pytest.raises(Backpressure):
+        bounded.delay("one too many")
+    for result in sent:
+        assert result.get(timeout=60).ok
