@@ -51,23 +51,23 @@ BREAKAGES = [
     Breakage(
         "a release that does not grant",
         f"{PACKAGE}/lua/release.lua",
-        "local _, _, _, mine, reaped = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), "
+        "local now, _, _, mine, reaped, wake = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), "
         "ARGV[5], ARGV[6])",
-        "local mine, reaped = {}, {}",
+        "local now, mine, reaped, wake = now_ms(), {}, {}, 0",
         ("tests/test_leases.py::test_grants_up_to_the_cap_then_queues_in_order",),
     ),
     Breakage(
         "a grant that ignores the cap",
         f"{PACKAGE}/lua/grant.lua",
-        "local free = cap - running",
-        "local free = cap + 1 - running",
+        "lucky, wake = flow_next(cap - running, now)",
+        "lucky, wake = flow_next(cap + 1 - running, now)",
         ("tests/test_leases.py::test_grants_up_to_the_cap_then_queues_in_order",),
     ),
     Breakage(
         "grants to the newest waiter first",
-        f"{PACKAGE}/lua/grant.lua",
-        "local lucky = redis.call('ZRANGE', KEYS[2], 0, free - 1)",
-        "local lucky = redis.call('ZRANGE', KEYS[2], 0, free - 1, 'REV')",
+        f"{PACKAGE}/lua/admission.lua",
+        "if not interval then return redis.call('ZRANGE', KEYS[2], 0, n - 1), nil end",
+        "if not interval then return redis.call('ZRANGE', KEYS[2], 0, n - 1, 'REV'), nil end",
         (f"{GATE}test_the_oldest_waiter_in_the_cluster_is_served_first",),
     ),
     Breakage(
@@ -242,8 +242,8 @@ BREAKAGES = [
     Breakage(
         "running gauges stuck at 0",
         f"{PACKAGE}/metrics.py",
-        "running.add_metric([key], r)",
-        "running.add_metric([key], 0)",
+        "running.add_metric([label(key)], r)",
+        "running.add_metric([label(key)], 0)",
         ("tests/test_metrics.py::test_metrics_scrape_matches_the_workload",),
     ),
     Breakage(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -90,7 +91,8 @@ def test_submitting_faster_than_service_is_bounded_and_loses_nothing(workers: Wo
     workers.start(pool="prefork", concurrency=4)
     workers.start(pool="threads", concurrency=4)
     sampler = Sampler(client)
-    accepted, refused = [], 0
+    accepted: list[Any] = []
+    refused = 0
     end = time.monotonic() + 3
     while time.monotonic() < end:
         try:
@@ -117,7 +119,7 @@ def test_killed_workers_and_a_purged_queue_never_make_the_count_drift(
     stuck at its highest (trusting releases that never came) or one that forgets what a worker
     really holds fails here."""
     task = producer(client, prefix, pending_ttl=3).tasks["f.bounded"]
-    env = {"LEASE_TTL": 1.5, "PENDING_TTL": 3, "VISIBILITY": 6}
+    env: dict[str, Any] = {"LEASE_TTL": 1.5, "PENDING_TTL": 3, "VISIBILITY": 6}
     first = [workers.start(pool="prefork", concurrency=3, **env) for _ in range(2)]
     sampler = Sampler(client)
     batch = [task.delay(f"a{i}", 2.0) for i in range(6)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from typing import Any
 
 import pytest
 import redis
@@ -26,7 +27,9 @@ def most_in_any_window(stamps: list[float], window: float) -> int:
     return best
 
 
-def run_all(client: Celery, name: str, args_list: list[tuple], timeout: float = 90) -> list:
+def run_all(
+    client: Celery, name: str, args_list: list[tuple[Any, ...]], timeout: float = 90
+) -> list[Any]:
     results = [client.send_task(name, args) for args in args_list]
     return [r.get(timeout=timeout) for r in results]
 
