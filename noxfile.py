@@ -105,8 +105,16 @@ def smoke(session: nox.Session) -> None:
     work.mkdir()
     shutil.copy(ROOT / ".ci" / "wheel_smoke.py", work)
     session.chdir(work)
-    session.run("python", "-I", "wheel_smoke.py", "--checkout", str(ROOT),
-                "--redis-server", _redis_server(), env={"PYTHONPATH": ""})
+    session.run(
+        "python",
+        "-I",
+        "wheel_smoke.py",
+        "--checkout",
+        str(ROOT),
+        "--redis-server",
+        _redis_server(),
+        env={"PYTHONPATH": ""},
+    )
 
 
 @nox.session(python=PYTHONS)
@@ -115,14 +123,14 @@ def subset(session: nox.Session) -> None:
     session.install(str(_wheel(session)), *SUBSET_DEPS)
     session.chdir(ROOT)
     session.run(
-        "python", "-c",
+        "python",
+        "-c",
         "import sys, celery_throttled as c; "
         f"assert '%d.%d' % sys.version_info[:2] == {session.python!r}, sys.version; "
         "assert c.__file__.startswith(sys.prefix), c.__file__; "
         "print('celery_throttled', c.__version__, 'from', c.__file__, 'on', sys.version)",
     )
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET,
-                *session.posargs)
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET, *session.posargs)
 
 
 @nox.session(python=False)
@@ -131,6 +139,19 @@ def docs(session: nox.Session) -> None:
     contents, a docstring autodoc cannot read."""
     site = Path(session.create_tmp()) / "site"
     shutil.rmtree(site, ignore_errors=True)
-    session.run(sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-                "-d", str(site / ".doctrees"), str(ROOT / "docs"), str(site), external=True)
+    session.run(
+        sys.executable,
+        "-m",
+        "sphinx",
+        "-W",
+        "--keep-going",
+        "-q",
+        "-b",
+        "html",
+        "-d",
+        str(site / ".doctrees"),
+        str(ROOT / "docs"),
+        str(site),
+        external=True,
+    )
     print(f"site built in {site}")

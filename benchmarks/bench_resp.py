@@ -123,8 +123,20 @@ PREFIX = "throttle"
 FAMILY = [f"{PREFIX}:{{tasks.fetch}}:{part}" for part in ("h", "w", "we", "m", "wt")]
 WORKER = "celery@host-01/12345/9f8e7d6c"
 HOLDER = f"{WORKER} 5f0c6a8e-7c0b-4a65-9d7e-0a1b2c3d4e5f"
-COMMAND: tuple[Any, ...] = ("EVALSHA", "a" * 40, 5, *FAMILY, "tasks.fetch", HOLDER, 5, 30000,
-           f"{PREFIX}:grant:", WORKER, "done", 12)
+COMMAND: tuple[Any, ...] = (
+    "EVALSHA",
+    "a" * 40,
+    5,
+    *FAMILY,
+    "tasks.fetch",
+    HOLDER,
+    5,
+    30000,
+    f"{PREFIX}:grant:",
+    WORKER,
+    "done",
+    12,
+)
 
 
 def holders(n: int) -> bytes:
@@ -208,8 +220,9 @@ def measure(loops: int) -> tuple[list[Line], dict[str, Any]]:
         ns = best_ns(fun, loops)
         anchor = anchor or ns
         figures["pack"][name] = ns
-        lines.append(Line("pack", f"EVALSHA (5 keys, 8 args): {name}",
-                          f"{ns:,.0f} ns ({anchor / ns:.1f}x)"))
+        lines.append(
+            Line("pack", f"EVALSHA (5 keys, 8 args): {name}", f"{ns:,.0f} ns ({anchor / ns:.1f}x)")
+        )
     for name, data, count in REPLIES:
         for split in (None, 16):
             chunks = [data] if split is None else pieces(data, split)
@@ -219,8 +232,13 @@ def measure(loops: int) -> tuple[list[Line], dict[str, Any]]:
             hand = best_ns(ours(chunks), n) / count
             fast = best_ns(theirs(chunks), n) / count
             figures["parse"][label] = {"hand-written Parser": hand, "hiredis.Reader": fast}
-            lines.append(Line("parse", f"{label}: hand-written / hiredis.Reader",
-                              f"{hand:,.0f} / {fast:,.0f} ns per reply ({hand / fast:.1f}x)"))
+            lines.append(
+                Line(
+                    "parse",
+                    f"{label}: hand-written / hiredis.Reader",
+                    f"{hand:,.0f} / {fast:,.0f} ns per reply ({hand / fast:.1f}x)",
+                )
+            )
     return lines, figures
 
 
@@ -236,19 +254,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     loops = 2_000 if args.quick else 20_000
     lines, figures = measure(loops)
     print(table(lines))
-    write_json(args.out, {
-        "environment": {
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_at_start": os.getloadavg(),
-            "redis_py": redis.__version__,
-            "hiredis": hiredis.__version__,
-            "loops": loops,
+    write_json(
+        args.out,
+        {
+            "environment": {
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "cpu_count": os.cpu_count(),
+                "loadavg_at_start": os.getloadavg(),
+                "redis_py": redis.__version__,
+                "hiredis": hiredis.__version__,
+                "loops": loops,
+            },
+            "ns": figures,
         },
-        "ns": figures,
-    })
+    )
 
 
 if __name__ == "__main__":

@@ -131,8 +131,9 @@ class CommandCounter:
         connection.disconnect()
 
 
-def measured(row: Row, limiter_url: str, jobs: list[tuple[str, list[Any]]],
-             idle: float) -> dict[str, Any]:
+def measured(
+    row: Row, limiter_url: str, jobs: list[tuple[str, list[Any]]], idle: float
+) -> dict[str, Any]:
     with Sampler(row.workers[0].proc.pid) as sampler, CommandCounter(limiter_url) as counted:
         _, done = row.run(jobs, timeout=600)
     sent = sum(counted.clients.values())
@@ -146,9 +147,8 @@ def measured(row: Row, limiter_url: str, jobs: list[tuple[str, list[Any]]],
         "limiter_commands_by_name": dict(counted.clients.most_common()),
         "commands_per_task": sent / len(jobs),
         "commands_in_scripts_per_task": counted.in_scripts / len(jobs),
-        "limiter_memory_mb": int(
-            redis.Redis.from_url(limiter_url).info("memory")["used_memory"]
-        ) / 2**20,
+        "limiter_memory_mb": int(redis.Redis.from_url(limiter_url).info("memory")["used_memory"])
+        / 2**20,
     }
 
 
@@ -183,31 +183,55 @@ def s2_many_keys(bench: Bench, limiter_url: str, n: int, keys: int) -> dict[str,
 
 def lines(s1: dict[str, Any], s2: dict[str, Any]) -> list[Line]:
     out = []
-    for tag, r, what in (("S1", s1, f"{s1['tasks']} x 5 ms behind limit=5"),
-                         ("S2", s2, f"{s2['tasks']} x 5 ms over {s2.get('keys')} keys")):
+    for tag, r, what in (
+        ("S1", s1, f"{s1['tasks']} x 5 ms behind limit=5"),
+        ("S2", s2, f"{s2['tasks']} x 5 ms over {s2.get('keys')} keys"),
+    ):
         growth = r["rss_growth_mb"]
         per_task = r["commands_per_task"]
         out += [
-            Line(tag, f"{what}: worker RSS idle -> highest (main + 8 pool processes)",
-                 f"{r['rss_idle_mb']:.0f} -> {r['rss_highest_mb']:.0f} MB"),
-            Line(tag, f"{what}: worker RSS growth over idle", f"{growth:.1f} MB",
-                 f"< {RSS_TARGET_MB:.0f} MB", growth < RSS_TARGET_MB),
-            Line(tag, f"{what}: limiter Redis commands per task, sent by clients",
-                 f"{per_task:.2f} ({_top(r['limiter_commands_by_name'])})",
-                 f"<= {COMMANDS_TARGET:.0f}", per_task <= COMMANDS_TARGET),
-            Line(tag, f"{what}: commands run inside the Lua scripts, per task",
-                 f"{r['commands_in_scripts_per_task']:.1f}"),
-            Line(tag, f"{what}: limiter Redis memory afterwards",
-                 f"{r['limiter_memory_mb']:.1f} MB"),
+            Line(
+                tag,
+                f"{what}: worker RSS idle -> highest (main + 8 pool processes)",
+                f"{r['rss_idle_mb']:.0f} -> {r['rss_highest_mb']:.0f} MB",
+            ),
+            Line(
+                tag,
+                f"{what}: worker RSS growth over idle",
+                f"{growth:.1f} MB",
+                f"< {RSS_TARGET_MB:.0f} MB",
+                growth < RSS_TARGET_MB,
+            ),
+            Line(
+                tag,
+                f"{what}: limiter Redis commands per task, sent by clients",
+                f"{per_task:.2f} ({_top(r['limiter_commands_by_name'])})",
+                f"<= {COMMANDS_TARGET:.0f}",
+                per_task <= COMMANDS_TARGET,
+            ),
+            Line(
+                tag,
+                f"{what}: commands run inside the Lua scripts, per task",
+                f"{r['commands_in_scripts_per_task']:.1f}",
+            ),
+            Line(
+                tag, f"{what}: limiter Redis memory afterwards", f"{r['limiter_memory_mb']:.1f} MB"
+            ),
         ]
     out += [
-        Line("S1", "makespan / ideal", f"{s1['makespan_s'] / s1['ideal_s']:.3f} "
-             f"({s1['makespan_s']:.1f} s for {s1['ideal_s']:.1f} s)"),
-        Line("S1", "peak concurrency", str(s1["peak"]), "<= 5", s1["peak"] <= 5,
-             s1["peak"] > 5),
-        Line("S2", f"makespan, throttled over {s2.get('keys')} keys / plain",
-             f"{s2['makespan_s'] / s2['plain_makespan_s']:.3f} "
-             f"({s2['makespan_s']:.1f} / {s2['plain_makespan_s']:.1f} s)"),
+        Line(
+            "S1",
+            "makespan / ideal",
+            f"{s1['makespan_s'] / s1['ideal_s']:.3f} "
+            f"({s1['makespan_s']:.1f} s for {s1['ideal_s']:.1f} s)",
+        ),
+        Line("S1", "peak concurrency", str(s1["peak"]), "<= 5", s1["peak"] <= 5, s1["peak"] > 5),
+        Line(
+            "S2",
+            f"makespan, throttled over {s2.get('keys')} keys / plain",
+            f"{s2['makespan_s'] / s2['plain_makespan_s']:.3f} "
+            f"({s2['makespan_s']:.1f} / {s2['plain_makespan_s']:.1f} s)",
+        ),
     ]
     return out
 
@@ -238,15 +262,22 @@ def main(argv: list[str] | None = None) -> int:
     report = lines(s1, s2)
     print(table(report))
     print(f"\nworker logs in {logdir}")
-    write_json(args.out, {"environment": env, "quick": args.quick, "S1": s1, "S2": s2,
-                          "table": [line.__dict__ for line in report]})
+    write_json(
+        args.out,
+        {
+            "environment": env,
+            "quick": args.quick,
+            "S1": s1,
+            "S2": s2,
+            "table": [line.__dict__ for line in report],
+        },
+    )
     print(f"results written to {args.out}")
     return 1 if s1["peak"] > 5 else 0
 
 
 def _top(by_name: dict[str, int]) -> str:
     return ", ".join(f"{name} {count}" for name, count in list(by_name.items())[:4])
-
 
 
 if __name__ == "__main__":

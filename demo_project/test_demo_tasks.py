@@ -11,9 +11,9 @@ from demo.downstream import Server
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_the_payments_cap_protects_the_downstream(throttle_worker: WorkerFactory,
-                                                  throttle_probe: ConcurrencyProbe,
-                                                  downstream: Server) -> None:
+def test_the_payments_cap_protects_the_downstream(
+    throttle_worker: WorkerFactory, throttle_probe: ConcurrencyProbe, downstream: Server
+) -> None:
     """Given two prefork workers of the demo with eight processes between them and a
     downstream that answers 503 to a sixth caller, when 30 charges are sent at once, then every
     charge succeeds, at most five ran at once and the downstream never turned one away."""
@@ -36,11 +36,14 @@ def test_panics_and_timeouts_come_back_as_envelopes(throttle_worker: WorkerFacto
     from demo.tasks import build_report, risky
 
     worker = throttle_worker("demo", pool="prefork", concurrency=2)
-    assert_envelope(risky.delay("system_exit").get(timeout=60), kind="error",
-                    error_type="builtins.SystemExit")
-    assert_envelope(risky.delay("unserializable").get(timeout=60), kind="unserializable",
-                    message="set")
-    assert_envelope(build_report.delay("slow", 5, cleans_up=False).get(timeout=60),
-                    kind="hard_timeout")
+    assert_envelope(
+        risky.delay("system_exit").get(timeout=60), kind="error", error_type="builtins.SystemExit"
+    )
+    assert_envelope(
+        risky.delay("unserializable").get(timeout=60), kind="unserializable", message="set"
+    )
+    assert_envelope(
+        build_report.delay("slow", 5, cleans_up=False).get(timeout=60), kind="hard_timeout"
+    )
     assert_envelope(risky.delay("fine").get(timeout=60), ok=True, value="fine")
     assert worker.alive()

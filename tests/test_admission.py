@@ -20,8 +20,14 @@ def leases(redis_url: str, prefix: str, worker: str = "w", **kw) -> RedisLeases:
     return RedisLeases(redis.Redis.from_url(redis_url), prefix, lease_ttl=30, worker=worker, **kw)
 
 
-def acquire(store: RedisLeases, holder: str, cap: int = 5, key: str = "k",
-            admission: Admission | None = TEN_PER_SECOND, rank: int = 0) -> Outcome:
+def acquire(
+    store: RedisLeases,
+    holder: str,
+    cap: int = 5,
+    key: str = "k",
+    admission: Admission | None = TEN_PER_SECOND,
+    rank: int = 0,
+) -> Outcome:
     return store.execute([Acquire(key, holder, cap, admission, rank)])[0]
 
 
@@ -45,8 +51,9 @@ def test_a_rate_admits_one_per_interval_and_says_when_the_next_token_is_due(redi
     assert client.zcard(family.holders) == 1 and client.zcard(family.waiters) == 2
     # When the token is due, a renewal of the key (a wake-up) grants the oldest waiter only
     poke = Renew("k", 5, admission=TEN_PER_SECOND)
-    granted = wait_until(lambda: store.execute([poke])[0].granted, 2, interval=0.01,
-                         what="the second token")
+    granted = wait_until(
+        lambda: store.execute([poke])[0].granted, 2, interval=0.01, what="the second token"
+    )
     assert granted == ["w b"]
     assert client.zcard(family.holders) == 2 and client.zcard(family.waiters) == 1
 
@@ -73,7 +80,11 @@ def test_burst_lets_that_many_start_at_once(redis_url, prefix):
     store = leases(redis_url, prefix)
     bursty = Admission(rate=Rate(10.0, burst=3))
     assert [bool(acquire(store, f"w {i}", admission=bursty).granted) for i in range(5)] == [
-        True, True, True, False, False,
+        True,
+        True,
+        True,
+        False,
+        False,
     ]
 
 
@@ -157,8 +168,7 @@ def fam_acquire(store: RedisLeases, key: str, holder: str, cap: int = 2) -> bool
 
 
 def fam_release(store: RedisLeases, key: str, holder: str, cap: int = 2) -> Outcome:
-    return store.execute([Release(in_family(key), holder, cap, "done",
-                                  admission=FAMILY_OF_TWO)])[0]
+    return store.execute([Release(in_family(key), holder, cap, "done", admission=FAMILY_OF_TWO)])[0]
 
 
 def test_a_freed_slot_goes_to_the_key_served_least_recently(redis_url, prefix):
@@ -168,13 +178,17 @@ def test_a_freed_slot_goes_to_the_key_served_least_recently(redis_url, prefix):
     Then they go to B, then C (never served), then A again, first come first served within A:
     a grant to the oldest waiter overall (A's backlog first) fails here."""
     store = leases(redis_url, prefix)
-    assert [fam_acquire(store, "A", f"w a{i}") for i in range(5)] == [True, True, False, False,
-                                                                     False]
+    assert [fam_acquire(store, "A", f"w a{i}") for i in range(5)] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
     assert fam_acquire(store, "B", "w b0") is False
     assert fam_acquire(store, "C", "w c0") is False
     served = []
-    for key, holder in [("A", "w a0"), ("A", "w a1"), ("B", "w b0"), ("C", "w c0"),
-                        ("A", "w a2")]:
+    for key, holder in [("A", "w a0"), ("A", "w a1"), ("B", "w b0"), ("C", "w c0"), ("A", "w a2")]:
         # a grant to another key than the released one is published, not returned
         fam_release(store, key, holder)
         client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -183,7 +197,11 @@ def test_a_freed_slot_goes_to_the_key_served_least_recently(redis_url, prefix):
             holders |= set(client.zrange(store.family(in_family(k)).holders, 0, -1))
         served.append(sorted(holders))
     assert served == [
-        ["w a1", "w b0"], ["w b0", "w c0"], ["w a2", "w c0"], ["w a2", "w a3"], ["w a3", "w a4"]
+        ["w a1", "w b0"],
+        ["w b0", "w c0"],
+        ["w a2", "w c0"],
+        ["w a2", "w a3"],
+        ["w a3", "w a4"],
     ]
 
 

@@ -59,8 +59,15 @@ def test_positional_option_is_refused_with_a_hint():
 def test_options_pass_through_to_shared_task():
     app = Celery("passthrough", set_as_current=False)
 
-    @throttled_task(limit=2, name="api.passthrough", bind=True, acks_late=True, queue="q1",
-                    max_retries=7, autoretry_for=(KeyError,))
+    @throttled_task(
+        limit=2,
+        name="api.passthrough",
+        bind=True,
+        acks_late=True,
+        queue="q1",
+        max_retries=7,
+        autoretry_for=(KeyError,),
+    )
     def task(self) -> str:
         return str(self.name)
 
@@ -105,8 +112,14 @@ def test_settings_refuse_a_non_redis_setup_saying_what_to_set():
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("throttle_lease_ttl", 0), ("throttle_lease_ttl", "30"), ("throttle_max_held", -1),
-     ("throttle_key_prefix", ""), ("throttle_max_hold", -5), ("throttle_redis_url", "http://x")],
+    [
+        ("throttle_lease_ttl", 0),
+        ("throttle_lease_ttl", "30"),
+        ("throttle_max_held", -1),
+        ("throttle_key_prefix", ""),
+        ("throttle_max_hold", -5),
+        ("throttle_redis_url", "http://x"),
+    ],
 )
 def test_bad_settings_name_the_setting_and_value(name, value):
     app = Celery("s", broker="redis://h:1/0", set_as_current=False)

@@ -80,8 +80,9 @@ def test_max_pending_zero_and_bad_values_are_refused_at_decoration():
             def task() -> None: ...
 
 
-def test_submitting_faster_than_service_is_bounded_and_loses_nothing(workers: Workers, client,
-                                                                     probe, prefix):
+def test_submitting_faster_than_service_is_bounded_and_loses_nothing(
+    workers: Workers, client, probe, prefix
+):
     """Given limit=2, 0.1 s tasks (20/s of service) and max_pending=6,
     When a producer submits at about ten times the service rate for three seconds,
     Then pending never exceeds 6, every accepted task runs, every refused one was refused at

@@ -24,7 +24,7 @@ def test_countdown_eta_and_expires(workers: Workers, client, probe, prefix):
     delayed = client.send_task("t.limited", ("later", 0), countdown=1)
     # Then the expiring one is discarded without running, the delayed one runs after its countdown
     assert delayed.get(timeout=30) == "later"
-    (_label, stamp), = started(probe, prefix, "limited")
+    ((_label, stamp),) = started(probe, prefix, "limited")
     assert stamp >= sent + 1 - 0.05
     assert busy.get(timeout=30) == "busy"
     wait_until(lambda: expiring.state == "REVOKED", 10, what="the expired task to be revoked")

@@ -19,22 +19,51 @@ pytestmark = pytest.mark.timeout(180)
 PROJECT = ROOT / "demo_project" / "django_shop"
 
 
-def test_django_project_runs_its_throttled_tasks(redis_url: str, prefix: str,
-                                                 probe: redis.Redis, tmp_path: Path):
-    env = {**os.environ, "REDIS_URL": redis_url, "SHOP_PREFIX": prefix, "SHOP_QUEUE": prefix,
-           "DJANGO_SETTINGS_MODULE": "shop.settings", "PYTHONPATH": str(PROJECT)}
+def test_django_project_runs_its_throttled_tasks(
+    redis_url: str, prefix: str, probe: redis.Redis, tmp_path: Path
+):
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "SHOP_PREFIX": prefix,
+        "SHOP_QUEUE": prefix,
+        "DJANGO_SETTINGS_MODULE": "shop.settings",
+        "PYTHONPATH": str(PROJECT),
+    }
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "shop", "worker", "-P", "threads", "-c", "6",
-             "-n", f"shop-{prefix}@localhost", "-l", "info", "--without-gossip",
-             "--without-mingle"],
-            cwd=PROJECT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "shop",
+                "worker",
+                "-P",
+                "threads",
+                "-c",
+                "6",
+                "-n",
+                f"shop-{prefix}@localhost",
+                "-l",
+                "info",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=PROJECT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         # Given the project's worker, which found the orders app's tasks by autodiscovery
-        wait_until(lambda: "ready." in log.read_text() or worker.poll() is not None, 60,
-                   what="the worker to be ready")
+        wait_until(
+            lambda: "ready." in log.read_text() or worker.poll() is not None,
+            60,
+            what="the worker to be ready",
+        )
         assert worker.poll() is None, log.read_text()
         assert "orders.tasks.reserve_stock" in log.read_text()
         # When Django code (here manage.py shell) sends eight reservations
@@ -44,8 +73,14 @@ def test_django_project_runs_its_throttled_tasks(redis_url: str, prefix: str,
             "results = [reserve_stock.delay(f'sku-{i}', 0.2) for i in range(8)]\n"
             "print(json.dumps([r.get(timeout=60).to_json() for r in results]))\n"
         )
-        shell = subprocess.run([sys.executable, "manage.py", "shell", "-c", script],
-                               cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120)
+        shell = subprocess.run(
+            [sys.executable, "manage.py", "shell", "-c", script],
+            cwd=PROJECT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert shell.returncode == 0, shell.stderr
         envelopes = json.loads(shell.stdout.strip().splitlines()[-1])
         # Then each one settled as an ok envelope, at most two at once (the declared limit)

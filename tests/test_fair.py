@@ -25,8 +25,9 @@ def big_beside_small(client: Celery, probe, prefix: str, task: str) -> list[str]
     big = [client.send_task(task, ("big", f"b{i}", 0.2)) for i in range(24)]
     wait_until(lambda: len(started(probe, prefix, "fair")) >= 3, 30, what="three to run")
     before = len(started(probe, prefix, "fair"))
-    small = [client.send_task(task, (t, f"{t}{i}", 0.2)) for t in ("s1", "s2", "s3")
-             for i in range(2)]
+    small = [
+        client.send_task(task, (t, f"{t}{i}", 0.2)) for t in ("s1", "s2", "s3") for i in range(2)
+    ]
     for result in big + small:
         result.get(timeout=90)
     after = [label.split(":", 1)[0] for label, _ in started(probe, prefix, "fair")[before:]]
@@ -34,8 +35,9 @@ def big_beside_small(client: Celery, probe, prefix: str, task: str) -> list[str]
     return after
 
 
-def test_a_big_tenant_does_not_put_small_ones_behind_its_backlog(workers: Workers, client,
-                                                                  probe, prefix):
+def test_a_big_tenant_does_not_put_small_ones_behind_its_backlog(
+    workers: Workers, client, probe, prefix
+):
     """Given limit=3, total=3 per tenant key (one family), and the same work behind one shared
     key (first come first served),
     When one tenant has queued 24 tasks and three small tenants queue 2 each,
@@ -54,15 +56,20 @@ def test_a_big_tenant_does_not_put_small_ones_behind_its_backlog(workers: Worker
     print(f"\nstarts after the small tenants queued\n  family: {fair}\n  shared key: {fifo}")
 
 
-def test_task_types_naming_one_family_share_its_total(workers: Workers, client, probe, prefix,
-                                                     redis_url):
+def test_task_types_naming_one_family_share_its_total(
+    workers: Workers, client, probe, prefix, redis_url
+):
     """Given two task types in family="reports" (total 2), each tenant key capped at 1,
     When both types queue work for three tenants,
     Then the family never runs more than 2 and no tenant more than 1: a total kept per task
     type (4), or per-key caps ignored inside the family, fails here."""
     workers.start(pool="threads", concurrency=8)
-    results = [client.send_task(name, (t, f"{t}{i}", 0.1))
-               for i in range(4) for t in ("a", "b", "c") for name in ("f.report", "f.export")]
+    results = [
+        client.send_task(name, (t, f"{t}{i}", 0.1))
+        for i in range(4)
+        for t in ("a", "b", "c")
+        for name in ("f.report", "f.export")
+    ]
     for result in results:
         result.get(timeout=60)
     assert peak(probe, prefix, "reports") == 2
@@ -82,30 +89,46 @@ def test_task_types_naming_one_family_share_its_total(workers: Workers, client, 
     assert inspect(app, ["tenant:c"])[0].cap == 2
 
 
-def test_a_family_holds_on_a_redis_cluster(workers: Workers, client, probe, prefix,
-                                           cluster: ClusterSetup):  # noqa: F811
+def test_a_family_holds_on_a_redis_cluster(
+    workers: Workers,
+    client,
+    probe,
+    prefix,
+    cluster: ClusterSetup,  # noqa: F811
+):
     """Given a limiter on a three-primary Redis Cluster,
     When a family's tenants run side by side, Then its total holds and every key of the family
     lives in one slot (the family's hash tag): keys of a family spread over slots (a script
     refused, or a total that cannot be counted) fail here."""
     for name in ("a", "b"):
         workers.start(pool="threads", concurrency=6, name=name, LIMITER_URL=cluster.url)
-    results = [client.send_task("f.tenant", (t, f"{t}{i}", 0.1))
-               for i in range(4) for t in ("x", "y", "z")]
+    results = [
+        client.send_task("f.tenant", (t, f"{t}{i}", 0.1)) for i in range(4) for t in ("x", "y", "z")
+    ]
     for result in results:
         result.get(timeout=60)
     assert peak(probe, prefix, "fair") == 3
     nodes = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
-    family = [k.decode() for k in nodes.scan_iter(match=f"{prefix}:{{fam:f.tenant}}:*",
-                                                  target_nodes=RedisCluster.PRIMARIES)]
+    family = [
+        k.decode()
+        for k in nodes.scan_iter(
+            match=f"{prefix}:{{fam:f.tenant}}:*", target_nodes=RedisCluster.PRIMARIES
+        )
+    ]
     assert {f"{prefix}:{{fam:f.tenant}}:t", f"{prefix}:{{fam:f.tenant}}:k:tenant:x:m"} <= set(
-        family)
+        family
+    )
     assert len({nodes.keyslot(k) for k in family}) == 1
     assert nodes.hget(f"{prefix}:{{fam:f.tenant}}:t", "running") == b"0"
 
 
-def test_rates_and_backpressure_hold_on_a_redis_cluster(workers: Workers, client, probe,
-                                                        prefix, cluster: ClusterSetup):  # noqa: F811
+def test_rates_and_backpressure_hold_on_a_redis_cluster(
+    workers: Workers,
+    client,
+    probe,
+    prefix,
+    cluster: ClusterSetup,  # noqa: F811
+):
     """Given a limiter on a three-primary Redis Cluster (the threaded transport),
     When a rate="5/s" backlog runs over two workers and a max_pending=6 key is filled,
     Then the rate holds (woken through the threads, not only at renewals) and the seventh

@@ -58,8 +58,12 @@ def test_fallback_degrades_with_the_error_kept(workers: Workers, client):
     result = client.send_task("t.degrading", ("sku-1",))
     env = envelope(client, result)
     assert env.ok and env.degraded
-    assert env.value == {"sku": "sku-1", "price": 9.99, "stale": True,
-                         "because": "builtins.ValueError"}
+    assert env.value == {
+        "sku": "sku-1",
+        "price": 9.99,
+        "stale": True,
+        "because": "builtins.ValueError",
+    }
     assert env.error is not None and env.error.type == "builtins.ValueError"
     assert "pricing service down" in env.error.message
     assert result.state == "SUCCESS"

@@ -65,8 +65,9 @@ def test_rate_and_limit_together_never_deadlock(workers: Workers, client, probe,
     wait_drained(probe, prefix, "f.rated_capped")
 
 
-def test_the_next_token_wakes_its_waiter_without_polling(workers: Workers, client, probe,
-                                                        prefix, private_redis: RedisServer):
+def test_the_next_token_wakes_its_waiter_without_polling(
+    workers: Workers, client, probe, prefix, private_redis: RedisServer
+):
     """Given a task at rate="60/m" whose limiter has a Redis of its own, and leases renewed
     only every 20 s,
     When four are submitted at once,
@@ -89,8 +90,9 @@ def test_the_next_token_wakes_its_waiter_without_polling(workers: Workers, clien
     assert all(gap < 10 for gap in gaps), gaps  # woken when due: renewals come every 20 s
     # the schedule never runs ahead (a start that came late lets the next follow sooner)
     assert stamps[-1] - stamps[0] >= 3 - 0.3, gaps
-    wait_until(lambda: int(limiter.zcard(f"{prefix}:{{f.slow_rate}}:h")) == 0, 10,
-               what="the last release")
+    wait_until(
+        lambda: int(limiter.zcard(f"{prefix}:{{f.slow_rate}}:h")) == 0, 10, what="the last release"
+    )
     # 4 acquires, 4 releases, about one wake-up per token: polling every 50 ms would be ~60
     assert scripts() - before <= 16
 
@@ -137,8 +139,14 @@ def test_operators_see_and_change_a_rate(workers: Workers, client, probe, prefix
     assert out.exit_code == 0 and "rate 20/s*" in out.output, out.output
     for r in results:
         r.get(timeout=30)  # 28 more at 1/s would take 28 s
-    assert wait_until(lambda: inspect(app, ["f.slow_rate"])[0].rate_used, 3,
-                      what="the starts of the last second") >= 5
+    assert (
+        wait_until(
+            lambda: inspect(app, ["f.slow_rate"])[0].rate_used,
+            3,
+            what="the starts of the last second",
+        )
+        >= 5
+    )
     out = run(app, "reset", "f.slow_rate")
     assert out.exit_code == 0 and "rate 1/s (" in out.output, out.output
     bad = run(app, "set", "f.slow_rate", "--rate", "fast")

@@ -21,7 +21,11 @@ def test_two_minute_soak_loses_nothing_and_keeps_every_cap(tmp_path: Path, redis
     env = {**os.environ, "REDIS_URL": redis_url}
     done = subprocess.run(
         [sys.executable, "benchmarks/soak.py", "--minutes", "2", "--json", str(summary_path)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert summary_path.exists(), done.stdout + done.stderr
     summary = json.loads(summary_path.read_text())
@@ -33,7 +37,8 @@ def test_two_minute_soak_loses_nothing_and_keeps_every_cap(tmp_path: Path, redis
     assert summary["missing_outcome"] == 0, summary
     assert summary["bodies_run_twice"] == [] and summary["runs_without_a_submission"] == []
     assert summary["failure_kinds"].get("error", 0) + summary["failure_kinds"].get(
-        "worker_lost", 0) == summary["statuses"].get("FAILURE", 0)
+        "worker_lost", 0
+    ) == summary["statuses"].get("FAILURE", 0)
     # No lease or waiter left, and no cap ever exceeded
     assert summary["leases_left"] == {}
     assert summary["over_cap"] == {}, summary["peaks"]

@@ -23,9 +23,9 @@ APP = "tests.apps.plugin_app"
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_the_probe_sees_the_cap_hold_and_real_overlap(throttle_worker: WorkerFactory,
-                                                      throttle_probe: ConcurrencyProbe,
-                                                      pool: str):
+def test_the_probe_sees_the_cap_hold_and_real_overlap(
+    throttle_worker: WorkerFactory, throttle_probe: ConcurrencyProbe, pool: str
+):
     """Given a worker of an app whose settings name a Redis that does not exist, started by
     ``throttle_worker`` with room for four at once, when eight runs of a task capped at 2 and
     four of one capped at 4 are sent through ``throttle_worker.app``, then every envelope is
@@ -56,8 +56,13 @@ def test_assert_envelope_reads_real_failures(throttle_worker: WorkerFactory):
 
     throttle_worker(APP, pool="threads", concurrency=2)
     failed = fails.delay("no such order").get(timeout=60)
-    assert_envelope(failed, kind="error", error_type="builtins.LookupError",
-                    message="no such order", key="plugin-api")
+    assert_envelope(
+        failed,
+        kind="error",
+        error_type="builtins.LookupError",
+        message="no such order",
+        key="plugin-api",
+    )
     late = capped.apply_async((5.0,), deadline=0.5).get(timeout=60)
     assert_envelope(late, ok=False, kind="deadline")
     with pytest.raises(AssertionError, match=r"kind is 'deadline', expected 'error'"):
@@ -79,15 +84,32 @@ def test_assert_envelope_lists_every_mismatch_and_reads_json():
         assert_envelope(Envelope(ok=False, error=ErrorInfo("error", "x.Y", "m")), kind="oops")
 
 
-def run_pytest(tmp_path: Path, files: dict[str, str], *args: str,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_pytest(
+    tmp_path: Path, files: dict[str, str], *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     for name, text in files.items():
         (tmp_path / name).write_text(textwrap.dedent(text))
     environ = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTHONPATH")}
     environ.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "--rootdir", str(tmp_path), *args, str(tmp_path)],
-                          cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=200)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            *args,
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
 
 
 def test_the_plugin_loads_by_itself_and_imports_nothing_until_used(tmp_path: Path):
@@ -95,7 +117,10 @@ def test_the_plugin_loads_by_itself_and_imports_nothing_until_used(tmp_path: Pat
     imports Celery), when its tests run, then the plugin is registered under its own name but
     neither Celery, Redis nor the package was imported: an installed package costs other
     projects' test runs nothing."""
-    out = run_pytest(tmp_path, {"test_other.py": """
+    out = run_pytest(
+        tmp_path,
+        {
+            "test_other.py": """
         import sys
 
         def test_nothing_heavy(request):
@@ -104,11 +129,14 @@ def test_the_plugin_loads_by_itself_and_imports_nothing_until_used(tmp_path: Pat
             heavy = [m for m in ("celery", "redis", "kombu", "celery_throttled")
                      if m in sys.modules]
             assert heavy == [], heavy
-        """}, "-p", "no:celery")
+        """
+        },
+        "-p",
+        "no:celery",
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 passed" in out.stdout
-    off = run_pytest(tmp_path, {}, "-p", "no:celery", "-p", "no:celery_throttled",
-                     "--fixtures")
+    off = run_pytest(tmp_path, {}, "-p", "no:celery", "-p", "no:celery_throttled", "--fixtures")
     assert "throttle_worker" not in off.stdout
 
 
@@ -116,9 +144,11 @@ def test_beside_celery_contrib_pytest(tmp_path: Path, redis_url: str):
     """Given a project that also uses ``celery.contrib.pytest`` (an in-process worker on the
     memory broker), when one test uses its fixtures and the plugin's together, then both apps
     serve their own tasks and each is current in turn, without one stealing the other's."""
-    out = run_pytest(tmp_path, {
-        "conftest.py": 'pytest_plugins = ["celery.contrib.pytest"]\n',
-        "test_both.py": """
+    out = run_pytest(
+        tmp_path,
+        {
+            "conftest.py": 'pytest_plugins = ["celery.contrib.pytest"]\n',
+            "test_both.py": """
         from celery_throttled.testing import assert_envelope
 
         def test_both(celery_app, celery_worker, throttle_worker, throttle_probe):
@@ -135,7 +165,11 @@ def test_beside_celery_contrib_pytest(tmp_path: Path, redis_url: str):
             assert plain.delay(2).get(timeout=10) == 4
             assert throttle_probe.peak("plugin-api") == 1
         """,
-    }, "-p", "no:celery", env={"REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)})
+        },
+        "-p",
+        "no:celery",
+        env={"REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 passed" in out.stdout
 
@@ -144,7 +178,8 @@ def test_beside_pytest_celery(tmp_path: Path, redis_url: str):
     """Given pytest-celery's plugin loaded too (its container fixtures need Docker, which this
     machine may lack, so none of them is used), when the fixtures are listed and a test uses
     the plugin's, then both sets are offered and the test passes."""
-    files = {"test_throttled.py": """
+    files = {
+        "test_throttled.py": """
         from celery_throttled.testing import assert_envelope
 
         def test_capped(throttle_worker):
@@ -152,7 +187,8 @@ def test_beside_pytest_celery(tmp_path: Path, redis_url: str):
             from tests.apps.plugin_app import capped
 
             assert_envelope(capped.delay(0.01).get(timeout=30), ok=True, value=0.01)
-        """}
+        """
+    }
     env = {"REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
     listed = run_pytest(tmp_path, files, "--fixtures", env=env)
     assert "celery_setup" in listed.stdout and "throttle_worker" in listed.stdout, listed.stdout

@@ -46,8 +46,12 @@ def send(app: Celery, name: str, args: tuple[Any, ...] = (), **options: Any) -> 
 
 def wait_spans(app: Celery, task_id: str) -> list[dict[str, Any]]:
     spans = app.send_task("otel.spans").get(timeout=30)
-    return [s for s in spans if s["name"] == "celery_throttled.wait"
-            and s["attributes"].get("messaging.message.id") == task_id]
+    return [
+        s
+        for s in spans
+        if s["name"] == "celery_throttled.wait"
+        and s["attributes"].get("messaging.message.id") == task_id
+    ]
 
 
 def test_the_wait_is_a_span_on_the_tasks_trace(throttle_worker: WorkerFactory):
@@ -81,8 +85,9 @@ def test_the_wait_is_a_span_on_the_tasks_trace(throttle_worker: WorkerFactory):
     assert max(w or 0.0 for w in waits) > 0
 
 
-def test_rejected_and_late_waits_say_so(throttle_worker: WorkerFactory,
-                                        throttle_probe: ConcurrencyProbe):
+def test_rejected_and_late_waits_say_so(
+    throttle_worker: WorkerFactory, throttle_probe: ConcurrencyProbe
+):
     """Given a traced worker whose one slot of "otel-api" is taken, when a task that refuses to
     wait and one whose deadline passes while it waits are sent, then their envelopes say
     rejected and deadline, and so do their wait spans (status ERROR), each in its caller's
@@ -98,8 +103,10 @@ def test_rejected_and_late_waits_say_so(throttle_worker: WorkerFactory,
     env_r = assert_envelope(rejected.get(timeout=60), kind="rejected")
     env_d = assert_envelope(late.get(timeout=60), kind="deadline")
     assert_envelope(busy.get(timeout=60), ok=True)
-    for result, env, trace_id, outcome in ((rejected, env_r, trace_r, "rejected"),
-                                           (late, env_d, trace_d, "deadline")):
+    for result, env, trace_id, outcome in (
+        (rejected, env_r, trace_r, "rejected"),
+        (late, env_d, trace_d, "deadline"),
+    ):
         assert env.trace_id == trace_id
         (span,) = wait_spans(app, result.id)
         assert span["trace_id"] == trace_id
@@ -137,8 +144,13 @@ def test_without_opentelemetry_nothing_is_imported_and_nothing_changes(
     (blocker / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER))
     path = os.pathsep.join([str(blocker), *(p for p in sys.path if p)])
     blocked_queue = f"{throttle_prefix}-blocked"
-    throttle_worker("tests.apps.plugin_app", pool="threads", concurrency=2,
-                    queues=[blocked_queue], env={"PYTHONPATH": path})
+    throttle_worker(
+        "tests.apps.plugin_app",
+        pool="threads",
+        concurrency=2,
+        queues=[blocked_queue],
+        env={"PYTHONPATH": path},
+    )
     throttle_worker("tests.apps.plugin_app", pool="threads", concurrency=2)
     app = throttle_worker.app
     trace_id, _, headers = client_trace()

@@ -64,12 +64,17 @@ def probe(server: RedisServer) -> redis.Redis:
 
 
 @pytest.fixture
-def open_side(kind: str, loop: Loop, server: RedisServer, prefix: str,
-              probe: redis.Redis) -> Iterator[Open]:
+def open_side(
+    kind: str, loop: Loop, server: RedisServer, prefix: str, probe: redis.Redis
+) -> Iterator[Open]:
     opened: list[Opened] = []
 
-    def open_(name: str = "w", lease_ttl: float = 30.0, options: dict[str, Any] | None = None,
-              wait_ready: bool = True) -> Side:
+    def open_(
+        name: str = "w",
+        lease_ttl: float = 30.0,
+        options: dict[str, Any] | None = None,
+        wait_ready: bool = True,
+    ) -> Side:
         side = Side(name)
         opened.append(open_transport(kind, loop, server.url, prefix, side, lease_ttl, options))
         if wait_ready:
@@ -108,8 +113,9 @@ def test_acquires_are_granted_up_to_the_cap_then_wait(open_side: Open, probe, pr
     assert members(probe, Family.of(prefix, "k").holders) == {b, c}
 
 
-def test_a_release_elsewhere_is_delivered_through_the_grant_channel(open_side: Open, server,
-                                                                    probe, prefix):
+def test_a_release_elsewhere_is_delivered_through_the_grant_channel(
+    open_side: Open, server, probe, prefix
+):
     """Given another worker holding the only slot and a holder here waiting for it, when the
     other worker releases, then the grant reaches this worker through its pub/sub channel
     (renewals come every 10 s here, far beyond the wait). Catches: a transport that does not
@@ -160,8 +166,9 @@ def test_renewals_keep_a_running_lease_past_its_ttl(open_side: Open, probe, pref
     assert float(probe.zscore(holders, a) or 0) > first
 
 
-def test_renewals_restore_vanished_leases_and_find_missed_grants(open_side: Open, server, probe,
-                                                                 prefix):
+def test_renewals_restore_vanished_leases_and_find_missed_grants(
+    open_side: Open, server, probe, prefix
+):
     """Given a running holder and a waiting one, when Redis loses their key family, then the
     next renewal puts both back; and when a waiter's grant message was missed (granted in Redis,
     nothing published), the next renewal reports it granted. Catches: a transport whose renewals
@@ -171,8 +178,11 @@ def test_renewals_restore_vanished_leases_and_find_missed_grants(open_side: Open
     side.wait_for("waiting", "k", b)
     family = Family.of(prefix, "k")
     probe.delete(*family.all())
-    wait_until(lambda: members(probe, family.holders) == {a}
-               and members(probe, family.waiters) == {b}, 10, what="the leases to be put back")
+    wait_until(
+        lambda: members(probe, family.holders) == {a} and members(probe, family.waiters) == {b},
+        10,
+        what="the leases to be put back",
+    )
     # a grant whose message this worker missed: b holds the slot in Redis, nothing published
     messages = side.messages
     with probe.pipeline() as pipe:
@@ -204,8 +214,11 @@ def test_acquires_wait_out_the_grace_after_a_restart(open_side: Open, server, pr
     after = side.acquire("k", "after", 2)
     # once this worker's first renewal has run, the other worker puts its lease back too
     family = Family.of(prefix, "k")
-    wait_until(lambda: mine in members(probe, family.holders), 10,
-               what="this worker to put its running lease back")
+    wait_until(
+        lambda: mine in members(probe, family.holders),
+        10,
+        what="this worker to put its running lease back",
+    )
     other.execute([Renew("k", 2, running=["other/1/abc t"])])
     side.wait_for("waiting", "k", during)
     side.wait_for("waiting", "k", after)
@@ -219,8 +232,9 @@ def test_acquires_wait_out_the_grace_after_a_restart(open_side: Open, server, pr
     assert side.seen("granted", "k", after) == 0
 
 
-def test_an_expired_foreign_lease_is_reported_lost_exactly_once(open_side: Open, server, probe,
-                                                                prefix):
+def test_an_expired_foreign_lease_is_reported_lost_exactly_once(
+    open_side: Open, server, probe, prefix
+):
     """Given a registered key whose only lease belongs to a worker that died, when two live
     workers renew (and reap), then the dead holder is reported lost once, by one of them, and
     never again. Catches: reaping that misses registered keys, or reports a death twice."""
@@ -229,8 +243,11 @@ def test_an_expired_foreign_lease_is_reported_lost_exactly_once(open_side: Open,
     probe.zadd(registry(prefix), {"k": time.time()})
     sides = [open_side("a", lease_ttl=0.9), open_side("b", lease_ttl=0.9)]
     lost = ("dead/1/abc t",)
-    wait_until(lambda: sum(s.seen("lost", "k", lost) for s in sides), 10,
-               what="the dead lease to be reaped")
+    wait_until(
+        lambda: sum(s.seen("lost", "k", lost) for s in sides),
+        10,
+        what="the dead lease to be reaped",
+    )
     for side in sides:
         side.wait_rounds(3)
     assert sum(s.seen("lost", "k", lost) for s in sides) == 1
@@ -242,11 +259,21 @@ def test_redis_options_apply_to_every_connection(open_side: Open, server, probe,
     keepalive settings, then every connection the transport opens carries the name, logs in as
     that user and has keepalive on with that idle time, and leases work. Catches: a transport
     that builds a connection of its own from the URL alone."""
-    probe.acl_setuser("limiter", enabled=True, passwords=["+s3cret"], keys=["*"],
-                      channels=["*"], commands=["+@all"])
-    options = {"client_name": "throttle-contract", "username": "limiter", "password": "s3cret",
-               "socket_keepalive": True,
-               "socket_keepalive_options": {socket.TCP_KEEPIDLE: 17}}
+    probe.acl_setuser(
+        "limiter",
+        enabled=True,
+        passwords=["+s3cret"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all"],
+    )
+    options = {
+        "client_name": "throttle-contract",
+        "username": "limiter",
+        "password": "s3cret",
+        "socket_keepalive": True,
+        "socket_keepalive_options": {socket.TCP_KEEPIDLE: 17},
+    }
     before = local_ports_to(server.port)  # this test's own clients
     side = open_side(options=options)
     clients = {c["addr"]: c for c in probe.client_list()}
@@ -264,16 +291,18 @@ def test_redis_options_apply_to_every_connection(open_side: Open, server, probe,
     side.wait_for("granted", "k", a)
 
 
-def test_options_the_event_loop_cannot_honour_make_the_worker_use_threads(loop: Loop, server,
-                                                                          probe, prefix, caplog):
+def test_options_the_event_loop_cannot_honour_make_the_worker_use_threads(
+    loop: Loop, server, probe, prefix, caplog
+):
     """Given a worker with an event loop and an option its own connections cannot apply (the
     RESP3 protocol), when its transport is built, then it is the threaded one, the log says once
     which option made it so, and leases work through it. Catches: an option silently dropped on
     the event loop."""
     side = Side()
     with caplog.at_level(logging.WARNING, logger="celery_throttled"):
-        opened = open_transport("threads", loop, server.url, prefix, side, 30.0,
-                                {"protocol": 3}, hub=loop.hub)
+        opened = open_transport(
+            "threads", loop, server.url, prefix, side, 30.0, {"protocol": 3}, hub=loop.hub
+        )
     try:
         warnings = [r.getMessage() for r in caplog.records if "cannot apply" in r.getMessage()]
         assert len(warnings) == 1 and "protocol=3" in warnings[0]

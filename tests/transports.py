@@ -95,8 +95,9 @@ class Side:
         return holder_id(self.worker, task)
 
     def callbacks(self) -> Callbacks:
-        return Counted(self.snapshot, self.granted, self.lost, self.on_waiting,
-                       on_message=self._counted)
+        return Counted(
+            self.snapshot, self.granted, self.lost, self.on_waiting, on_message=self._counted
+        )
 
     # -- what the gate does ------------------------------------------------------------------
     def acquire(self, key: str, task: str, cap: int) -> str:
@@ -122,8 +123,12 @@ class Side:
             keys = [k for k, v in self.running.items() if v]
             keys += [k for k, v in self.waiting.items() if v and k not in keys]
             return [
-                Renew(k, self.caps.get(k, 1), list(self.running.get(k, ())),
-                      list(self.waiting.get(k, ())))
+                Renew(
+                    k,
+                    self.caps.get(k, 1),
+                    list(self.running.get(k, ())),
+                    list(self.waiting.get(k, ())),
+                )
                 for k in keys
             ]
 
@@ -155,14 +160,18 @@ class Side:
             return sum(1 for event in self.events if event == (kind, key, holder))
 
     def wait_for(self, kind: str, key: str, holder: Any, timeout: float = 10.0) -> None:
-        wait_until(lambda: self.seen(kind, key, holder), timeout,
-                   what=f"{kind} {key!r} {holder!r} (seen: {self.events})")
+        wait_until(
+            lambda: self.seen(kind, key, holder),
+            timeout,
+            what=f"{kind} {key!r} {holder!r} (seen: {self.events})",
+        )
 
     def wait_rounds(self, rounds: int, timeout: float = 10.0) -> None:
         """Wait until the transport took ``rounds`` more snapshots (renewal rounds)."""
         start = self.snapshots
-        wait_until(lambda: self.snapshots >= start + rounds, timeout,
-                   what=f"{rounds} renewal rounds")
+        wait_until(
+            lambda: self.snapshots >= start + rounds, timeout, what=f"{rounds} renewal rounds"
+        )
 
 
 @dataclass
@@ -177,17 +186,30 @@ class Opened:
         self.transport.stop(2.0)
 
 
-def open_transport(kind: str, loop: Loop, url: str, prefix: str, side: Side, lease_ttl: float,
-                   options: dict[str, Any] | None = None, hub: Any = None) -> Opened:
+def open_transport(
+    kind: str,
+    loop: Loop,
+    url: str,
+    prefix: str,
+    side: Side,
+    lease_ttl: float,
+    options: dict[str, Any] | None = None,
+    hub: Any = None,
+) -> Opened:
     """A transport of ``kind`` for ``side``, started, built as the worker builds it (``hub``:
     the event loop it is offered, by default the loop's for the event-loop kind, else none)."""
     app = Celery(set_as_current=False)
-    app.conf.update(throttle_redis_url=url, throttle_key_prefix=prefix,
-                    throttle_lease_ttl=lease_ttl, throttle_redis_options=options)
+    app.conf.update(
+        throttle_redis_url=url,
+        throttle_key_prefix=prefix,
+        throttle_lease_ttl=lease_ttl,
+        throttle_redis_options=options,
+    )
     if hub is None and kind == "eventloop":
         hub = loop.hub
-    transport = build(Settings.from_app(app), hub=hub, worker=side.worker,
-                      callbacks=side.callbacks())
+    transport = build(
+        Settings.from_app(app), hub=hub, worker=side.worker, callbacks=side.callbacks()
+    )
     assert transport.name == NAMES[kind]
     side.transport = transport
     if kind == "eventloop":
@@ -200,9 +222,14 @@ def open_transport(kind: str, loop: Loop, url: str, prefix: str, side: Side, lea
 def ready(side: Side, probe: redis.Redis, prefix: str) -> None:
     """Wait until ``side``'s transport listens on its grant channel and has sent an operation."""
     channel = grant_channel(prefix, side.worker)
-    wait_until(lambda: dict(probe.pubsub_numsub(channel)).get(channel.encode(), 0) >= 1
-               or dict(probe.pubsub_numsub(channel)).get(channel, 0) >= 1,
-               10, what="the transport to subscribe to its grant channel")
+    wait_until(
+        lambda: (
+            dict(probe.pubsub_numsub(channel)).get(channel.encode(), 0) >= 1
+            or dict(probe.pubsub_numsub(channel)).get(channel, 0) >= 1
+        ),
+        10,
+        what="the transport to subscribe to its grant channel",
+    )
     key = f"warm-up {side.worker}"
     holder = side.acquire(key, "warm-up", 1)
     side.wait_for("granted", key, holder)

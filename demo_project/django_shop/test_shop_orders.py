@@ -11,7 +11,9 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_reservations_respect_the_warehouse_cap(
-    throttle_worker: WorkerFactory, throttle_probe: ConcurrencyProbe, throttle_redis_url: str,
+    throttle_worker: WorkerFactory,
+    throttle_probe: ConcurrencyProbe,
+    throttle_redis_url: str,
     throttle_prefix: str,
 ) -> None:
     """Given a threads worker of the Django project with six threads, when eight reservations
@@ -19,8 +21,12 @@ def test_reservations_respect_the_warehouse_cap(
     limit=2 the orders app declares on the "warehouse-api" key."""
     from orders.tasks import reserve_stock
 
-    throttle_worker("shop", pool="threads", concurrency=6,
-                    env={"REDIS_URL": throttle_redis_url, "SHOP_PREFIX": throttle_prefix})
+    throttle_worker(
+        "shop",
+        pool="threads",
+        concurrency=6,
+        env={"REDIS_URL": throttle_redis_url, "SHOP_PREFIX": throttle_prefix},
+    )
     results = [reserve_stock.delay(f"sku-{i}", 0.2) for i in range(8)]
     for i, result in enumerate(results):
         env = assert_envelope(result.get(timeout=60), ok=True, key="warehouse-api")

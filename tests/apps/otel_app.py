@@ -14,10 +14,19 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from celery_throttled import throttled_task
 
-app = Celery("otel_app", broker="redis://127.0.0.1:1/0", backend="redis://127.0.0.1:1/0",
-             set_as_current=False)
-app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                worker_prefetch_multiplier=1, worker_hijack_root_logger=False)
+app = Celery(
+    "otel_app",
+    broker="redis://127.0.0.1:1/0",
+    backend="redis://127.0.0.1:1/0",
+    set_as_current=False,
+)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+)
 
 exporter = InMemorySpanExporter()
 
@@ -52,12 +61,14 @@ def spans() -> list[dict[str, Any]]:
     for span in exporter.get_finished_spans():
         context = span.get_span_context()
         assert context is not None
-        out.append({
-            "name": span.name,
-            "trace_id": trace.format_trace_id(context.trace_id),
-            "span_id": trace.format_span_id(context.span_id),
-            "parent_id": trace.format_span_id(span.parent.span_id) if span.parent else None,
-            "attributes": dict(span.attributes or {}),
-            "status": span.status.status_code.name,
-        })
+        out.append(
+            {
+                "name": span.name,
+                "trace_id": trace.format_trace_id(context.trace_id),
+                "span_id": trace.format_span_id(context.span_id),
+                "parent_id": trace.format_span_id(span.parent.span_id) if span.parent else None,
+                "attributes": dict(span.attributes or {}),
+                "status": span.status.status_code.name,
+            }
+        )
     return out

@@ -9,10 +9,19 @@ from celery import Celery
 
 from celery_throttled import throttled_task
 
-app = Celery("plugin_app", broker="redis://127.0.0.1:1/0", backend="redis://127.0.0.1:1/0",
-             set_as_current=False)
-app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                worker_prefetch_multiplier=1, worker_hijack_root_logger=False)
+app = Celery(
+    "plugin_app",
+    broker="redis://127.0.0.1:1/0",
+    backend="redis://127.0.0.1:1/0",
+    set_as_current=False,
+)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+)
 
 
 @throttled_task(limit=2, key="plugin-api", name="plugin.capped")
