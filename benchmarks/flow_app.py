@@ -6,6 +6,7 @@ here reads the environment at import time. Each body logs its span as ``bench_ap
 
     {prefix}:probe:{group}:spans   "<start> <end>" (epoch seconds) of every run
     {prefix}:probe:{group}:peak    the highest number of bodies of the group at once
+    {prefix}:probe:{group}:began   HASH task id -> start, for the groups that pass their id
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ return n
 
 
 @contextlib.contextmanager
-def spanned(group: str) -> Iterator[None]:
-    """Count the enclosed block in ``group``'s peak concurrency and log its span."""
+def spanned(group: str, task_id: str | None = None) -> Iterator[None]:
+    """Count the enclosed block in ``group``'s peak concurrency and log its span (and, given
+    ``task_id``, when that task began)."""
     start = time.time()
     probe = _probe()
     probe.eval(_PEAK, 2, _key(group, "now"), _key(group, "peak"))
@@ -58,6 +60,8 @@ def spanned(group: str) -> Iterator[None]:
         pipe = probe.pipeline(transaction=False)
         pipe.decr(_key(group, "now"))
         pipe.rpush(_key(group, "spans"), f"{start} {time.time()}")
+        if task_id is not None:
+            pipe.hset(_key(group, "began"), task_id, start)
         pipe.execute()
 
 
@@ -68,9 +72,9 @@ def flow_warm() -> None:
 
 
 # -- R1: a cluster-wide rate ----------------------------------------------------------------
-@throttled_task(rate=RATE, name="bench.flow_rated")
-def flow_rated(duration: float) -> None:
-    with spanned("rated"):
+@throttled_task(rate=RATE, bind=True, name="bench.flow_rated")
+def flow_rated(self: Any, duration: float) -> None:
+    with spanned("rated", self.request.id):
         time.sleep(duration)
 
 
