@@ -205,6 +205,74 @@ def test_a_freed_slot_goes_to_the_key_served_least_recently(redis_url, prefix):
     ]
 
 
+def test_a_key_just_served_goes_behind_every_other_waiting_key(redis_url, prefix):
+    """Given a family of total 1 whose key A holds the slot with a backlog, and key B, served
+    once before, queueing again behind it,
+    When slots free one by one,
+    Then A and B alternate (a key goes to the back of the round robin each time it is served):
+    a key that keeps its place when served (its backlog served before a key that came back,
+    first come first served across keys) fails here."""
+    store = leases(redis_url, prefix)
+    one = Admission(family="fam", total=1)
+
+    def ask(key: str, holder: str) -> bool:
+        return holder in acquire(store, holder, 2, in_family(key), one).granted
+
+    def free(key: str, holder: str) -> None:
+        store.execute([Release(in_family(key), holder, 2, "done", admission=one)])
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def holding() -> list[str]:
+        return [
+            str(h) for k in "AB" for h in client.zrange(store.family(in_family(k)).holders, 0, -1)
+        ]
+
+    assert [ask("A", f"w a{i}") for i in range(4)] == [True, False, False, False]
+    assert ask("B", "w b0") is False
+    free("A", "w a0")
+    assert holding() == ["w b0"]  # never served before: B first
+    assert ask("B", "w b1") is False  # B queues again, behind A's backlog in time
+    served = []
+    for key, holder in [("B", "w b0"), ("A", "w a1"), ("B", "w b1"), ("A", "w a2")]:
+        free(key, holder)
+        served += holding()
+    assert served == ["w a1", "w b1", "w a2", "w a3"]
+
+
+def test_a_key_of_weight_three_is_served_three_times_in_a_row(redis_url, prefix):
+    """Given a family of total 1, key A of weight 3 and key B of weight 1, both with a backlog
+    behind a holder of the slot,
+    When slots free one by one, Then they go A, A, A, B, A, B (neither served before: A first
+    by name; each key first come first served): a weight ignored (A and B alternating) fails
+    here."""
+    store = leases(redis_url, prefix)
+    heavy = Admission(family="fam", total=1, weight=3)
+    light = Admission(family="fam", total=1)
+    rules = {"A": heavy, "B": light, "Z": light}
+
+    def ask(key: str, holder: str) -> bool:
+        return holder in acquire(store, holder, 5, in_family(key), rules[key]).granted
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+
+    def holding() -> list[str]:
+        return [
+            str(h) for k in "ABZ" for h in client.zrange(store.family(in_family(k)).holders, 0, -1)
+        ]
+
+    assert ask("Z", "w z0") is True
+    assert [ask("A", f"w a{i}") for i in range(4)] == [False] * 4
+    assert [ask("B", f"w b{i}") for i in range(2)] == [False] * 2
+    served, last = [], ("Z", "w z0")
+    for _ in range(6):
+        store.execute([Release(in_family(last[0]), last[1], 5, "done", admission=rules[last[0]])])
+        (holder,) = holding()
+        served.append(holder)
+        last = (holder[2].upper(), holder)
+    assert served == ["w a0", "w a1", "w a2", "w b0", "w a3", "w b1"]
+
+
 def test_each_key_keeps_its_own_cap_within_the_total(redis_url, prefix):
     """Given a family of total 2 and keys capped at 1,
     When key A queues three and key B one, Then A never holds two slots even with the family

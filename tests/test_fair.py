@@ -10,6 +10,8 @@ from celery import Celery
 from redis.cluster import RedisCluster
 
 import tests.apps.flow_app  # noqa: F401  (registers the f.* tasks on every app)
+from celery_throttled import ConfigurationError, throttled_task
+from celery_throttled.keys import Family, family_key
 
 from .conftest import Workers, wait_until
 from .probes import peak, started
@@ -87,6 +89,63 @@ def test_task_types_naming_one_family_share_its_total(
     assert "reports/tenant:b" in out and "family reports, 0 running of its total 2" in out, out
     assert run(app, "set", "tenant:c", "2").exit_code == 0
     assert inspect(app, ["tenant:c"])[0].cap == 2
+
+
+def test_a_key_of_weight_two_takes_two_turns_for_each_turn_of_a_weight_one_key(
+    workers: Workers, client, probe, prefix
+):
+    """Given total=1 over tenant keys, a weight function giving tenant "vip" weight 2 and "std"
+    weight 1, and the only slot held,
+    When vip queues six and std three, and the slot frees,
+    Then they start std, vip, vip, std, vip, vip, std, vip, vip (both never served: std goes
+    first by name): weights ignored (std and vip alternating) fails here."""
+    workers.start(pool="threads", concurrency=12)
+    blocker = client.send_task("f.weighted", ("block", "b", True))
+
+    def keys(tenant: str) -> Family:
+        return Family.of(prefix, family_key("f.weighted", f"tenant:{tenant}"))
+
+    def waiting(tenant: str) -> int:
+        return int(probe.zcard(keys(tenant).waiters))
+
+    running = keys("block").total  # the family's hash: its total and how many run
+    wait_until(lambda: probe.hget(running, "running") == "1", 30, what="the blocker to run")
+    results = [client.send_task("f.weighted", ("vip", f"v{i}")) for i in range(6)]
+    results += [client.send_task("f.weighted", ("std", f"s{i}")) for i in range(3)]
+    wait_until(lambda: (waiting("vip"), waiting("std")) == (6, 3), 30, what="every task to wait")
+    probe.rpush(f"{prefix}:probe:release", "go")
+    for result in [blocker, *results]:
+        result.get(timeout=60)
+    order = [label.split(":")[0] for label, _ in started(probe, prefix, "weighted")][1:]
+    assert order == ["std", "vip", "vip", "std", "vip", "vip", "std", "vip", "vip"], order
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"weight": 0}, "weight must be a positive int or a callable"),
+        ({"weight": -1}, "got -1"),
+        ({"weight": 2.5}, "got 2.5"),
+        ({"weight": "2"}, "got '2'"),
+        ({"weight": True}, "got True"),
+    ],
+)
+def test_bad_weights_are_refused_at_decoration_naming_task_and_value(options, message):
+    """Given a bad weight, When the task is decorated, Then ConfigurationError names the task
+    and the value: a bad weight accepted (and found only in a worker) fails here."""
+    with pytest.raises(ConfigurationError, match=message) as info:
+
+        @throttled_task(limit=1, total=2, name="api.bad_weight", **options)
+        def task() -> None: ...
+
+    assert "api.bad_weight" in str(info.value)
+
+
+def test_a_weight_without_a_total_is_refused_at_decoration():
+    with pytest.raises(ConfigurationError, match=r"api\.lone_weight.*weight=2 needs total"):
+
+        @throttled_task(limit=1, weight=2, name="api.lone_weight")
+        def task() -> None: ...
 
 
 def test_a_family_holds_on_a_redis_cluster(

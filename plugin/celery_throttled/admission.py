@@ -1,10 +1,10 @@
 """Admission beyond the cap: a rate, a family's total, priority, and the pending bound.
 
-Declared on the task (``@throttled_task(rate=…, burst=…, total=…, family=…, max_pending=…)``),
-validated once at decoration, and carried to the lease scripts as a *spec*: the cap argument
-of every script, extended with one token per rule::
+Declared on the task (``@throttled_task(rate=…, burst=…, total=…, family=…, weight=…,
+max_pending=…)``), validated once at decoration, and carried to the lease scripts as a *spec*:
+the cap argument of every script, extended with one token per rule::
 
-    "<cap>[ r=<interval ms>/<burst>][ t=<total>][ p=<pending horizon ms>][ n=<rank>][ f]"
+    "<cap>[ r=<interval ms>/<burst>][ t=<total>][ w=<weight>][ p=<pending ms>][ n=<rank>][ f]"
 
 A plain ``"5"`` is a cap alone, as before. ``lua/admission.lua`` reads the spec; the cap, the
 rate and the token are decided in the same script that grants the slot.
@@ -12,16 +12,19 @@ rate and the token are decided in the same script that grants the slot.
 The rate is a GCRA (generic cell rate algorithm): one timestamp per key, the *theoretical
 arrival time* (TAT). A start conforms when ``now >= TAT - (burst - 1) * interval``; it moves
 the TAT one interval on. So ``burst`` starts may go at once after an idle spell, then one per
-interval; in any window of W seconds at most ``burst + rate * W`` start.
+interval. A start late by less than one interval (a wake-up's latency) keeps the schedule, so
+the next may follow it sooner than one interval; in any window of W seconds at most
+``burst + ceil(rate * W)`` start (51 in any second at 50/s), all decided on Redis's clock.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, KeyFunctionError
 
 __all__ = [
     "PRIORITY_RANGE",
@@ -95,6 +98,9 @@ class Admission:
     #: the keys sharing ``total``: the task's name, or the ``family=`` several tasks name
     family: str | None = None
     total: int | None = None
+    #: turns in a row a key takes in its family's round robin: an int, or a callable of the
+    #: task's arguments (resolved per run by :meth:`for_run`)
+    weight: int | Callable[..., Any] | None = None
     max_pending: int | None = None
     #: seconds a worker's vouching keeps a pending task counted (``throttle_pending_ttl``):
     #: set by the worker that files the task, not by the decorator
@@ -105,6 +111,28 @@ class Admission:
         if self.max_pending is None or self.pending_horizon == pending_ttl:
             return self
         return replace(self, pending_horizon=pending_ttl)
+
+    def for_run(self, task: str, args: Any, kwargs: Any) -> Admission:
+        """These rules for one run: a weight function applied to the run's arguments.
+
+        Raises :class:`KeyFunctionError` (the task does not run) when the function raises or
+        returns anything but a positive int.
+        """
+        if not callable(self.weight):
+            return self
+        try:
+            weight = self.weight(*(args or ()), **(kwargs or {}))
+        except Exception as exc:
+            raise KeyFunctionError(
+                f"task {task!r}: its weight function raised {type(exc).__name__}: {exc}; "
+                "the task did not run"
+            ) from exc
+        if not _positive_int(weight):
+            raise KeyFunctionError(
+                f"task {task!r}: its weight function returned {weight!r}; a weight must be a "
+                "positive int; the task did not run"
+            )
+        return replace(self, weight=weight)
 
     @property
     def needs_lease(self) -> bool:
@@ -121,6 +149,7 @@ class Admission:
         burst: Any = None,
         total: Any = None,
         family: Any = None,
+        weight: Any = None,
         max_pending: Any = None,
     ) -> Admission | None:
         """Validate the decorator's options; None when the task declares none of them."""
@@ -153,13 +182,25 @@ class Admission:
                     f"task {task!r}: family must be a non-empty str of at most 200 characters, "
                     f"got {family!r}"
                 )
+        if weight is not None:
+            if total is None:
+                raise ConfigurationError(
+                    f"task {task!r}: weight={weight!r} needs total: a weight is a key's share "
+                    "of its family's turns"
+                )
+            if not callable(weight) and not _positive_int(weight):
+                raise ConfigurationError(
+                    f"task {task!r}: weight must be a positive int or a callable "
+                    f"weight(*args, **kwargs) -> int, got {weight!r}"
+                )
         if max_pending is not None and not _positive_int(max_pending):
             raise ConfigurationError(
                 f"task {task!r}: max_pending must be a positive int, got {max_pending!r}"
             )
         if parsed is None and total is None and max_pending is None:
             return None
-        return cls(parsed, (family or task) if total is not None else None, total, max_pending)
+        in_family = (family or task) if total is not None else None
+        return cls(parsed, in_family, total, weight, max_pending)
 
 
 def spec(
@@ -176,6 +217,8 @@ def spec(
             parts.append(f"r={admission.rate.encode()}")
         if admission.total is not None:
             parts.append(f"t={admission.total}")
+        if isinstance(admission.weight, int) and admission.weight > 1:
+            parts.append(f"w={admission.weight}")
         if admission.max_pending is not None and admission.pending_horizon:
             parts.append(f"p={int(admission.pending_horizon * 1000)}")
     if rank:

@@ -15,8 +15,9 @@ touches a single slot::
 A key's meta also keeps its rate (``rate``, ``rate_override``: "<interval ms>/<burst>"), the
 rate's theoretical arrival time (``tat``, ms), the starts in the last two seconds (``use``),
 who was told to wake when the next token is due (``wake``), ``max_pending`` and, in a family,
-``served`` (the family's turn when it was last served) and ``counted`` (its holders as last
-counted into the family's running total).
+``served`` (the family's turn when it was last served), ``counted`` (its holders as last
+counted into the family's running total), ``weight`` (turns in a row, when above 1) and
+``streak`` (turns taken in a row so far).
 
 The keys of a task with ``total`` form one family (the task's name, or ``family=``) and share
 the family's hash tag instead of their own, so one script can hand a freed slot to any key of

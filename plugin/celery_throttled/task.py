@@ -133,6 +133,11 @@ class ThrottledTask(Task):  # type: ignore[misc]
         protocol.ENVELOPE.set(eager, execution.eager_details.pop(result.id, None))
         return eager
 
+    def throttle_admission_for(self, args: Any, kwargs: Any) -> Admission | None:
+        """The admission rules of a run with these arguments (its weight function applied)."""
+        admission = self.throttle_admission
+        return None if admission is None else admission.for_run(self.name, args, kwargs)
+
     def throttle_key_for(self, args: Any, kwargs: Any) -> str:
         """The key a run with these arguments counts against."""
         spec = self.throttle_key
@@ -182,6 +187,7 @@ def throttled_task(
     burst: int | None = None,
     total: int | None = None,
     family: str | None = None,
+    weight: int | Callable[..., int] | None = None,
     max_pending: int | None = None,
     **options: Any,
 ) -> Any:
@@ -193,7 +199,7 @@ def throttled_task(
     ``soft_timeout`` / ``hard_timeout``: seconds, honoured on every pool (Celery's
     ``soft_time_limit`` / ``time_limit``, which are accepted too).
     ``max_wait``, ``on_full``, ``retry``, ``fallback``: see :mod:`celery_throttled.policies`.
-    ``rate`` (``burst``), ``total`` (``family``), ``max_pending``: see
+    ``rate`` (``burst``), ``total`` (``family``, ``weight``), ``max_pending``: see
     :mod:`celery_throttled.admission`.
     Every other option goes to ``shared_task`` (``name``, ``bind``, ``queue``, ``acks_late``…).
     """
@@ -209,6 +215,7 @@ def throttled_task(
             burst=burst,
             total=total,
             family=family,
+            weight=weight,
             max_pending=max_pending,
         )
         _validate_family(name, admission)

@@ -102,6 +102,19 @@ def export(tenant: str, label: str, duration: float = 0.1) -> str:
     return tracked("reports", f"export:{label}", duration, f"reports:{tenant}")
 
 
+def _weight(tenant: str, *args: Any, **kwargs: Any) -> int:
+    return 2 if tenant == "vip" else 1
+
+
+@throttled_task(total=1, key=_tenant, weight=_weight, name="f.weighted")
+def weighted(tenant: str, label: str, hold: bool = False) -> str:
+    """One slot for every tenant together, "vip" of weight 2; a holding run keeps the slot until
+    the test pushes to ``<prefix>:probe:release``."""
+    if hold:
+        _probe().blpop(f"{os.environ.get('TEST_PREFIX', 't')}:probe:release", timeout=60)
+    return tracked("weighted", f"{tenant}:{label}", 0)
+
+
 # -- priority -------------------------------------------------------------------------------
 @throttled_task(limit=1, key="prio", name="f.prio")
 def prio(label: str, hold: bool = False) -> str:

@@ -7,7 +7,7 @@
 --                   family
 --   KEYS[#KEYS]   - the family's turns ZSET (member key with waiters, score = its last turn)
 -- The cap argument of every lease script is a spec (celery_throttled/admission.py):
---   "<cap>[ r=<interval ms>/<burst>][ t=<total>][ p=<pending horizon ms>][ n=<rank>][ f]"
+--   "<cap>[ r=<interval ms>/<burst>][ t=<total>][ w=<weight>][ p=<pending ms>][ n=<rank>][ f]"
 --
 -- Rate: GCRA on the key's meta field "tat" (the theoretical arrival time). A start conforms
 -- when now >= tat - (burst - 1) * interval, and moves tat one interval on; a start that comes
@@ -15,7 +15,8 @@
 -- slow the rate down), one later than that restarts it from now.
 -- Family: the keys of one family share a hash tag; a freed slot goes to the key with waiters
 -- served least recently (its "served" turn), each key within its own cap and rate, all of them
--- within the family's total.
+-- within the family's total. A key of weight w (meta "weight", default 1) takes w turns in a row
+-- ("streak" counts them) before it goes to the back.
 
 local PENDING, FAMILY, TURNS = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
 local UNCAPPED = 1000000000
@@ -32,6 +33,7 @@ local function flow_spec(arg)
       local name, value = string.sub(token, 1, 1), string.sub(token, 3)
       if name == 'r' then spec.rate = value
       elseif name == 't' then spec.total = tonumber(value)
+      elseif name == 'w' then spec.weight = value
       elseif name == 'p' then spec.pending = tonumber(value)
       elseif name == 'n' then spec.rank = tonumber(value)
       end
@@ -52,6 +54,10 @@ local function flow_declare(spec, meta)
   if field(meta, 'rate') ~= spec.rate then
     if spec.rate then redis.call('HSET', meta, 'rate', spec.rate)
     else redis.call('HDEL', meta, 'rate') end
+  end
+  if spec.family and field(meta, 'weight') ~= spec.weight then
+    if spec.weight then redis.call('HSET', meta, 'weight', spec.weight)
+    else redis.call('HDEL', meta, 'weight') end
   end
   if spec.family and spec.total and tonumber(field(FAMILY, 'total')) ~= spec.total then
     redis.call('HSET', FAMILY, 'total', spec.total)
@@ -123,8 +129,16 @@ local function flow_idle(spec)
   return not spec.family or redis.call('ZCARD', TURNS) == 0
 end
 
--- The key was served now: it goes to the back of the family's round robin.
+-- The key was served now: it goes to the back of the family's round robin once it has taken
+-- its weight's worth of turns in a row, and keeps its place until then. Returns its turn.
 local function flow_served(meta)
+  local weight = tonumber(field(meta, 'weight')) or 1
+  if weight > 1 then
+    if redis.call('HINCRBY', meta, 'streak', 1) < weight then
+      return tonumber(field(meta, 'served')) or 0
+    end
+    redis.call('HSET', meta, 'streak', 0)
+  end
   local turn = redis.call('HINCRBY', FAMILY, 'turn', 1)
   redis.call('HSET', meta, 'served', turn)
   return turn
@@ -174,7 +188,7 @@ local function flow_next(n, now)
 end
 
 -- Round robin over the family's keys with waiters, least recently served first, one slot per
--- key per round, until the total is reached or no key can take one. Grants to the caller's
+-- key per round (each round in turn order), until the total is reached or no key can take one. Grants to the caller's
 -- waiters of this script's own key go into mine; every other grant is published. Returns when
 -- the next token is due, when a key could have taken a slot but for its rate.
 local function flow_fair(spec, key_name, now, ttl, channel_prefix, caller, mine)
@@ -188,6 +202,11 @@ local function flow_fair(spec, key_name, now, ttl, channel_prefix, caller, mine)
   local total, running = flow_total()
   local wake = nil
   local open = redis.call('ZRANGE', TURNS, 0, -1)
+  local turns = {}
+  local function earlier(a, b)
+    if turns[a] ~= turns[b] then return turns[a] < turns[b] end
+    return a < b
+  end
   while running < total and #open > 0 do
     local again = {}
     for _, k in ipairs(open) do
@@ -215,6 +234,7 @@ local function flow_fair(spec, key_name, now, ttl, channel_prefix, caller, mine)
           local turn = flow_served(m)
           if redis.call('ZCARD', w) > 0 then
             redis.call('ZADD', TURNS, turn, k)
+            turns[k] = turn
             table.insert(again, k)
           else
             redis.call('ZREM', TURNS, k)
@@ -222,6 +242,7 @@ local function flow_fair(spec, key_name, now, ttl, channel_prefix, caller, mine)
         end
       end
     end
+    table.sort(again, earlier)
     open = again
   end
   if running < total then return wake end

@@ -147,6 +147,7 @@ class Gate:
         if key is None:
             try:
                 key = req.task.throttle_key_for(req.args, req.kwargs)
+                admission = req.task.throttle_admission_for(req.args, req.kwargs)
             except KeyFunctionError as exc:
                 logger.error("%s", exc)
                 if outer is not None:
@@ -154,7 +155,6 @@ class Gate:
                 outcomes.never_runs(req, exc)
                 return
             protocol.info(req)["key"] = key
-            admission = req.task.throttle_admission
             if admission is not None:
                 admission = admission.on_worker(self.settings.pending_ttl)
                 key = family_key(admission.family, key)
