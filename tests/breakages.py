@@ -46,6 +46,8 @@ GATE = "tests/test_promises_gate.py::"
 TIMEOUTS = "tests/test_promises_timeouts.py::"
 OUTCOMES = "tests/test_promises_outcomes.py::"
 ERRGROUP = "tests/test_promises_errgroup.py::"
+ADMISSION = "tests/test_admission.py::"
+BACKPRESSURE = "tests/test_backpressure.py::"
 
 BREAKAGES = [
     Breakage(
@@ -238,6 +240,80 @@ BREAKAGES = [
         "pools pass it\n                exc = exc.exc\n",
         "",
         (f"{OUTCOMES}test_retries_are_counted_as_retried[threads]",),
+    ),
+    # -- flow control: rates, fair shares, priority, backpressure
+    Breakage(
+        "a rate that lets each token through one interval early",
+        f"{PACKAGE}/lua/admission.lua",
+        "return (tonumber(field(meta, 'tat')) or 0) - (burst - 1) * interval",
+        "return (tonumber(field(meta, 'tat')) or 0) - burst * interval",
+        (
+            f"{ADMISSION}test_a_rate_admits_one_per_interval_and_says_when_the_next_token_is_due",
+            "tests/test_rate.py::test_a_rate_holds_across_two_workers",
+        ),
+    ),
+    Breakage(
+        "a rate's wake-up never scheduled",
+        f"{PACKAGE}/worker/pokes.py",
+        "        self._due[key] = (due, self._call_later(delay, lambda: self._fire(key, due)))",
+        "        return",
+        ("tests/test_rate.py::test_the_next_token_wakes_its_waiter_without_polling",),
+    ),
+    Breakage(
+        "a served key that keeps its place in the round robin (first come first served)",
+        f"{PACKAGE}/lua/admission.lua",
+        "redis.call('ZADD', TURNS, turn, k)",
+        "redis.call('ZADD', TURNS, 'NX', turn, k)",
+        (f"{ADMISSION}test_a_key_just_served_goes_behind_every_other_waiting_key",),
+    ),
+    Breakage(
+        "weights ignored in a family's round robin",
+        f"{PACKAGE}/lua/admission.lua",
+        "local weight = tonumber(field(meta, 'weight')) or 1",
+        "local weight = 1",
+        (
+            f"{ADMISSION}test_a_key_of_weight_three_is_served_three_times_in_a_row",
+            "tests/test_fair.py::"
+            "test_a_key_of_weight_two_takes_two_turns_for_each_turn_of_a_weight_one_key",
+        ),
+    ),
+    Breakage(
+        "a family's total ignored",
+        f"{PACKAGE}/lua/admission.lua",
+        "return tonumber(t[1] or t[2]) or UNCAPPED, tonumber(t[3]) or 0",
+        "return UNCAPPED, tonumber(t[3]) or 0",
+        (
+            f"{ADMISSION}test_a_freed_slot_goes_to_the_key_served_least_recently",
+            "tests/test_fair.py::test_task_types_naming_one_family_share_its_total",
+        ),
+    ),
+    Breakage(
+        "priority ignored in a key's line",
+        f"{PACKAGE}/lua/admission.lua",
+        "return (spec.rank or 0) * 1e12 + redis.call('HINCRBY', meta, 'seq', 1)",
+        "return redis.call('HINCRBY', meta, 'seq', 1)",
+        ("tests/test_priority.py::test_on_redis_priority_zero_goes_first_fifo_within_a_priority",),
+    ),
+    Breakage(
+        "a finished run left in the pending count",
+        f"{PACKAGE}/lua/admission.lua",
+        "if outcome == 'done' or outcome == 'failed' or outcome == 'rejected' then",
+        "if outcome == 'failed' or outcome == 'rejected' then",
+        (f"{BACKPRESSURE}test_submitting_faster_than_service_is_bounded_and_loses_nothing",),
+    ),
+    Breakage(
+        "a pending count that never lets lapsed tasks go",
+        f"{PACKAGE}/lua/submit.lua",
+        "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)\n",
+        "",
+        (f"{BACKPRESSURE}test_killed_workers_and_a_purged_queue_never_make_the_count_drift",),
+    ),
+    Breakage(
+        "workers that do not vouch for the pending tasks they hold",
+        f"{PACKAGE}/lua/admission.lua",
+        "    redis.call('ZADD', PENDING, 'GT', now + spec.pending, flow_task(ARGV[i]))\n",
+        "",
+        (f"{BACKPRESSURE}test_killed_workers_and_a_purged_queue_never_make_the_count_drift",),
     ),
     Breakage(
         "running gauges stuck at 0",
