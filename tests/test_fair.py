@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 import redis.cluster
@@ -10,7 +11,7 @@ from celery import Celery
 from redis.cluster import RedisCluster
 
 import tests.apps.flow_app  # noqa: F401  (registers the f.* tasks on every app)
-from celery_throttled import ConfigurationError, throttled_task
+from celery_throttled import ConfigurationError, KeyFunctionError, throttled_task
 from celery_throttled.keys import Family, family_key
 
 from .conftest import Workers, wait_until
@@ -146,6 +147,28 @@ def test_a_weight_without_a_total_is_refused_at_decoration():
 
         @throttled_task(limit=1, weight=2, name="api.lone_weight")
         def task() -> None: ...
+
+
+def test_a_weight_function_that_raises_or_returns_a_bad_weight_fails_the_run():
+    """Given a weight function of the task's arguments, When a run's rules are resolved, Then
+    a positive int is that run's weight, and a function that raises or returns anything else
+    raises KeyFunctionError naming the task and the value (the worker records the run as
+    failed, as for a bad key): a bad weight passed on to the lease scripts fails here."""
+
+    def weigh(n: int, **kwargs: Any) -> int:
+        if n < 0:
+            raise ValueError("no negative weights")
+        return n
+
+    @throttled_task(limit=1, total=2, weight=weigh, name="api.weight_fn")
+    def task(n: int) -> None: ...
+
+    rules = task.throttle_admission_for((3,), {})
+    assert rules is not None and rules.weight == 3
+    for args, message in (((0,), "returned 0"), ((-1,), "raised"), (("2",), "raised")):
+        with pytest.raises(KeyFunctionError, match=message) as info:
+            task.throttle_admission_for(args, {})
+        assert "api.weight_fn" in str(info.value)
 
 
 def test_a_family_holds_on_a_redis_cluster(
