@@ -4,9 +4,11 @@ Declared on the task (``@throttled_task(rate=…, burst=…, total=…, family=�
 validated once at decoration, and carried to the lease scripts as a *spec*: the cap argument
 of every script, extended with one token per rule::
 
-    "<cap>[ r=<interval ms>/<burst>][ t=<total>][ p=<pending horizon ms>][ n=<rank>][ f]"
+    "<cap>[ r=<interval ms>/<burst>][ t=<total>][ p=<pending horizon ms>][ a=<min>/<max>/<initial>]
+          [ n=<rank>][ f]"
 
-A plain ``"5"`` is a cap alone, as before. ``lua/admission.lua`` reads the spec; the cap, the
+(``a=``: an adaptive cap, :mod:`.adaptive`; the cap is then its ``initial``.) A plain ``"5"``
+is a cap alone, as before. ``lua/admission.lua`` reads the spec; the cap, the
 rate and the token are decided in the same script that grants the slot.
 
 The rate is a GCRA (generic cell rate algorithm): one timestamp per key, the *theoretical
@@ -21,6 +23,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .adaptive import Adaptive
 from .errors import ConfigurationError
 
 __all__ = [
@@ -99,6 +102,8 @@ class Admission:
     #: seconds a worker's vouching keeps a pending task counted (``throttle_pending_ttl``):
     #: set by the worker that files the task, not by the decorator
     pending_horizon: float | None = None
+    #: an adaptive cap (``limit=Adaptive(...)``)
+    adaptive: Adaptive | None = None
 
     def on_worker(self, pending_ttl: float) -> Admission:
         """These rules as a worker applies them, with its pending horizon."""
@@ -122,6 +127,7 @@ class Admission:
         total: Any = None,
         family: Any = None,
         max_pending: Any = None,
+        adaptive: Adaptive | None = None,
     ) -> Admission | None:
         """Validate the decorator's options; None when the task declares none of them."""
         parsed = None
@@ -157,9 +163,10 @@ class Admission:
             raise ConfigurationError(
                 f"task {task!r}: max_pending must be a positive int, got {max_pending!r}"
             )
-        if parsed is None and total is None and max_pending is None:
+        if parsed is None and total is None and max_pending is None and adaptive is None:
             return None
-        return cls(parsed, (family or task) if total is not None else None, total, max_pending)
+        family = (family or task) if total is not None else None
+        return cls(parsed, family, total, max_pending, adaptive=adaptive)
 
 
 def spec(
@@ -178,6 +185,8 @@ def spec(
             parts.append(f"t={admission.total}")
         if admission.max_pending is not None and admission.pending_horizon:
             parts.append(f"p={int(admission.pending_horizon * 1000)}")
+        if admission.adaptive is not None:
+            parts.append(f"a={admission.adaptive.encode()}")
     if rank:
         parts.append(f"n={rank}")
     if in_family:

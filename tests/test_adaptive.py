@@ -1,0 +1,202 @@
+"""Adaptive caps against real workers and a fragile downstream kept in Redis
+(tests/apps/adaptive_app.py): convergence, the Retry-After pause, the pin, the bounds, one cap
+shared by two workers, and bad declarations."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from rich.console import Console
+
+from celery_throttled import (
+    Adaptive,
+    ConfigurationError,
+    KeyStatus,
+    Overloaded,
+    SlowDown,
+    UnknownKey,
+    inspect,
+    reset_cap,
+    set_cap,
+    throttled_task,
+)
+from celery_throttled.adaptive import signal
+from celery_throttled.cli import frame, render
+
+from .conftest import Workers, free_port
+from .probes import finished, peak, started, wait_drained
+from .test_metrics import key as metric
+from .test_metrics import scrape
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def limiter_app(redis_url: str, prefix: str) -> Celery:
+    app = Celery("adaptive", broker=redis_url, set_as_current=False)
+    app.conf.throttle_key_prefix = prefix
+    return app
+
+
+def status_of(app: Celery, key: str) -> KeyStatus | None:
+    try:
+        return inspect(app, [key])[0]
+    except UnknownKey:
+        return None
+
+
+def run_all(client: Celery, name: str, args_list: list[tuple[Any, ...]], timeout: float = 120):
+    results = [client.send_task(name, args) for args in args_list]
+    return [r.get(timeout=timeout) for r in results]
+
+
+def test_two_workers_converge_on_one_cap_near_the_downstreams_capacity(
+    workers: Workers, client, probe: redis.Redis, prefix, redis_url
+):
+    """Given a downstream that serves 3 calls at once (refusing the rest with Overloaded, which
+    a RetryPolicy retries) and a task with Adaptive(initial=8, min=1, max=12) on two workers of
+    6 processes each,
+    When 90 calls of 50 ms are submitted at once,
+    Then every call succeeds, the downstream refused few of them, the cap ends within one of 3,
+    and at no moment did more than 5 bodies run: a cap that does not move (8 at once: most
+    calls refused), a cap kept per worker (two caps: twice the concurrency), or one that never
+    settles fails here."""
+    probe.set(f"{prefix}:down:fragile:cap", 3)
+    workers.start(pool="prefork", concurrency=6)
+    workers.start(pool="prefork", concurrency=6)
+    labels = [f"c{i}" for i in range(90)]
+    assert run_all(client, "a.fragile", [(label,) for label in labels]) == labels
+    refused = int(probe.get(f"{prefix}:down:fragile:503") or 0)
+    assert refused <= 15, refused
+    assert peak(probe, prefix, "fragile") <= 5
+    status = status_of(limiter_app(redis_url, prefix), "a.fragile")
+    assert status is not None and status.cap_source == "adaptive"
+    assert status.adaptive_min == 1 and status.adaptive_max == 12
+    assert status.cap is not None and 2 <= status.cap <= 4, status
+    assert status.adaptive_why, status
+    wait_drained(probe, prefix, "a.fragile")
+
+
+def test_a_retry_after_pauses_the_key_and_its_end_wakes_the_waiters(
+    workers: Workers, client, probe: redis.Redis, prefix
+):
+    """Given an adaptive task whose first run raises SlowDown(retry_after=1.5), and leases
+    renewed only every 20 s,
+    When four more runs are submitted right after it failed,
+    Then none starts before the pause ends, and all start within a second of its end: a
+    Retry-After that does not pause admissions, or a pause whose end nobody is woken for (the
+    waiters left until the next renewal), fails here."""
+    workers.start(pool="prefork", concurrency=4, LEASE_TTL=60)
+    first = client.send_task("a.polite", ("first", 1.5))
+    with pytest.raises(Exception, match="SlowDown"):
+        first.get(timeout=30)
+    ((_, failed_at),) = finished(probe, prefix, "polite") or [("", 0.0)]
+    results = [client.send_task("a.polite", (f"p{i}",)) for i in range(4)]
+    assert [r.get(timeout=30) for r in results] == [f"p{i}" for i in range(4)]
+    starts = [stamp for label, stamp in started(probe, prefix, "polite") if label != "first"]
+    assert len(starts) == 4
+    assert min(starts) >= failed_at + 1.5 - 0.1, (failed_at, starts)
+    assert max(starts) <= failed_at + 2.5, (failed_at, starts)
+    wait_drained(probe, prefix, "a.polite")
+
+
+def test_a_pin_wins_until_reset(workers: Workers, client, probe: redis.Redis, prefix, redis_url):
+    """Given an adaptive task (initial 8) whose cap has grown past 1, pinned to 1 by set_cap,
+    When ten runs of 200 ms are submitted,
+    Then they run one at a time and the status says the cap is pinned; after reset the
+    adaptive cap is back in charge: a pin that the adaptive cap overrides (or that reset does
+    not lift) fails here."""
+    app = limiter_app(redis_url, prefix)
+    workers.start(pool="prefork", concurrency=6)
+    warm = [f"w{i}" for i in range(12)]
+    assert run_all(client, "a.pinned", [(label, 0.05) for label in warm]) == warm
+    pinned = set_cap(app, "a.pinned", 1)
+    assert pinned.cap == 1 and pinned.cap_source == "override"
+    assert pinned.adaptive_cap is not None and pinned.adaptive_cap >= 3, pinned
+    probe.delete(f"{prefix}:probe:pinned:peak")
+    labels = [f"p{i}" for i in range(10)]
+    assert run_all(client, "a.pinned", [(label, 0.2) for label in labels]) == labels
+    assert peak(probe, prefix, "pinned") == 1
+    status = reset_cap(app, "a.pinned")
+    assert status.cap_source == "adaptive" and status.override is None
+    assert status.cap is not None and status.cap >= 3, status
+    wait_drained(probe, prefix, "a.pinned")
+
+
+def test_the_bounds_are_never_crossed_one_cap_per_key(
+    workers: Workers, client, probe: redis.Redis, prefix, redis_url
+):
+    """Given Adaptive(initial=3, min=2, max=4) with a key function, on a worker of 8,
+    When one key's runs always succeed and another's always raise Overloaded,
+    Then the first key's cap rose to 4 and never let more than 4 run, the second's fell to 2
+    and no lower, each key with a cap of its own, and status, top and the metrics say so (the
+    cap, the bounds, why it last moved): growth past max, a cut below min, one cap for both
+    keys, or a cap the operator cannot see fails here."""
+    app = limiter_app(redis_url, prefix)
+    port = free_port()
+    workers.start(pool="prefork", concurrency=8, METRICS_PORT=port)
+    ok = [client.send_task("a.bounded", ("fine", f"f{i}")) for i in range(40)]
+    bad = [client.send_task("a.bounded", ("refused", f"r{i}")) for i in range(30)]
+    assert [r.get(timeout=60) for r in ok] == [f"f{i}" for i in range(40)]
+    for r in bad:
+        with pytest.raises(Exception, match="Overloaded"):
+            r.get(timeout=60)
+    fine = status_of(app, "bounds:fine")
+    refused = status_of(app, "bounds:refused")
+    assert fine is not None and refused is not None
+    assert fine.cap == 4 and fine.adaptive_cap == 4, fine
+    assert refused.cap == 2 and refused.adaptive_cap == 2, refused
+    assert peak(probe, prefix, "bounded:fine") <= 4
+    assert peak(probe, prefix, "bounded:refused") <= 3  # 3 at most before the first cut
+    assert "overloaded" in (refused.adaptive_why or ""), refused
+    assert "bounds:refused: adaptive 2..4 at 2, moved" in render([fine, refused])
+    console = Console(width=200, record=True)
+    console.print(frame([fine, refused]))
+    assert "4 ~2..4" in console.export_text()
+    metrics = scrape(port)
+    for name, value in (("cap", 4), ("cap_min", 2), ("cap_max", 4)):
+        assert metrics[metric(f"celery_throttle_{name}", key="bounds:fine")] == value, name
+    assert metrics[metric("celery_throttle_cap", key="bounds:refused")] == 2
+    assert metric("celery_throttle_cap_moved", key="bounds:refused", reason="overloaded") in (
+        metrics
+    )
+
+
+@pytest.mark.parametrize(
+    ("limit", "message"),
+    [
+        (Adaptive(initial=4, min=5, max=3), "min"),
+        (Adaptive(initial=20, min=1, max=10), "initial"),
+        (Adaptive(initial=0, min=1, max=10), "initial"),
+        (Adaptive(initial=4, min=1, max=10, on=(ValueError, "503")), "on"),
+        (Adaptive(initial=4, min=1, max=10, on=int), "on"),
+    ],
+)
+def test_bad_declarations_are_refused_at_decoration(limit: Adaptive, message: str):
+    """Given an Adaptive with min > max, initial outside the bounds, or a non-exception in on=,
+    When a task is decorated with it,
+    Then ConfigurationError names the task, the setting and the value: a bad declaration that
+    reaches the workers (and a cap that cannot exist) fails here."""
+    with pytest.raises(ConfigurationError, match=rf"'adaptive\.bad'.*{message}"):
+        throttled_task(limit=limit, name="adaptive.bad")(lambda: None)
+
+
+def test_what_a_run_tells_the_cap():
+    """Given the exceptions a task may end with,
+    When they are classified for the cap,
+    Then Overloaded and the types listed in on= cut, SlowDown (or a listed type with a
+    retry_after) pauses too, and any other failure says nothing: an ordinary bug read as an
+    overload (the cap collapsing on a crash) fails here."""
+    adaptive = Adaptive(on=(TimeoutError,)).checked("t")
+    throttled = TimeoutError("503")
+    throttled.retry_after = 2  # type: ignore[attr-defined]
+    assert signal(adaptive, None) == ("ok", 0.0)
+    assert signal(adaptive, Overloaded("x")) == ("overloaded", 0.0)
+    assert signal(adaptive, TimeoutError("x")) == ("overloaded", 0.0)
+    assert signal(adaptive, SlowDown(retry_after=3)) == ("slowdown", 3.0)
+    assert signal(adaptive, throttled) == ("slowdown", 2.0)
+    assert signal(adaptive, KeyError("bug")) is None
+    assert time.time() > 0
