@@ -19,6 +19,7 @@ from celery_throttled import (
     Overloaded,
     SlowDown,
     UnknownKey,
+    errgroup,
     inspect,
     reset_cap,
     set_cap,
@@ -163,6 +164,28 @@ def test_the_bounds_are_never_crossed_one_cap_per_key(
     assert metric("celery_throttle_cap_moved", key="bounds:refused", reason="overloaded") in (
         metrics
     )
+
+
+def test_an_overloaded_member_fails_its_errgroup_as_an_error_and_cuts_the_cap(
+    workers: Workers, client, tasks, prefix, redis_url
+):
+    """Given an errgroup whose members run under adaptive caps (one key per mode), one of them
+    raising Overloaded,
+    When it runs,
+    Then the group fails with that member's envelope of kind error naming Overloaded, and that
+    key's cap was cut from 3 to 2: an Overloaded given a kind of its own, or a member's outcome
+    not reaching its cap, fails here."""
+    workers.start(pool="prefork", concurrency=4)
+    members = [client.signature("a.bounded", args=("fine", f"e{i}")) for i in range(3)]
+    members.insert(1, client.signature("a.bounded", args=("refused", "bad")))
+    res = errgroup(members).apply_async()
+    res.get(timeout=60)
+    assert res.first_error is not None and res.first_error.task_id == res.member_ids[1]
+    error = res.first_error.error
+    assert error is not None and error.kind == "error" and "Overloaded" in error.type, error
+    refused = status_of(limiter_app(redis_url, prefix), "bounds:refused")
+    assert refused is not None and refused.cap == 2, refused
+    assert "overloaded" in (refused.adaptive_why or ""), refused
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,9 @@
 --
 -- Constants (and why: docs/guide/adaptive.md):
 --   BETA 0.7     an overload cuts to 0.7 x min(cap, running): the level that failed, backed off
+--   HALF 0.5     ... and in slow start to half of it (the cap doubled in the last round trip, so
+--                the capacity lies between half the level and the level), the ceiling just
+--                above: the probe goes on slowly from there
 --   TRIM 0.9     a latency twice the baseline trims to 0.9 x: the downstream queues, gently
 --   PROBE 16     within one of the last ceiling a success adds 1/(16 cap): a probe of the level
 --                that failed every 16 round trips, instead of every one
@@ -26,7 +29,7 @@
 -- (admitted before the cap came down) cut once; a run admitted under the new cap that still
 -- fails cuts again, so a sharp drop in capacity is followed within a few round trips.
 
-local BETA, TRIM, PROBE = 0.7, 0.9, 16
+local BETA, TRIM, PROBE, HALF = 0.7, 0.9, 16, 0.5
 local SHORT, UP, DOWN = 0.25, 0.01, 0.1
 local HOLD, CUT, SLACK = 1.3, 2.0, 5
 
@@ -56,8 +59,16 @@ local function clamp(x) return math.max(lo, math.min(hi, x)) end
 local function cut(factor, reason)
   if now - latency < cut_at then return end
   local level = math.max(1, math.min(cap, running))
-  cap = clamp(level * factor)
-  redis.call('HSET', meta, 'acap', cap, 'aceil', level, 'acut', now)
+  local ceiling_at = level
+  if thresh then
+    -- slow start doubled the cap in the last round trip: the capacity is between half the
+    -- level and the level; halve it, and probe slowly from just above
+    cap = clamp(level * HALF)
+    ceiling_at = math.floor(cap) + 1
+  else
+    cap = clamp(level * factor)
+  end
+  redis.call('HSET', meta, 'acap', cap, 'aceil', ceiling_at, 'acut', now)
   redis.call('HDEL', meta, 'athresh')
   redis.call('HINCRBY', meta, 'acuts', 1)
   why, moved = reason .. ' at ' .. level .. ' running', true
