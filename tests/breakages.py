@@ -290,6 +290,20 @@ BREAKAGES = [
         (f"{ADAPTIVE}test_a_pin_wins_until_reset",),
     ),
     Breakage(
+        "an adaptive cap deaf to latency",
+        f"{PACKAGE}/lua/adapt.lua",
+        "local HOLD, CUT, SLACK = 1.3, 2.0, 5",
+        "local HOLD, CUT, SLACK = 1e9, 1e9, 5",
+        (f"{ADAPTIVE}test_a_rising_latency_holds_the_cap_below_the_knee",),
+    ),
+    Breakage(
+        "a baseline dragged along by the cap's own growth",
+        f"{PACKAGE}/lua/adapt.lua",
+        "  else base = base + (short - base) * STUCK end",
+        "  else base = base + (short - base) * UP end",
+        (f"{ADAPTIVE}test_a_rising_latency_holds_the_cap_below_the_knee",),
+    ),
+    Breakage(
         "one adaptive cap per worker",
         f"{PACKAGE}/lua/admission.lua",
         "  if c[2] then return math.floor(tonumber(c[2])) end",

@@ -166,6 +166,23 @@ def test_the_bounds_are_never_crossed_one_cap_per_key(
     )
 
 
+def test_a_rising_latency_holds_the_cap_below_the_knee(
+    workers: Workers, client, probe: redis.Redis, prefix, redis_url
+):
+    """Given a downstream that never refuses but slows down past 3 callers (6 inside: twice as
+    slow), and Adaptive(initial=4, min=1, max=16) on a worker of 16,
+    When 200 calls are submitted at once,
+    Then the cap stayed below 8 and never let more than 8 run, and its last move names the
+    latency: a cap that grows on success alone (to 16, every call queueing) fails here."""
+    workers.start(pool="threads", concurrency=16)
+    labels = [f"q{i}" for i in range(200)]
+    assert run_all(client, "a.queueing", [(label,) for label in labels]) == labels
+    status = status_of(limiter_app(redis_url, prefix), "a.queueing")
+    assert status is not None and status.cap is not None and status.cap <= 7, status
+    assert peak(probe, prefix, "queueing") <= 8
+    assert (status.adaptive_why or "").startswith(("held: latency", "latency")), status
+
+
 def test_an_overloaded_member_fails_its_errgroup_as_an_error_and_cuts_the_cap(
     workers: Workers, client, tasks, prefix, redis_url
 ):

@@ -10,7 +10,8 @@ name                                      type       meaning (labels: ``key``)
 ``celery_throttle_cap_max``
 ``celery_throttle_cap_moved``             gauge      when an adaptive key's cap last moved (epoch
                                                      s), label ``reason``: overloaded, slow down,
-                                                     latency, probing, grew, slow start, bounds
+                                                     latency, held, probing, grew, slow start,
+                                                     bounds
 ``celery_throttle_rate``                  gauge      the rate the key's tasks declare, per second
                                                      (its use: rate of started_total)
 ``celery_throttle_running``               gauge      tasks of the key running on this worker
@@ -41,7 +42,16 @@ __all__ = ["Metrics"]
 
 logger = logging.getLogger(__name__)
 
-_REASONS = ("overloaded", "slow down", "latency", "probing", "grew", "slow start", "bounds")
+_REASONS = (
+    "overloaded",
+    "slow down",
+    "latency",
+    "held",
+    "probing",
+    "grew",
+    "slow start",
+    "bounds",
+)
 _ADAPTIVE_FIELDS = ("acap", "amin", "amax", "awhy", "amoved", "override")
 _BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 

@@ -99,3 +99,21 @@ def polite(label: str, retry_after: float = 0.0) -> str:
 @throttled_task(limit=Adaptive(initial=8, min=1, max=16), name="a.pinned")
 def pinned(label: str, duration: float = 0.2) -> str:
     return tracked("pinned", label, duration)
+
+
+_QUEUE_IN = "return redis.call('INCR', KEYS[1])"
+
+
+@throttled_task(limit=Adaptive(initial=4, min=1, max=16), name="a.queueing")
+def queueing(label: str) -> str:
+    """A downstream that never refuses but queues: a call takes 50 ms while 3 or fewer are
+    inside, and proportionally longer beyond (6 inside: 100 ms each)."""
+    probe = _probe()
+    base = f"{os.environ.get('TEST_PREFIX', 't')}:down:queueing"
+    with counted("queueing", label):
+        inside = int(probe.eval(_QUEUE_IN, 1, f"{base}:now"))
+        try:
+            time.sleep(0.05 * max(1.0, inside / 3))
+        finally:
+            probe.decr(f"{base}:now")
+    return label

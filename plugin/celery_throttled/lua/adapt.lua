@@ -23,6 +23,10 @@
 --                that failed every 16 round trips, instead of every one
 --   SHORT 0.25   recent latency: an average of about the last 4 runs
 --   UP 0.01, DOWN 0.1  the baseline follows the recent latency up over ~100 runs, down over ~10
+--   STUCK 0.001  ... but up over ~1000 runs while the recent latency is 1.3x it or more: the
+--                cap's own growth must not drag the baseline along (the hold would lift, the
+--                cap grow, the latency rise, and so on); a downstream that is slower for good
+--                becomes the new normal all the same
 --   HOLD 1.3, CUT 2.0  recent / baseline at which growth stops, and at which the cap is trimmed
 --   SLACK 5      ms of latency difference always tolerated (timer noise of short tasks)
 -- A cut needs the reporting run to have started after the last cut: runs that fail together
@@ -30,7 +34,7 @@
 -- fails cuts again, so a sharp drop in capacity is followed within a few round trips.
 
 local BETA, TRIM, PROBE, HALF = 0.7, 0.9, 16, 0.5
-local SHORT, UP, DOWN = 0.25, 0.01, 0.1
+local SHORT, UP, DOWN, STUCK = 0.25, 0.01, 0.1, 0.001
 local HOLD, CUT, SLACK = 1.3, 2.0, 5
 
 local meta = KEYS[3]
@@ -82,13 +86,17 @@ elseif outcome == 'ok' then
   if short then short = short + (latency - short) * SHORT else short = latency end
   if not base then base = short
   elseif short < base then base = base + (short - base) * DOWN
-  else base = base + (short - base) * UP end
+  elseif short < HOLD * base then base = base + (short - base) * UP
+  else base = base + (short - base) * STUCK end
   redis.call('HSET', meta, 'ashort', short, 'abase', base)
   local over = short - base > SLACK
   if over and short >= CUT * base then
     cut(TRIM, string.format('latency %.1fx its baseline', short / base))
   elseif over and short >= HOLD * base then
-    -- latency rising: hold
+    -- latency rising: hold (said once, when the hold begins)
+    if string.sub(m[11] or '', 1, 4) ~= 'held' then
+      why, moved = string.format('held: latency %.1fx its baseline', short / base), true
+    end
   elseif running + redis.call('ZCARD', KEYS[2]) >= math.floor(cap) then
     if thresh and cap < thresh then
       cap, why = math.min(cap + 1, thresh), 'slow start toward ' .. thresh
