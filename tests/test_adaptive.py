@@ -224,6 +224,21 @@ def test_bad_declarations_are_refused_at_decoration(limit: Adaptive, message: st
         throttled_task(limit=limit, name="adaptive.bad")(lambda: None)
 
 
+def test_tasks_sharing_a_key_must_agree_on_its_adaptive_cap():
+    """Given a task declaring Adaptive(initial=4, min=1, max=8) on a shared key,
+    When another task declares a fixed limit=4 (its initial) on that key,
+    Then ConfigurationError names both: two declarations that would flip the key's cap between
+    adaptive and fixed at every acquire fail here."""
+
+    @throttled_task(limit=Adaptive(initial=4, max=8), key="adaptive-shared", name="adaptive.one")
+    def one() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"'adaptive\.two'.*1\.\.8.*'adaptive\.one'"):
+
+        @throttled_task(limit=4, key="adaptive-shared", name="adaptive.two")
+        def two() -> None: ...
+
+
 def test_what_a_run_tells_the_cap():
     """Given the exceptions a task may end with,
     When they are classified for the cap,

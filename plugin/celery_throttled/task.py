@@ -27,7 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 KeySpec = str | Callable[..., str] | None
 
 _MAX_KEY_LENGTH = 1024
-_static_keys: dict[str, tuple[int, str]] = {}
+_static_keys: dict[str, tuple[int | Adaptive, str]] = {}
 _families: dict[str, tuple[int, str]] = {}
 _static_keys_lock = threading.Lock()
 
@@ -206,7 +206,7 @@ def throttled_task(
         adaptive = limit.checked(name) if isinstance(limit, Adaptive) else None
         cap = adaptive.initial if adaptive is not None else limit
         assert not isinstance(cap, Adaptive)
-        _validate(name, cap, key)
+        _validate(name, cap, key, adaptive or cap)
         validate_wait(name, max_wait, on_full, fallback)
         admission = Admission.declare(
             name,
@@ -264,7 +264,10 @@ def throttled_task(
     return create
 
 
-def _validate(name: str, limit: Any, key: Any) -> None:
+def _validate(name: str, limit: Any, key: Any, declared: Any = None) -> None:
+    """``limit`` (an int) and ``key``; ``declared`` (the int, or the Adaptive) must be the same
+    for every task sharing a static key."""
+    declared = limit if declared is None else declared
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigurationError(
             f"task {name!r}: limit must be a positive int, an Adaptive(...) or None, got {limit!r}"
@@ -279,11 +282,11 @@ def _validate(name: str, limit: Any, key: Any) -> None:
     if limit is None:
         return
     with _static_keys_lock:
-        known = _static_keys.setdefault(key, (limit, name))
-    if known[0] != limit and known[1] != name:
+        known = _static_keys.setdefault(key, (declared, name))
+    if known[0] != declared and known[1] != name:
         raise ConfigurationError(
             f"task {name!r}: key {key!r} is already capped at {known[0]} by task "
-            f"{known[1]!r}; tasks sharing a key must declare the same limit, got {limit!r}"
+            f"{known[1]!r}; tasks sharing a key must declare the same limit, got {declared}"
         )
 
 
