@@ -75,7 +75,7 @@ local function cut(factor, reason)
   redis.call('HSET', meta, 'acap', cap, 'aceil', ceiling_at, 'acut', now)
   redis.call('HDEL', meta, 'athresh')
   redis.call('HINCRBY', meta, 'acuts', 1)
-  why, moved = reason .. ' at ' .. level .. ' running', true
+  why, moved = reason .. ' at ' .. math.floor(level) .. ' running', true
 end
 
 if outcome == 'overloaded' then
@@ -102,7 +102,7 @@ elseif outcome == 'ok' then
       cap, why = math.min(cap + 1, thresh), 'slow start toward ' .. thresh
       if cap >= thresh then redis.call('HDEL', meta, 'athresh') end
     elseif ceiling and cap >= ceiling - 1 and cap < ceiling then
-      cap, why = cap + 1 / (PROBE * cap), 'probing ' .. ceiling .. ' (overloaded there)'
+      cap, why = cap + 1 / (PROBE * cap), 'probing ' .. ceiling .. ' (where it last failed)'
     else
       cap, why = cap + 1 / cap, 'grew: no overload, latency steady'
     end
