@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.bin.base import CLIContext
+from click.testing import CliRunner
 from rich.console import Console
 
 from celery_throttled import (
@@ -21,12 +23,10 @@ from celery_throttled import (
     UnknownKey,
     errgroup,
     inspect,
-    reset_cap,
-    set_cap,
     throttled_task,
 )
 from celery_throttled.adaptive import signal
-from celery_throttled.cli import frame, render
+from celery_throttled.cli import frame, render, throttle
 
 from .conftest import Workers, free_port
 from .probes import finished, peak, started, wait_drained
@@ -40,6 +40,10 @@ def limiter_app(redis_url: str, prefix: str) -> Celery:
     app = Celery("adaptive", broker=redis_url, set_as_current=False)
     app.conf.throttle_key_prefix = prefix
     return app
+
+
+def run_cli(app: Celery, *args: str) -> Any:
+    return CliRunner().invoke(throttle, list(args), obj=CLIContext(app, True, None))
 
 
 def status_of(app: Celery, key: str) -> KeyStatus | None:
@@ -105,7 +109,8 @@ def test_a_retry_after_pauses_the_key_and_its_end_wakes_the_waiters(
 
 
 def test_a_pin_wins_until_reset(workers: Workers, client, probe: redis.Redis, prefix, redis_url):
-    """Given an adaptive task (initial 8) whose cap has grown past 1, pinned to 1 by set_cap,
+    """Given an adaptive task (initial 8) whose cap has grown past 1, pinned to 1 by
+    `celery throttle set`,
     When ten runs of 200 ms are submitted,
     Then they run one at a time and the status says the cap is pinned; after reset the
     adaptive cap is back in charge: a pin that the adaptive cap overrides (or that reset does
@@ -114,15 +119,19 @@ def test_a_pin_wins_until_reset(workers: Workers, client, probe: redis.Redis, pr
     workers.start(pool="prefork", concurrency=6)
     warm = [f"w{i}" for i in range(12)]
     assert run_all(client, "a.pinned", [(label, 0.05) for label in warm]) == warm
-    pinned = set_cap(app, "a.pinned", 1)
-    assert pinned.cap == 1 and pinned.cap_source == "override"
+    said = run_cli(app, "set", "a.pinned", "1").output
+    assert said.startswith("a.pinned: cap 1 (override; adaptive "), said
+    pinned = status_of(app, "a.pinned")
+    assert pinned is not None and pinned.cap == 1 and pinned.cap_source == "override"
     assert pinned.adaptive_cap is not None and pinned.adaptive_cap >= 3, pinned
     probe.delete(f"{prefix}:probe:pinned:peak")
     labels = [f"p{i}" for i in range(10)]
     assert run_all(client, "a.pinned", [(label, 0.2) for label in labels]) == labels
     assert peak(probe, prefix, "pinned") == 1
-    status = reset_cap(app, "a.pinned")
-    assert status.cap_source == "adaptive" and status.override is None
+    said = run_cli(app, "reset", "a.pinned").output
+    assert said.startswith("a.pinned: cap ") and "(adaptive 1..16)" in said, said
+    status = status_of(app, "a.pinned")
+    assert status is not None and status.cap_source == "adaptive" and status.override is None
     assert status.cap is not None and status.cap >= 3, status
     wait_drained(probe, prefix, "a.pinned")
 
