@@ -304,6 +304,20 @@ BREAKAGES = [
         (f"{ADAPTIVE}test_a_rising_latency_holds_the_cap_below_the_knee",),
     ),
     Breakage(
+        "every failure of one batch cuts the adaptive cap",
+        f"{PACKAGE}/lua/adapt.lua",
+        "  if now - latency < cut_at then return end\n",
+        "",
+        (f"{ADAPTIVE}test_tasks_failing_together_cut_the_cap_once",),
+    ),
+    Breakage(
+        "an adaptive cap that probes its last failure as fast as it grows",
+        f"{PACKAGE}/lua/adapt.lua",
+        "local BETA, TRIM, PROBE, HALF = 0.7, 0.9, 16, 0.5",
+        "local BETA, TRIM, PROBE, HALF = 0.7, 0.9, 1, 0.5",
+        (f"{ADAPTIVE}test_successes_grow_the_cap_only_while_it_is_used",),
+    ),
+    Breakage(
         "one adaptive cap per worker",
         f"{PACKAGE}/lua/admission.lua",
         "  if c[2] then return math.floor(tonumber(c[2])) end",

@@ -5,6 +5,7 @@ shared by two workers, and bad declarations."""
 from __future__ import annotations
 
 import time
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -26,7 +27,10 @@ from celery_throttled import (
     throttled_task,
 )
 from celery_throttled.adaptive import signal
+from celery_throttled.admission import Admission
 from celery_throttled.cli import frame, render, throttle
+from celery_throttled.keys import Family
+from celery_throttled.transport.leases import Acquire, RedisLeases
 
 from .conftest import Workers, free_port
 from .probes import finished, peak, started, wait_drained
@@ -246,6 +250,75 @@ def test_tasks_sharing_a_key_must_agree_on_its_adaptive_cap():
 
         @throttled_task(limit=4, key="adaptive-shared", name="adaptive.two")
         def two() -> None: ...
+
+
+ADAPT = resources.files("celery_throttled").joinpath("lua/adapt.lua").read_text()
+
+
+@pytest.fixture
+def adaptive_key(redis_url: str, prefix: str) -> tuple[redis.Redis, Family, Any]:
+    """An adaptive key (2..10, past its slow start) declared by a real acquire, with a client
+    and ``report(outcome, latency_ms)`` running lua/adapt.lua on it."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = RedisLeases(redis.Redis.from_url(redis_url), prefix, lease_ttl=30, worker="w")
+    admission = Admission(adaptive=Adaptive(initial=8, min=2, max=10).checked("t"))
+    family = Family.of(prefix, "k")
+    store.execute([Acquire("k", "w a0", 8, admission)])
+    client.hset(family.meta, "acap", 10)
+    client.hdel(family.meta, "athresh")
+    store.execute([Acquire("k", f"w a{i}", 8, admission) for i in range(1, 10)])
+    assert client.zcard(family.holders) == 10
+    script = client.register_script(ADAPT)
+
+    def report(outcome: str, latency_ms: int) -> None:
+        script([family.holders, family.waiters, family.meta], [outcome, latency_ms, 0])
+
+    return client, family, report
+
+
+def test_tasks_failing_together_cut_the_cap_once(adaptive_key):
+    """Given an adaptive key (2..10) at cap 10 with 10 running,
+    When eight runs that started before any cut report Overloaded,
+    Then the cap is cut once (to 7), a run started after that cut cuts again (to 4.9), and no
+    number of cuts takes it below its min: a cap cut by every failure of one batch (collapsing
+    to min at the first burst of 503s) fails here."""
+    client, family, report = adaptive_key
+    for _ in range(8):
+        report("overloaded", 500)
+    assert float(client.hget(family.meta, "acap")) == pytest.approx(7.0)
+    assert client.hget(family.meta, "awhy") == "overloaded at 10 running"
+    time.sleep(0.01)
+    report("overloaded", 0)
+    assert float(client.hget(family.meta, "acap")) == pytest.approx(4.9)
+    for _ in range(6):
+        time.sleep(0.005)
+        report("overloaded", 0)
+    assert float(client.hget(family.meta, "acap")) == 2
+
+
+def test_successes_grow_the_cap_only_while_it_is_used(adaptive_key):
+    """Given an adaptive key at cap 10 (its max) cut once to 7, with 10 holders,
+    When runs succeed at a steady latency, first with the cap in use, then with nothing running,
+    Then the cap grows by about 1/cap per success while used (16 times slower within one of the
+    level that failed), and not at all while idle: growth without evidence (an idle key
+    drifting to max), or a probe as fast as the growth below it, fails here."""
+    client, family, report = adaptive_key
+    report("overloaded", 500)  # 7.0, the ceiling 10
+    for _ in range(7):
+        report("ok", 50)
+    grown = float(client.hget(family.meta, "acap"))
+    assert 7.9 < grown < 8.1, grown  # seven steps of about 1/7
+    client.hset(family.meta, "acap", 9)  # within one of the ceiling: a probe, 16 times slower
+    for _ in range(9):
+        report("ok", 50)
+    assert float(client.hget(family.meta, "acap")) == pytest.approx(9 + 9 / (16 * 9), abs=0.01)
+    # the integer cap (what admits) never changed by growing, so the last move is still the cut
+    assert client.hget(family.meta, "awhy") == "overloaded at 10 running"
+    grown = float(client.hget(family.meta, "acap"))
+    client.delete(family.holders)
+    for _ in range(20):
+        report("ok", 50)
+    assert float(client.hget(family.meta, "acap")) == grown
 
 
 def test_what_a_run_tells_the_cap():
