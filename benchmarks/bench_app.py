@@ -261,5 +261,6 @@ def scale_tenant(tenant: int, duration: float) -> None:
     time.sleep(duration)
 
 
-# -- bench_flow.py: rates, fair shares, backpressure (their own module) ----------------------
-from benchmarks import flow_app  # noqa: E402, F401
+# -- bench_flow.py (rates, fair shares, backpressure) and bench_adaptive.py (adaptive caps and
+# their downstream): their own modules
+from benchmarks import adaptive_app, flow_app  # noqa: E402, F401

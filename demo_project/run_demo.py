@@ -14,7 +14,9 @@ dashboard. Then it drives the scenarios with a live view:
 5. tasks that panic (SystemExit, MemoryError, an unserializable value) and still yield envelopes;
 6. one big tenant beside small ones, behind one shared key (first come first served) and with
    fair shares (``total=``): how long the small tenants wait;
-7. calls to a rate-limited partner (20/s), as fast as the workers go and through ``rate="20/s"``.
+7. calls to a rate-limited partner (20/s), as fast as the workers go and through ``rate="20/s"``;
+8. charges through an adaptive cap while the downstream's capacity steps 5 -> 12 -> 3: the cap
+   follows it (the dashboard plots both, and the 503s, live).
 
 It ends with a report. Ctrl-C (or SIGTERM) stops everything it started, leaving no process
 behind; ``--stay`` keeps the stack and its dashboard up after the report until then.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -380,6 +383,56 @@ def partner(env: dict[str, str], size: int, rated: bool) -> dict[str, Any]:
     }
 
 
+def adaptive(env: dict[str, str], quick: bool) -> dict[str, Any]:
+    """The adaptive scenario, with the cap and the downstream's 503s sampled as it runs."""
+    import threading
+
+    from celery_throttled import UnknownKey, inspect
+    from demo import app
+    from demo.scenarios import ADAPTIVE_STEPS
+    from demo.scenarios import adaptive as send
+
+    downstream(env, "/reset", "POST")
+    steps = tuple((capacity, 4.0 if quick else seconds) for capacity, seconds in ADAPTIVE_STEPS)
+    samples: list[tuple[float, int, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.25):
+            with contextlib.suppress(UnknownKey):
+                cap = inspect(app, ["payments-adaptive"])[0].cap or 0
+                samples.append((time.time(), cap, downstream(env)["violations"]))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = send(steps)
+    path = " -> ".join(str(capacity) for capacity, _ in steps)
+    metas = watch(f"{len(started.ids)} charges, capacity {path}", started.ids, env, 300)
+    started.notes["thread"].join()
+    stop.set()
+    sampler.join()
+    stepped = started.notes["stepped"]
+    out: dict[str, Any] = {"tasks": len(started.ids), "steps": []}
+    for (at, capacity), (until, _) in itertools.pairwise(stepped):
+        inside = [(t, cap, v) for t, cap, v in samples if at <= t < until]
+        near = next((t - at for t, cap, _ in inside if abs(cap - capacity) <= capacity / 4), None)
+        caps = sorted(cap for t, cap, _ in inside if t >= (at + until) / 2)
+        before = [v for t, _, v in samples if t < at]
+        refused = (inside[-1][2] if inside else 0) - (before[-1] if before else 0)
+        out["steps"].append(
+            {
+                "capacity": capacity,
+                "within_25pct_after_s": None if near is None else round(near, 2),
+                "cap_second_half_median": caps[len(caps) // 2] if caps else None,
+                "503s": refused,
+            }
+        )
+    out["failed"] = sum(1 for m in metas.values() if m["status"] != "SUCCESS")
+    out["503s"] = downstream(env)["violations"]
+    downstream(env, "/reset", "POST")  # the next scenario (a button, say) starts from zero
+    return out
+
+
 def say(text: str) -> None:
     console.print(text, markup=False)
 
@@ -453,6 +506,20 @@ def report(results: dict[str, Any]) -> None:
         else "THE RATE WAS EXCEEDED"
     )
     say(f"{rate_verdict}; {unrated['rate_violations']} without it.\n")
+    adaptive = Table(title="the adaptive cap against the downstream's capacity, stepped")
+    for column in ("capacity", "cap within 25 % after", "cap (median, 2nd half)", "503s"):
+        adaptive.add_column(column)
+    for step in results["adaptive"]["steps"]:
+        after = step["within_25pct_after_s"]
+        adaptive.add_row(
+            str(step["capacity"]),
+            "never" if after is None else f"{after} s",
+            str(step["cap_second_half_median"]),
+            str(step["503s"]),
+        )
+    console.print(adaptive)
+    a = results["adaptive"]
+    say(f"adaptive: {a['tasks']} charges, {a['failed']} failed, {a['503s']} answered 503.\n")
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -502,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
             "tenants_fair": tenants(env, fair=True, big=80 if args.quick else 200),
             "partner_unthrottled": partner(env, 40 if args.quick else 100, rated=False),
             "partner_rated": partner(env, 40 if args.quick else 100, rated=True),
+            "adaptive": adaptive(env, args.quick),
             "dashboard": env["WEB_URL"],
         }
         report(results)

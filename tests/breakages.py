@@ -48,6 +48,7 @@ OUTCOMES = "tests/test_promises_outcomes.py::"
 ERRGROUP = "tests/test_promises_errgroup.py::"
 ADMISSION = "tests/test_admission.py::"
 BACKPRESSURE = "tests/test_backpressure.py::"
+ADAPTIVE = "tests/test_adaptive.py::"
 
 BREAKAGES = [
     Breakage(
@@ -328,6 +329,76 @@ BREAKAGES = [
         "time.sleep(interval)",
         "time.sleep(1.0)",
         ("tests/test_promises_ops.py::test_top_refreshes_every_interval_and_marks_overrides",),
+    ),
+    Breakage(
+        "an adaptive cap that an overload does not cut",
+        f"{PACKAGE}/lua/adapt.lua",
+        "  cut(BETA, 'overloaded')\n",
+        "",
+        (f"{ADAPTIVE}test_the_bounds_are_never_crossed_one_cap_per_key",),
+    ),
+    Breakage(
+        "an adaptive cap that successes do not grow",
+        f"{PACKAGE}/pool/execution.py",
+        "    feedback.report(task, request, None, time.time() - started)\n",
+        "",
+        (f"{ADAPTIVE}test_the_bounds_are_never_crossed_one_cap_per_key",),
+    ),
+    Breakage(
+        "a Retry-After that does not pause admissions",
+        f"{PACKAGE}/lua/admission.lua",
+        "  if until_ms and now < until_ms then return until_ms end",
+        "  if false then return until_ms end",
+        (f"{ADAPTIVE}test_a_retry_after_pauses_the_key_and_its_end_wakes_the_waiters",),
+    ),
+    Breakage(
+        "a pause whose end wakes nobody",
+        f"{PACKAGE}/lua/admission.lua",
+        "    if redis.call('ZCARD', KEYS[2]) > 0 then return {}, paused end",
+        "    if redis.call('ZCARD', KEYS[2]) > 0 then return {}, nil end",
+        (f"{ADAPTIVE}test_a_retry_after_pauses_the_key_and_its_end_wakes_the_waiters",),
+    ),
+    Breakage(
+        "a pin that the adaptive cap overrides",
+        f"{PACKAGE}/lua/admission.lua",
+        "  local c = redis.call('HMGET', meta, 'override', 'acap', 'cap')",
+        "  local c = redis.call('HMGET', meta, 'no-override', 'acap', 'cap')",
+        (f"{ADAPTIVE}test_a_pin_wins_until_reset",),
+    ),
+    Breakage(
+        "an adaptive cap deaf to latency",
+        f"{PACKAGE}/lua/adapt.lua",
+        "local HOLD, CUT, SLACK = 1.3, 2.0, 5",
+        "local HOLD, CUT, SLACK = 1e9, 1e9, 5",
+        (f"{ADAPTIVE}test_a_rising_latency_holds_the_cap_below_the_knee",),
+    ),
+    Breakage(
+        "a baseline dragged along by the cap's own growth",
+        f"{PACKAGE}/lua/adapt.lua",
+        "  else base = base + (short - base) * STUCK end",
+        "  else base = base + (short - base) * UP end",
+        (f"{ADAPTIVE}test_a_rising_latency_holds_the_cap_below_the_knee",),
+    ),
+    Breakage(
+        "every failure of one batch cuts the adaptive cap",
+        f"{PACKAGE}/lua/adapt.lua",
+        "  if now - latency < cut_at then return end\n",
+        "",
+        (f"{ADAPTIVE}test_tasks_failing_together_cut_the_cap_once",),
+    ),
+    Breakage(
+        "an adaptive cap that probes its last failure as fast as it grows",
+        f"{PACKAGE}/lua/adapt.lua",
+        "local BETA, TRIM, PROBE, HALF = 0.7, 0.9, 16, 0.5",
+        "local BETA, TRIM, PROBE, HALF = 0.7, 0.9, 1, 0.5",
+        (f"{ADAPTIVE}test_successes_grow_the_cap_only_while_it_is_used",),
+    ),
+    Breakage(
+        "one adaptive cap per worker",
+        f"{PACKAGE}/lua/admission.lua",
+        "  if c[2] then return math.floor(tonumber(c[2])) end",
+        "  if c[2] then return 2 * math.floor(tonumber(c[2])) end",
+        (f"{ADAPTIVE}test_two_workers_converge_on_one_cap_near_the_downstreams_capacity",),
     ),
 ]
 

@@ -136,6 +136,20 @@ def test_fair_shares_and_the_rate_protect_the_small_tenants_and_the_partner(demo
     assert "the rate held: 0 calls over the partner's rate through it" in demo.text()
 
 
+def test_the_adaptive_cap_follows_the_downstreams_capacity(demo: Demo):
+    """Given the demo's report, Then while the downstream's capacity stepped 5 -> 12 -> 3 the
+    adaptive cap came within 25 % of each capacity during its step, every charge succeeded
+    (a 503 retried), and the downstream answered 503 to few of them: a cap that never moves, or
+    one that does not come down when the capacity does, fails here."""
+    adaptive = demo.report["adaptive"]
+    assert adaptive["failed"] == 0, adaptive
+    assert [step["capacity"] for step in adaptive["steps"]] == [5, 12, 3], adaptive
+    for step in adaptive["steps"]:
+        assert step["within_25pct_after_s"] is not None, adaptive
+    assert adaptive["steps"][-1]["cap_second_half_median"] <= 4, adaptive
+    assert adaptive["503s"] <= 0.1 * adaptive["tasks"], adaptive
+
+
 def chrome() -> Any:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
@@ -199,6 +213,11 @@ def test_the_dashboard_shows_the_cap_live_in_a_browser(demo: Demo):
         assert number("#ds-served") >= served_before + 300
         assert number("#ds-violations") == 0
         assert number("#ds-capacity") == 5
+        # And the adaptive key's cap is plotted against the downstream's capacity
+        lines = "return document.querySelectorAll('#chart path').length"
+        wait_until(lambda: browser.execute_script(lines) >= 2, 10, what="the two plotted lines")
+        why = browser.find_element(By.CSS_SELECTOR, "#why").text
+        assert why.startswith("cap ") and "last moved" in why, why
         recent = browser.find_element(By.CSS_SELECTOR, "#recent").text
         assert "burst-capped" in recent and "demo.charge" in recent
         assert shot and demo.screenshot.stat().st_size > 10_000

@@ -2,8 +2,9 @@
 
 A caller beyond that gets ``503`` and is counted as a *violation*: the crushed downstream made
 visible. Its partner endpoint also has a rate limit (a token bucket of ``rate`` per second, at
-most 5 at once): a call beyond it gets ``429``, counted as ``rate_violations``.
-``python -m demo.downstream --port 8081 --capacity 5 --rate 20``.
+most 5 at once): a call beyond it gets ``429``, counted as ``rate_violations``. Its capacity
+changes while it runs (``POST /capacity?n=12``), as a real service's does with its load and its
+deploys. ``python -m demo.downstream --port 8081 --capacity 5 --rate 20``.
 
     GET  /pay?ms=80&order=17   work for 80 ms, then 200 {"order": 17, "inside": 3}; 503 when full
     GET  /sync?ms=80&tenant=acme   the same, for a tenant's sync
@@ -12,6 +13,7 @@ most 5 at once): a call beyond it gets ``429``, counted as ``rate_violations``.
     GET  /stats                {"capacity", "in_flight", "peak", "served", "violations", "errors",
                                 "rate", "rate_violations"}
     POST /reset                zero every counter
+    POST /capacity?n=12        serve at most 12 callers at once from now on
     GET  /health               200 "ok"
 """
 
@@ -69,6 +71,11 @@ class Downstream:
             self.peak = max(self.peak, self.in_flight)
             return self.in_flight
 
+    def set_capacity(self, capacity: int) -> None:
+        """Serve at most ``capacity`` callers at once from now on (those inside stay)."""
+        with self._lock:
+            self.capacity = capacity
+
     def leave(self, ok: bool) -> None:
         with self._lock:
             self.in_flight -= 1
@@ -112,8 +119,16 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": f"no such path {url.path}"})
 
     def do_POST(self) -> None:
-        if urlparse(self.path).path == "/reset":
+        url = urlparse(self.path)
+        if url.path == "/reset":
             self.server.downstream.reset()
+            self._send(200, self.server.downstream.stats())
+        elif url.path == "/capacity":
+            n = parse_qs(url.query).get("n", [""])[-1]
+            if not n.isdigit():
+                self._send(400, {"error": f"n must be a number of callers, got {n!r}"})
+                return
+            self.server.downstream.set_capacity(int(n))
             self._send(200, self.server.downstream.stats())
         else:
             self._send(404, {"error": "no such path"})

@@ -7,7 +7,9 @@ Redis (``{prefix}:recent``) so the dashboard can list recent envelopes.
 from __future__ import annotations
 
 import json
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,9 +18,12 @@ from celery_throttled import ErrgroupResult, errgroup
 
 from .celery import PREFIX, app
 from .tasks import (
+    DOWNSTREAM_CAPACITY,
+    DOWNSTREAM_URL,
     best_quote,
     build_report,
     charge,
+    charge_adaptive,
     charge_unthrottled,
     notify,
     notify_unthrottled,
@@ -30,6 +35,9 @@ from .tasks import (
 )
 
 __all__ = ["SCENARIOS", "Started", "recent_key"]
+
+#: the downstream's capacity in the adaptive scenario, and for how many seconds
+ADAPTIVE_STEPS = ((5, 8.0), (12, 8.0), (3, 8.0))
 
 PANICS = ("system_exit", "memory_error", "unserializable", "error", "ok")
 
@@ -118,6 +126,37 @@ def partner(size: int = 100, rated: bool = True) -> Started:
     return Started(name, ids)
 
 
+def set_capacity(capacity: int) -> None:
+    """Change how many callers the downstream serves at once, while it runs."""
+    request = urllib.request.Request(f"{DOWNSTREAM_URL}/capacity?n={capacity}", method="POST")
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+
+
+def adaptive(steps: tuple[tuple[int, float], ...] = ADAPTIVE_STEPS, ms: int = 80) -> Started:
+    """Charges through an adaptive cap while the downstream's capacity steps (5 -> 12 -> 3), a
+    backlog all along; the capacity goes back to ``DOWNSTREAM_CAPACITY`` at the end. Notes when
+    each step was taken (``stepped``, filled in as it goes) and the thread that takes them."""
+    size = sum(int(capacity * seconds * 1000 / ms) for capacity, seconds in steps)
+    stepped: list[tuple[float, int]] = []
+    set_capacity(steps[0][0])
+
+    def step() -> None:
+        for capacity, seconds in steps:
+            set_capacity(capacity)
+            stepped.append((time.time(), capacity))
+            time.sleep(seconds)
+        set_capacity(DOWNSTREAM_CAPACITY)
+        stepped.append((time.time(), DOWNSTREAM_CAPACITY))
+
+    with app.producer_or_acquire() as producer:
+        ids = [charge_adaptive.apply_async((i, ms), producer=producer).id for i in range(size)]
+    thread = threading.Thread(target=step, name="capacity-steps", daemon=True)
+    thread.start()
+    _remember("adaptive", ids)
+    return Started("adaptive", ids, notes={"steps": steps, "stepped": stepped, "thread": thread})
+
+
 SCENARIOS: dict[str, Callable[[], Started]] = {
     "burst-uncapped": lambda: burst(capped=False),
     "burst-capped": lambda: burst(capped=True),
@@ -128,4 +167,5 @@ SCENARIOS: dict[str, Callable[[], Started]] = {
     "tenants-fair": lambda: tenants(fair=True),
     "partner-unthrottled": lambda: partner(rated=False),
     "partner-rated": lambda: partner(rated=True),
+    "adaptive": adaptive,
 }

@@ -5,7 +5,8 @@ same call as a plain ``@shared_task``. ``quote`` is an errgroup member; ``build_
 soft and hard timeouts; ``risky`` panics in the ways that take plain Celery workers down.
 ``sync_shared`` and ``sync_tenant`` sync tenants behind one shared key (first come first served)
 or with fair shares; ``notify`` calls the rate-limited partner at its rate, ``notify_unthrottled``
-as fast as the workers go.
+as fast as the workers go. ``charge_adaptive`` charges through an adaptive cap: it finds the
+downstream's capacity (and follows it when it changes) from its 503s.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from urllib.parse import urlencode
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from celery_throttled import current_context, throttled_task
+from celery_throttled import Adaptive, Overloaded, RetryPolicy, current_context, throttled_task
 
 DOWNSTREAM_URL = os.environ.get("DOWNSTREAM_URL", "http://127.0.0.1:8081")
 DOWNSTREAM_CAPACITY = int(os.environ.get("DOWNSTREAM_CAPACITY", "5"))
@@ -31,18 +32,34 @@ class DownstreamError(Exception):
     """The downstream answered with an error (503: over capacity; 500: broken)."""
 
 
+class DownstreamOverloaded(DownstreamError, Overloaded):
+    """The downstream answered 503: over its capacity."""
+
+
 def call(path: str, **params: Any) -> dict[str, Any]:
     url = f"{DOWNSTREAM_URL}{path}?{urlencode(params)}"
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             return dict(json.load(response))
     except urllib.error.HTTPError as exc:
-        raise DownstreamError(f"{path} answered {exc.code}: {exc.read().decode()}") from None
+        error = DownstreamOverloaded if exc.code == 503 else DownstreamError
+        raise error(f"{path} answered {exc.code}: {exc.read().decode()}") from None
 
 
 @throttled_task(limit=DOWNSTREAM_CAPACITY, key="payments-api", name="demo.charge")
 def charge(order_id: int, ms: int = 80) -> dict[str, Any]:
     """Charge an order: at most DOWNSTREAM_CAPACITY at once across every worker."""
+    return call("/pay", order=order_id, ms=ms)
+
+
+@throttled_task(
+    limit=Adaptive(initial=16, min=1, max=32),
+    key="payments-adaptive",
+    retry=RetryPolicy(on=(Overloaded,), max_attempts=100, backoff=0),
+    name="demo.charge_adaptive",
+)
+def charge_adaptive(order_id: int, ms: int = 80) -> dict[str, Any]:
+    """Charge an order through an adaptive cap: a 503 (``Overloaded``) cuts it and is retried."""
     return call("/pay", order=order_id, ms=ms)
 
 

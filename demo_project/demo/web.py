@@ -3,8 +3,9 @@
 ``python -m demo.web --port 8000`` (or any WSGI server on ``demo.web:create_app()``).
 
     GET  /                      the dashboard
-    GET  /api/status            per key running / cap / waiting, the downstream's counters,
-                                and the most recent envelopes
+    GET  /api/status            per key running / cap / waiting (an adaptive cap's bounds and
+                                why it last moved), the downstream's counters, and the most
+                                recent envelopes
     POST /api/scenarios/<name>  start a scenario (see :mod:`demo.scenarios`)
     GET  /health                200 "ok"
 """
@@ -63,6 +64,11 @@ def _keys() -> list[dict[str, Any]]:
             "waiting": status.waiting,
             "done": status.done,
             "failed": status.failed,
+            "source": status.cap_source,
+            "bounds": None
+            if status.adaptive_min is None
+            else [status.adaptive_min, status.adaptive_max],
+            "why": status.adaptive_why,
         }
         for status in inspect(celery_app)
         if not status.key.startswith(ERRGROUP_KEY_PREFIX)

@@ -3,6 +3,7 @@ every pool, caller-owned deadlines and fail-fast errgroups for Celery tasks."""
 
 from __future__ import annotations
 
+from .adaptive import Adaptive
 from .context import TaskContext, current_context
 from .envelope import Envelope, ErrorInfo, TaskError
 from .errgroup import Errgroup, ErrgroupResult, errgroup
@@ -12,8 +13,10 @@ from .errors import (
     ConfigurationError,
     DeadlineExceeded,
     KeyFunctionError,
+    Overloaded,
     Rejected,
     ResultTooLarge,
+    SlowDown,
     ThrottleError,
     Unserializable,
 )
@@ -23,6 +26,7 @@ from .status import KeyStatus, UnknownKey, inspect, reset_cap, set_cap, set_rate
 from .task import ThrottledTask, throttled_task
 
 __all__ = [
+    "Adaptive",
     "Backpressure",
     "Cancelled",
     "ConfigurationError",
@@ -34,9 +38,11 @@ __all__ = [
     "ErrorInfo",
     "KeyFunctionError",
     "KeyStatus",
+    "Overloaded",
     "Rejected",
     "ResultTooLarge",
     "RetryPolicy",
+    "SlowDown",
     "TaskContext",
     "TaskError",
     "ThrottleError",

@@ -4,9 +4,11 @@ Declared on the task (``@throttled_task(rate=…, burst=…, total=…, family=�
 max_pending=…)``), validated once at decoration, and carried to the lease scripts as a *spec*:
 the cap argument of every script, extended with one token per rule::
 
-    "<cap>[ r=<interval ms>/<burst>][ t=<total>][ w=<weight>][ p=<pending ms>][ n=<rank>][ f]"
+    "<cap>[ r=<interval ms>/<burst>][ t=<total>][ w=<weight>][ p=<pending horizon ms>]
+          [ a=<min>/<max>/<initial>][ n=<rank>][ f]"
 
-A plain ``"5"`` is a cap alone, as before. ``lua/admission.lua`` reads the spec; the cap, the
+(``a=``: an adaptive cap, :mod:`.adaptive`; the cap is then its ``initial``.) A plain ``"5"``
+is a cap alone, as before. ``lua/admission.lua`` reads the spec; the cap, the
 rate and the token are decided in the same script that grants the slot.
 
 The rate is a GCRA (generic cell rate algorithm): one timestamp per key, the *theoretical
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .adaptive import Adaptive
 from .errors import ConfigurationError, KeyFunctionError
 
 __all__ = [
@@ -105,6 +108,8 @@ class Admission:
     #: seconds a worker's vouching keeps a pending task counted (``throttle_pending_ttl``):
     #: set by the worker that files the task, not by the decorator
     pending_horizon: float | None = None
+    #: an adaptive cap (``limit=Adaptive(...)``)
+    adaptive: Adaptive | None = None
 
     def on_worker(self, pending_ttl: float) -> Admission:
         """These rules as a worker applies them, with its pending horizon."""
@@ -151,6 +156,7 @@ class Admission:
         family: Any = None,
         weight: Any = None,
         max_pending: Any = None,
+        adaptive: Adaptive | None = None,
     ) -> Admission | None:
         """Validate the decorator's options; None when the task declares none of them."""
         parsed = None
@@ -197,10 +203,10 @@ class Admission:
             raise ConfigurationError(
                 f"task {task!r}: max_pending must be a positive int, got {max_pending!r}"
             )
-        if parsed is None and total is None and max_pending is None:
+        if parsed is None and total is None and max_pending is None and adaptive is None:
             return None
         in_family = (family or task) if total is not None else None
-        return cls(parsed, in_family, total, weight, max_pending)
+        return cls(parsed, in_family, total, weight, max_pending, adaptive=adaptive)
 
 
 def spec(
@@ -221,6 +227,8 @@ def spec(
             parts.append(f"w={admission.weight}")
         if admission.max_pending is not None and admission.pending_horizon:
             parts.append(f"p={int(admission.pending_horizon * 1000)}")
+        if admission.adaptive is not None:
+            parts.append(f"a={admission.adaptive.encode()}")
     if rank:
         parts.append(f"n={rank}")
     if in_family:

@@ -114,6 +114,8 @@ def render(statuses: list[KeyStatus]) -> str:
                 f"  {label}: family {s.family}, {s.family_running} running of its total "
                 f"{_num(s.total)}"
             )
+        if s.adaptive_cap is not None:
+            lines.append(f"  {label}: {_adaptive(s)}")
         for worker, n in sorted(s.waiting_by_worker.items()):
             lines.append(f"  {label}: {n} waiting on {worker}")
         for h in s.holders:
@@ -143,6 +145,31 @@ def _rate(s: KeyStatus) -> str:
     return f"{s.rate}{star} ({s.rate_used} last s)"
 
 
+def _adaptive(s: KeyStatus) -> str:
+    """ "adaptive 1..64 at 3.74, moved 0.7s ago: overloaded at 5 running": its bounds, the value
+    behind the cap, why and when it last moved, a pin and a pause."""
+    text = f"adaptive {s.adaptive_min}..{s.adaptive_max} at {s.adaptive_cap:g}"
+    if s.cap_source == "override":
+        text += f" (pinned at {s.override} until reset)"
+    if s.adaptive_why:
+        text += f", moved {s.adaptive_moved or 0:.1f}s ago: {s.adaptive_why}"
+    if s.paused:
+        text += f"; admissions paused {s.paused:.1f}s more (slow down)"
+    return text
+
+
+def _cap(s: KeyStatus) -> str:
+    """ "cap 3 (adaptive 1..64)", "cap 2 (override; declared 5)", "cap 5 (decorator)"."""
+    if s.cap_source == "override":
+        behind = f"adaptive {s.adaptive_cap:g}" if s.adaptive_cap is not None else "declared"
+        if s.adaptive_cap is None:
+            behind += f" {_num(s.declared)}"
+        return f"cap {_num(s.cap)} (override; {behind})"
+    if s.cap_source == "adaptive":
+        return f"cap {_num(s.cap)} (adaptive {s.adaptive_min}..{s.adaptive_max})"
+    return f"cap {_num(s.cap)} (decorator)"
+
+
 def _pending(s: KeyStatus) -> str:
     return "-" if s.max_pending is None else f"{s.pending}/{s.max_pending}"
 
@@ -161,13 +188,8 @@ def set_command(ctx: click.Context, key: str, cap: int | None, rate: str | None)
     if rate is not None:
         s = set_rate(_app(ctx), key, rate)
     assert s is not None
-    cap_text = (
-        f"cap {_num(s.cap)} (override; declared {_num(s.declared)})"
-        if s.cap_source == "override"
-        else f"cap {_num(s.cap)} (decorator)"
-    )
     rate_text = f", rate {_rate(s)}" if s.rate is not None else ""
-    click.echo(f"{key}: {cap_text}{rate_text}, {s.running} running, {s.waiting} waiting")
+    click.echo(f"{key}: {_cap(s)}{rate_text}, {s.running} running, {s.waiting} waiting")
 
 
 @throttle.command()
@@ -178,9 +200,7 @@ def reset(ctx: click.Context, key: str) -> None:
     """Back to the cap (and rate) KEY's tasks declare."""
     s = reset_cap(_app(ctx), key)
     rate_text = f", rate {_rate(s)}" if s.rate is not None else ""
-    click.echo(
-        f"{key}: cap {_num(s.cap)} (decorator){rate_text}, {s.running} running, {s.waiting} waiting"
-    )
+    click.echo(f"{key}: {_cap(s)}{rate_text}, {s.running} running, {s.waiting} waiting")
 
 
 @throttle.command()
@@ -242,6 +262,8 @@ def frame(statuses: list[KeyStatus]) -> Any:
         bar = Text("█" * used, style="green") + Text("▒" * queued, style="yellow")
         bar += Text("·" * (width - used - queued), style="dim")
         cap_text = f"{_num(s.cap)}{'*' if s.cap_source == 'override' else ''}"
+        if s.adaptive_cap is not None:
+            cap_text += f" ~{s.adaptive_min}..{s.adaptive_max}"
         table.add_row(
             _label(s),
             cap_text,
@@ -257,7 +279,10 @@ def frame(statuses: list[KeyStatus]) -> Any:
         )
     if not statuses:
         table.add_row("no throttled key is in use", *[""] * 10)
-    table.caption = "* a live override (celery throttle set); reset with celery throttle reset"
+    table.caption = (
+        "* a live override (celery throttle set); reset with celery throttle reset; "
+        "~min..max: an adaptive cap and its bounds (status says why it last moved)"
+    )
     return table
 
 

@@ -8,8 +8,10 @@ __all__ = [
     "ConfigurationError",
     "DeadlineExceeded",
     "KeyFunctionError",
+    "Overloaded",
     "Rejected",
     "ResultTooLarge",
+    "SlowDown",
     "TaskFailed",
     "ThrottleError",
     "Unserializable",
@@ -83,3 +85,32 @@ class Backpressure(ThrottleError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (Backpressure, (self.task, self.key, self.pending, self.max_pending))
+
+
+class Overloaded(ThrottleError):
+    """Raised by a task whose downstream said it is overloaded (a 503, a 429, a full queue).
+
+    On a task with an adaptive cap (``limit=Adaptive(...)``) it cuts the key's cap; anywhere it
+    is an ordinary failure: an envelope of kind ``error``, retried by a ``RetryPolicy`` that
+    lists it.
+    """
+
+
+class SlowDown(Overloaded):
+    """An :class:`Overloaded` that also says for how long to stop: ``retry_after`` seconds (an
+    HTTP ``Retry-After``). An adaptive key admits nothing new for that long."""
+
+    def __init__(self, message: str = "", *, retry_after: float) -> None:
+        if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)):
+            raise TypeError(
+                f"SlowDown: retry_after must be a number of seconds, got {retry_after!r}"
+            )
+        self.retry_after = max(0.0, float(retry_after))
+        super().__init__(message or f"slow down: retry after {self.retry_after:g}s")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_slow_down, (str(self), self.retry_after))
+
+
+def _slow_down(message: str, retry_after: float) -> SlowDown:
+    return SlowDown(message, retry_after=retry_after)

@@ -17,7 +17,11 @@ rate's theoretical arrival time (``tat``, ms), the starts in the last two second
 who was told to wake when the next token is due (``wake``), ``max_pending`` and, in a family,
 ``served`` (the family's turn when it was last served), ``counted`` (its holders as last
 counted into the family's running total), ``weight`` (turns in a row, when above 1) and
-``streak`` (turns taken in a row so far).
+``streak`` (turns taken in a row so far). An adaptive key's meta keeps its cap (``acap``, a
+float: the cap is its floor), bounds (``abounds``, ``amin``, ``amax``), slow start's end
+(``athresh``), the last ceiling and cut (``aceil``, ``acut``), its latencies (``ashort``,
+``abase``), a pause (``apause``, ms), why and when it last moved (``awhy``, ``amoved``) and its
+cuts (``acuts``): ``lua/adapt.lua`` keeps them.
 
 The keys of a task with ``total`` form one family (the task's name, or ``family=``) and share
 the family's hash tag instead of their own, so one script can hand a freed slot to any key of

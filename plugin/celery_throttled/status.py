@@ -47,7 +47,7 @@ class Holder:
 class KeyStatus:
     key: str
     cap: int | None
-    cap_source: str  # "decorator" or "override"
+    cap_source: str  # "decorator", "adaptive" or "override" (a pin)
     declared: int | None
     override: int | None
     running: int
@@ -72,6 +72,15 @@ class KeyStatus:
     #: tasks submitted and not yet finished (``max_pending``), and the bound
     pending: int | None = None
     max_pending: int | None = None
+    #: an adaptive cap (``limit=Adaptive(...)``): its bounds, its value (a float: the cap is its
+    #: floor, or the pin), why it last moved and how long ago (s), and how long admissions stay
+    #: paused by a SlowDown (s)
+    adaptive_min: int | None = None
+    adaptive_max: int | None = None
+    adaptive_cap: float | None = None
+    adaptive_why: str | None = None
+    adaptive_moved: float | None = None
+    paused: float | None = None
 
     @property
     def pressure(self) -> float:
@@ -138,6 +147,7 @@ def _inspect(client: redis.Redis, settings: Settings, keys: list[str] | None) ->
         meta, holders, waiters, waits, shared, pending = replies[6 * i : 6 * i + 6]
         status = _status(key, meta, holders, waiters, waits, now_ms, ttl_ms)
         _admission(status, key, meta, shared, int(pending), now_ms)
+        _adaptive(status, meta, now_ms)
         statuses.append(status)
     return sorted(statuses, key=lambda s: (-s.pressure, s.family or "", s.key))
 
@@ -167,6 +177,21 @@ def _admission(
     if meta.get("max_pending"):
         status.max_pending = int(meta["max_pending"])
         status.pending = pending
+
+
+def _adaptive(status: KeyStatus, meta: dict[str, str], now_ms: int) -> None:
+    """The adaptive part of a key's status (its cap moves between bounds)."""
+    if not meta.get("acap"):
+        return
+    status.adaptive_min, status.adaptive_max = int(meta["amin"]), int(meta["amax"])
+    status.adaptive_cap = round(float(meta["acap"]), 3)
+    status.adaptive_why = meta.get("awhy")
+    if meta.get("amoved"):
+        status.adaptive_moved = round(max(0, now_ms - int(meta["amoved"])) / 1000, 3)
+    if int(meta.get("apause") or 0) > now_ms:
+        status.paused = round((int(meta["apause"]) - now_ms) / 1000, 3)
+    if status.override is None:
+        status.cap, status.cap_source = int(float(meta["acap"])), "adaptive"
 
 
 def _status(
@@ -216,7 +241,10 @@ _KEEP = "="
 
 
 def set_cap(app: Any, key: str, cap: int | None) -> KeyStatus:
-    """Override ``key``'s cap across the cluster (``None``: back to the decorator's cap)."""
+    """Override ``key``'s cap across the cluster (``None``: back to the decorator's cap).
+
+    On an adaptive key the override pins the cap: it wins until :func:`reset_cap`, and the
+    adaptive cap stays where it was meanwhile."""
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         raise ConfigurationError(f"key {key!r}: a cap must be a positive integer, got {cap!r}")
     return _override(app, key, "" if cap is None else str(cap), _KEEP)

@@ -11,6 +11,7 @@ from celery.utils import uuid
 
 from . import deadlines
 from . import request as protocol
+from .adaptive import Adaptive
 from .admission import UNCAPPED, Admission, validate_priority
 from .backpressure import admit
 from .context import current_context
@@ -26,7 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 KeySpec = str | Callable[..., str] | None
 
 _MAX_KEY_LENGTH = 1024
-_static_keys: dict[str, tuple[int, str]] = {}
+_static_keys: dict[str, tuple[int | Adaptive, str]] = {}
 _families: dict[str, tuple[int, str]] = {}
 _static_keys_lock = threading.Lock()
 
@@ -167,7 +168,7 @@ def throttled_task(fun: F, /) -> Any: ...
 
 @overload
 def throttled_task(
-    *, limit: int | None = ..., key: KeySpec = ..., **options: Any
+    *, limit: int | Adaptive | None = ..., key: KeySpec = ..., **options: Any
 ) -> Callable[[F], Any]: ...
 
 
@@ -175,7 +176,7 @@ def throttled_task(
     fun: Callable[..., Any] | None = None,
     /,
     *,
-    limit: int | None = None,
+    limit: int | Adaptive | None = None,
     key: KeySpec = None,
     soft_timeout: float | None = None,
     hard_timeout: float | None = None,
@@ -193,7 +194,9 @@ def throttled_task(
 ) -> Any:
     """Like ``@shared_task``, with a cluster-wide cap on concurrent runs.
 
-    ``limit``: at most this many runs per key at once across every worker (``None``: no cap).
+    ``limit``: at most this many runs per key at once across every worker (``None``: no cap),
+    or ``Adaptive(initial=…, min=…, max=…)``: a cap that moves with what the downstream says
+    (:mod:`celery_throttled.adaptive`).
     ``key``: a string shared by every task type that should share the cap, or a callable
     ``key(*args, **kwargs) -> str`` for one cap per value; default: the task's name.
     ``soft_timeout`` / ``hard_timeout``: seconds, honoured on every pool (Celery's
@@ -206,17 +209,21 @@ def throttled_task(
 
     def create(f: Callable[..., Any]) -> Any:
         name = options.get("name") or f"{f.__module__}.{f.__qualname__}"
-        _validate(name, limit, key)
+        adaptive = limit.checked(name) if isinstance(limit, Adaptive) else None
+        cap = adaptive.initial if adaptive is not None else limit
+        assert not isinstance(cap, Adaptive)
+        _validate(name, cap, key, adaptive or cap)
         validate_wait(name, max_wait, on_full, fallback)
         admission = Admission.declare(
             name,
-            limit,
+            cap,
             rate=rate,
             burst=burst,
             total=total,
             family=family,
             weight=weight,
             max_pending=max_pending,
+            adaptive=adaptive,
         )
         _validate_family(name, admission)
         if retry is not None:
@@ -245,7 +252,7 @@ def throttled_task(
         stored = staticmethod(key) if callable(key) else key
         return shared_task(
             base=base,
-            throttle_limit=limit,
+            throttle_limit=cap,
             throttle_key=stored,
             throttle_max_wait=max_wait,
             throttle_on_full=on_full,
@@ -264,10 +271,13 @@ def throttled_task(
     return create
 
 
-def _validate(name: str, limit: Any, key: Any) -> None:
+def _validate(name: str, limit: Any, key: Any, declared: Any = None) -> None:
+    """``limit`` (an int) and ``key``; ``declared`` (the int, or the Adaptive) must be the same
+    for every task sharing a static key."""
+    declared = limit if declared is None else declared
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigurationError(
-            f"task {name!r}: limit must be a positive int or None, got {limit!r}"
+            f"task {name!r}: limit must be a positive int, an Adaptive(...) or None, got {limit!r}"
         )
     if key is None or callable(key):
         return
@@ -279,11 +289,11 @@ def _validate(name: str, limit: Any, key: Any) -> None:
     if limit is None:
         return
     with _static_keys_lock:
-        known = _static_keys.setdefault(key, (limit, name))
-    if known[0] != limit and known[1] != name:
+        known = _static_keys.setdefault(key, (declared, name))
+    if known[0] != declared and known[1] != name:
         raise ConfigurationError(
             f"task {name!r}: key {key!r} is already capped at {known[0]} by task "
-            f"{known[1]!r}; tasks sharing a key must declare the same limit, got {limit!r}"
+            f"{known[1]!r}; tasks sharing a key must declare the same limit, got {declared}"
         )
 
 

@@ -517,5 +517,6 @@ def quiet(label: str) -> str:
     return label
 
 
-# the flow-control tasks (rates, families, priorities, max_pending): their own module
-from . import flow_app  # noqa: E402, F401
+# the flow-control tasks (rates, families, priorities, max_pending), and the adaptive-cap tasks
+# with their fragile downstream: their own modules
+from . import adaptive_app, flow_app  # noqa: E402, F401

@@ -3,7 +3,7 @@
 -- KEYS[1] - holders ZSET (member holder, score lease expiry ms)
 -- KEYS[2] - waiters ZSET (member holder, score ticket)
 -- KEYS[3] - waiter expiry ZSET (member holder, score expiry ms)
--- KEYS[4] - meta HASH (cap, override, seq)
+-- KEYS[4] - meta HASH (cap, override, seq, an adaptive cap's acap and apause)
 -- ARGV[1] - key name (as the application spells it)
 -- ARGV[2] - holder ("<worker> <task id>")
 -- ARGV[3] - spec: the declared cap (a positive integer) and the rest of the key's admission
@@ -35,7 +35,7 @@ end
 -- (reaping only when the oldest lease has expired), without passing through the waiting line.
 local reaped = {}
 if redis.call('ZCARD', KEYS[2]) == 0 and flow_idle(spec) then
-  local cap = tonumber(meta[2] or spec.cap)
+  local cap = effective_cap(spec.cap)
   local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
   if oldest[2] and tonumber(oldest[2]) <= now then
     reaped = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)

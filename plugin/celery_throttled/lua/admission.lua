@@ -7,7 +7,8 @@
 --                   family
 --   KEYS[#KEYS]   - the family's turns ZSET (member key with waiters, score = its last turn)
 -- The cap argument of every lease script is a spec (celery_throttled/admission.py):
---   "<cap>[ r=<interval ms>/<burst>][ t=<total>][ w=<weight>][ p=<pending ms>][ n=<rank>][ f]"
+--   "<cap>[ r=<interval ms>/<burst>][ t=<total>][ w=<weight>][ p=<pending horizon ms>]
+--    [ a=<min>/<max>/<initial>][ n=<rank>][ f]"
 --
 -- Rate: GCRA on the key's meta field "tat" (the theoretical arrival time). A start conforms
 -- when now >= tat - (burst - 1) * interval, and moves tat one interval on; a start that comes
@@ -17,6 +18,9 @@
 -- served least recently (its "served" turn), each key within its own cap and rate, all of them
 -- within the family's total. A key of weight w (meta "weight", default 1) takes w turns in a row
 -- ("streak" counts them) before it goes to the back.
+-- Adaptive (a=): the key's cap is its meta field "acap" (a float; the cap is its floor), moved
+-- by adapt.lua; "apause" (ms) holds every admission until then (a SlowDown's Retry-After), and
+-- the first waiter is woken when it ends, like one blocked by a rate.
 
 local PENDING, FAMILY, TURNS = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
 local UNCAPPED = 1000000000
@@ -36,6 +40,7 @@ local function flow_spec(arg)
       elseif name == 'w' then spec.weight = value
       elseif name == 'p' then spec.pending = tonumber(value)
       elseif name == 'n' then spec.rank = tonumber(value)
+      elseif name == 'a' then spec.adaptive = value
       end
     end
   end
@@ -48,9 +53,37 @@ local function field(hash, name)
   return nil
 end
 
+local ADAPTIVE_FIELDS = {'abounds', 'amin', 'amax', 'acap', 'athresh', 'aceil', 'acut',
+  'ashort', 'abase', 'apause', 'awhy', 'amoved', 'acuts'}
+
+-- An adaptive cap declared (bounds "min/max/initial"): a fresh key starts its slow start at
+-- ceil(initial / 8) within the bounds; new bounds keep the cap, clamped into them. Declared
+-- without one, the key's adaptive state goes.
+local function flow_adaptive(spec, meta)
+  local a = redis.call('HMGET', meta, 'abounds', 'acap')
+  if not spec.adaptive then
+    if a[1] then redis.call('HDEL', meta, unpack(ADAPTIVE_FIELDS)) end
+    return
+  end
+  if a[1] == spec.adaptive then return end
+  local lo, hi, init = string.match(spec.adaptive, '^(%d+)/(%d+)/(%d+)$')
+  lo, hi, init = tonumber(lo), tonumber(hi), tonumber(init)
+  local cap, why = tonumber(a[2]), 'bounds changed'
+  if not cap then
+    cap, why = math.ceil(init / 8), 'slow start toward ' .. init
+    redis.call('HSET', meta, 'athresh', init)
+  end
+  cap = math.max(lo, math.min(hi, cap))
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('HSET', meta, 'abounds', spec.adaptive, 'amin', lo, 'amax', hi, 'acap', cap,
+    'awhy', why, 'amoved', now)
+end
+
 -- What the task declares, kept where every worker's scripts read it.
 local function flow_declare(spec, meta)
   if spec.cap <= 0 then return end
+  flow_adaptive(spec, meta)
   if field(meta, 'rate') ~= spec.rate then
     if spec.rate then redis.call('HSET', meta, 'rate', spec.rate)
     else redis.call('HDEL', meta, 'rate') end
@@ -102,10 +135,24 @@ local function flow_take(meta, now)
   redis.call('HSET', meta, 'tat', tat + interval, 'use', second .. ' ' .. n .. ' ' .. before)
 end
 
--- The cap of a key, read from its meta (the script's own key reads it through effective_cap).
+-- The cap of a key, read from its meta: the pin (override), else the adaptive cap, else the
+-- declared one; fallback when it has none of them.
+local function flow_cap_of(meta, fallback)
+  local c = redis.call('HMGET', meta, 'override', 'acap', 'cap')
+  if c[1] then return tonumber(c[1]) end
+  if c[2] then return math.floor(tonumber(c[2])) end
+  return tonumber(c[3]) or fallback
+end
+
 local function flow_cap(meta)
-  local c = redis.call('HMGET', meta, 'override', 'cap')
-  return tonumber(c[1] or c[2]) or UNCAPPED
+  return flow_cap_of(meta, UNCAPPED)
+end
+
+-- Until when (ms) a SlowDown pauses the key's admissions; nil when it does not now.
+local function flow_paused(meta, now)
+  local until_ms = tonumber(field(meta, 'apause'))
+  if until_ms and now < until_ms then return until_ms end
+  return nil
 end
 
 -- Keeps the family's running total in step with this key's holders.
@@ -147,6 +194,7 @@ end
 -- The family's total and the key's rate let one more start now; takes the token (and the
 -- family's turn) if so.
 local function flow_admit(spec, meta, now)
+  if flow_paused(meta, now) then return false end
   if spec.family then
     local total, running = flow_total()
     if running >= total then return false end
@@ -175,6 +223,11 @@ end
 -- and when the next token is due if the rate stopped them.
 local function flow_next(n, now)
   if n <= 0 then return {}, nil end
+  local paused = flow_paused(KEYS[4], now)
+  if paused then
+    if redis.call('ZCARD', KEYS[2]) > 0 then return {}, paused end
+    return {}, nil
+  end
   local interval, burst = flow_rate(KEYS[4])
   if not interval then return redis.call('ZRANGE', KEYS[2], 0, n - 1), nil end
   local lucky = {}
@@ -221,6 +274,8 @@ local function flow_fair(spec, key_name, now, ttl, channel_prefix, caller, mine)
         redis.call('ZREM', TURNS, k)
       elseif redis.call('ZCARD', h) < flow_cap(m) then
         local due = flow_due(m)
+        local paused = flow_paused(m, now)
+        if paused and (not due or paused > due) then due = paused end
         if due and now < due then
           if not wake or due < wake then wake = due end
         else

@@ -6,14 +6,16 @@
 -- worker's own waiters is returned to it; any other is published on the waiter's worker
 -- channel (channel_prefix .. worker) as the JSON array [key_name, holder].
 -- cap_arg is the key's spec (admission.lua): its cap, and its rate, family, pending horizon.
--- The effective cap is meta.override, else meta.cap, else the spec's cap. A grant also needs a
+-- The effective cap is meta.override, else the adaptive meta.acap, else meta.cap, else the
+-- spec's cap (admission.lua's flow_cap_of). A grant also needs a
 -- token of the key's rate, and in a family a place within its total (admission.lua decides
 -- which key of the family goes next).
 -- Returns now (ms), the effective cap, the number of holders after granting, the list
 -- of holders granted to the caller's worker, the holders whose lease expired (their
 -- worker died or stalled): the caller reports those tasks as lost, exactly once; and
 -- wake_at: when the oldest waiter is blocked only by time (its rate's next token), the
--- Redis time (ms) at which the caller's worker should run grant() again, or 0.
+-- Redis time (ms) at which the caller's worker should run grant() again, or 0 (a rate's next
+-- token, or the end of an adaptive key's pause).
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -21,11 +23,7 @@ local function now_ms()
 end
 
 local function effective_cap(cap_arg)
-  local override = redis.call('HGET', KEYS[4], 'override')
-  if override then return tonumber(override) end
-  local declared = redis.call('HGET', KEYS[4], 'cap')
-  if declared then return tonumber(declared) end
-  return tonumber(cap_arg)
+  return flow_cap_of(KEYS[4], tonumber(cap_arg))
 end
 
 local function remove_all(zset, members)

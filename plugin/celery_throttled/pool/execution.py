@@ -5,7 +5,7 @@
 1. ask the :data:`guards` whether it may run (an errgroup member whose group was cancelled may
    not), then enter the task's :class:`~.context.TaskContext` (deadline, cancellation);
 2. on pools without Celery's own time limits (threads, solo) arm the watchdog;
-3. run the task;
+3. run the task, and tell its adaptive cap how it went (:mod:`.feedback`);
 4. check that the value is encodable by the result serializer and under
    ``throttle_max_result_bytes``;
 5. turn *every* exception into :class:`~.errors.TaskFailed` carrying an
@@ -37,6 +37,7 @@ from .. import request as protocol
 from ..envelope import ErrorInfo, kind_of, utc_from_timestamp
 from ..errors import Cancelled, ResultTooLarge, TaskFailed, Unserializable
 from ..settings import read_max_result_bytes
+from . import feedback
 from .backend import details_of
 from .timeouts import watchdog
 
@@ -84,11 +85,13 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
         finally:
             if timer is not None:
                 timer.cancel()
-    except _PASS_THROUGH:
+    except _PASS_THROUGH as exc:
         _finish(details, started)
+        feedback.report(task, request, exc, time.time() - started)
         raise
     except BaseException as exc:  # every panic becomes an envelope
         _finish(details, started)
+        feedback.report(task, request, exc, time.time() - started)
         if isinstance(exc, SystemExit) and terminate_handler_fired():
             raise  # the pool is terminating this process (hard time limit, revoke): let it go
         if timer is not None and timer.hard_fired:
@@ -101,6 +104,7 @@ def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     finally:
         context.leave(token)
     _finish(details, started)
+    feedback.report(task, request, None, time.time() - started)
     if timer is not None and timer.hard_fired:
         raise Ignore()
     return value

@@ -95,7 +95,7 @@ class Gate:
         self._sweeper: Any = None
         self.metrics: Metrics | None = None
         if settings.metrics_port is not None:
-            self.metrics = Metrics(self.lines.counts, self.lines.rates)
+            self.metrics = Metrics(self.lines.counts, self.lines.rates, client, settings.key_prefix)
             self.metrics.serve(settings.metrics_port, settings.metrics_addr)
         self._dispatch: Callable[[Any], Any] = consumer.on_task_request
         consumer.on_task_request = self.route
