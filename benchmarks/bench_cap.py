@@ -58,7 +58,7 @@ from celery.backends.base import KeyValueStoreBackend
 import celery_throttled
 from celery_throttled.keys import Family
 from celery_throttled.testing.redis import RedisServer
-from celery_throttled.testing.workers import wait_answering, wait_until
+from celery_throttled.testing.workers import stop_workers, wait_answering, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "benchmarks.bench_app"
@@ -224,14 +224,7 @@ class Worker:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (warm shutdown), SIGKILL to the whole group after ``timeout``."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_workers([self.proc], timeout)
         with contextlib.suppress(ProcessLookupError):  # no pool child may outlive its worker
             os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode

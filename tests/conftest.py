@@ -102,16 +102,9 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
-        return
-    server = RedisServer(dir=tmp_path_factory.mktemp("redis")).start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+def redis_url(throttle_redis_url: str) -> str:
+    """The pytest plugin's session Redis (``REDIS_URL``, else a private redis-server)."""
+    return throttle_redis_url
 
 
 @pytest.fixture
@@ -180,12 +173,8 @@ class Worker:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """Warm shutdown (SIGTERM); the whole process group is killed after ``timeout``."""
+        stop_workers([self.proc], timeout)
         return int(self.proc.returncode)
 
     def kill(self) -> None:

@@ -137,12 +137,7 @@ class ThrottleWorker:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """Warm shutdown (SIGTERM); the whole process group is killed after ``timeout``."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_workers([self.proc], timeout)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # no pool child may outlive its worker
         return self.proc.returncode
