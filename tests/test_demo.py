@@ -19,7 +19,9 @@ import pytest
 
 from .conftest import ROOT, needs, wait_until
 
-pytestmark = pytest.mark.timeout(400)
+# one demo for the module's tests, the last of which stops it: under pytest-xdist they all run,
+# in order, in one process
+pytestmark = [pytest.mark.timeout(400), pytest.mark.xdist_group("demo")]
 
 
 @dataclass
