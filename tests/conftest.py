@@ -271,6 +271,28 @@ LONGEST_FIRST = (
 )
 
 
+#: Modules whose tests run in one pytest-xdist process, in order: the demo's share one demo run
+#: (a module fixture) and the last of them stops it.
+ONE_PROCESS = ("tests/test_demo.py",)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` with the modules of :data:`ONE_PROCESS` as groups. (pytest-xdist
+    3.8 groups tests by renaming them, which pytest 9.2 ignores: its ``xdist_group`` marker has
+    no effect there, so the groups are named here.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class Scheduler(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_PROCESS else str(super()._split_scope(nodeid))
+
+    return Scheduler(config, log)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist, the tests of :data:`LONGEST_FIRST` first (each process collects the
     same order); a serial run keeps the files' order."""

@@ -19,9 +19,7 @@ import pytest
 
 from .conftest import ROOT, needs, wait_until
 
-# one demo for the module's tests, the last of which stops it: under pytest-xdist they all run,
-# in order, in one process
-pytestmark = [pytest.mark.timeout(400), pytest.mark.xdist_group("demo")]
+pytestmark = pytest.mark.timeout(400)
 
 
 @dataclass
