@@ -280,7 +280,7 @@ ONE_PROCESS = ("tests/test_demo.py",)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadgroup`` with the modules of :data:`ONE_PROCESS` as groups. (pytest-xdist
     3.8 groups tests by renaming them, which pytest 9.2 ignores: its ``xdist_group`` marker has
-    no effect there, so the groups are named here.)"""
+    no effect there, pytest-xdist issue 1386; so the groups are named here.)"""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadGroupScheduling
