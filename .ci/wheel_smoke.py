@@ -16,17 +16,17 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import redis
+
+from celery_throttled.testing.redis import RedisServer
+from celery_throttled.testing.workers import wait_answering, wait_until
 
 APP = """
 import os
@@ -69,23 +69,6 @@ def check(condition: object, message: str) -> None:
     if not condition:
         raise SystemExit(f"wheel smoke test FAILED: {message}")
     print(f"ok: {message}")
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise SystemExit(f"wheel smoke test FAILED: timed out after {timeout}s: {what}")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -155,12 +138,7 @@ def run_app(workdir: Path, redis_url: str, bin_dir: Path) -> None:
         os.environ["SMOKE_REDIS_URL"] = redis_url
         from smoke_app import app  # type: ignore[import-not-found]
 
-        def answered() -> bool:
-            if worker.poll() is not None:
-                raise SystemExit(f"wheel smoke test FAILED: the worker exited:\n{log.read_text()}")
-            return bool(app.control.ping(destination=["smoke@localhost"], timeout=0.5))
-
-        wait_until(answered, 60, "the worker to answer ping")
+        wait_answering(app, "smoke@localhost", worker, log, 60)
         check(True, "a celery worker of the installed package answers")
         results = [app.tasks["smoke.capped"].delay(0.3) for _ in range(6)]
         envelopes = [r.get(timeout=60) for r in results]
@@ -192,11 +170,14 @@ def run_app(workdir: Path, redis_url: str, bin_dir: Path) -> None:
             row: dict[str, Any] = rows.get("smoke.capped", {})
             return row if row.get("done") == 6 else None
 
-        row = wait_until(status, 30, "celery throttle status to count six runs done")
+        row = wait_until(status, 30, what="celery throttle status to count six runs done")
         check(
             row["cap"] == 2 and row["running"] == 0 and row["waiting"] == 0,
             f"celery throttle status --json reports the key: {row}",
         )
+    except AssertionError as timed_out:  # wait_answering, wait_until
+        print(f"----- worker log -----\n{log.read_text(errors='replace')[-5000:]}")
+        raise SystemExit(f"wheel smoke test FAILED: {timed_out}") from None
     except SystemExit:
         print(f"----- worker log -----\n{log.read_text(errors='replace')[-5000:]}")
         raise
@@ -212,37 +193,15 @@ def main() -> None:
     checkout = args.checkout.resolve()
     check(not Path.cwd().resolve().is_relative_to(checkout), f"running outside {checkout}")
     check_installed(checkout)
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            args.redis_server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    client = redis.Redis(port=port)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
     try:
-        wait_until(up, 10, f"redis-server on port {port}")
+        server = RedisServer(binary=args.redis_server).start()
+    except RuntimeError as failed:
+        raise SystemExit(f"wheel smoke test FAILED: {failed}") from None
+    try:
         with tempfile.TemporaryDirectory(prefix="celery-throttled-smoke-") as workdir:
-            run_app(Path(workdir), f"redis://127.0.0.1:{port}/0", Path(sys.executable).parent)
+            run_app(Path(workdir), server.url, Path(sys.executable).parent)
     finally:
-        stop(server)
+        server.stop()
     print("wheel smoke test passed")
 
 

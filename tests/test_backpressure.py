@@ -147,7 +147,9 @@ def test_killed_workers_and_a_purged_queue_never_make_the_count_drift(
     highest = sampler.stop()
     print(f"\nhighest pending seen: {highest}")
     assert highest <= 6
-    again = [task.delay(f"c{i}", 0.0) for i in range(6)]
+    # they run as long as the first batch: a worker that finished some before the seventh is
+    # submitted would make room (on a loaded machine the six submissions alone can take that long)
+    again = [task.delay(f"c{i}", 2.0) for i in range(6)]
     with pytest.raises(Backpressure):
         task.delay("full at last")
     for result in again:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ThrottleWorker", "WorkerFactory", "wait_until"]
+__all__ = ["ThrottleWorker", "WorkerFactory", "stop_workers", "wait_answering", "wait_until"]
 
 POOLS = ("prefork", "threads", "solo", "eventlet", "gevent")
 
@@ -43,6 +43,56 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_answering(
+    client: Any,
+    name: str,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    timeout: float = 60.0,
+) -> None:
+    """Return once the worker ``name`` answers a ping from ``client``; fail if it exits first.
+
+    A worker logging at INFO says ``<name> ready.`` once its event loop runs, its remote
+    control consumer already set up: from then on a ping is sent at once, its reply awaited up
+    to 2 s. Before that (or at a quieter log level) a ping goes out every half second. So a
+    worker is found ready within ~20 ms of saying so, not at the next ping.
+    """
+    line = f"{name} ready.".encode()
+    said = False
+    last_ping = float("-inf")
+
+    def answered() -> bool:
+        nonlocal said, last_ping
+        if proc.poll() is not None:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            raise AssertionError(f"worker {name} exited:\n{text[-5000:]}")
+        said = said or (log.exists() and line in log.read_bytes())
+        now = time.monotonic()
+        if not said and now - last_ping < 0.5:
+            return False
+        last_ping = now
+        replies = client.control.ping(destination=[name], timeout=2.0 if said else 0.5)
+        return any(name in reply for reply in replies)
+
+    wait_until(answered, timeout, interval=0.02, what=f"worker {name} to answer ping")
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
+    """Warm shutdown of every worker at once (SIGTERM to each, then one shared wait); a worker
+    still running after ``timeout`` has its whole process group killed."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def settings_of(app: Any) -> dict[str, Any]:
@@ -87,12 +137,7 @@ class ThrottleWorker:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """Warm shutdown (SIGTERM); the whole process group is killed after ``timeout``."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_workers([self.proc], timeout)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # no pool child may outlive its worker
         return self.proc.returncode
@@ -181,14 +226,7 @@ class WorkerFactory:
             )
         worker = ThrottleWorker(name, pool, concurrency, log, proc)
         self.started.append(worker)
-
-        def answered() -> bool:
-            if not worker.alive():
-                raise AssertionError(f"worker {name} exited:\n{worker.output()[-5000:]}")
-            replies = client.control.ping(destination=[name], timeout=0.5)
-            return any(name in reply for reply in replies)
-
-        wait_until(answered, ready_timeout, interval=0.1, what=f"worker {name} to answer ping")
+        wait_answering(client, name, proc, log, ready_timeout)
         return worker
 
     def overrides(self) -> dict[str, Any]:
@@ -229,8 +267,9 @@ class WorkerFactory:
         return client
 
     def stop_all(self) -> None:
+        stop_workers([worker.proc for worker in self.started])
         for worker in self.started:
-            worker.stop()
+            worker.stop()  # the pool children of a worker that was killed
         if self._app is not None:
             self._app.close()
             if self._previous_app is not None:
