@@ -5,6 +5,8 @@
 -- KEYS[3] - waiter expiry ZSET
 -- KEYS[4] - meta HASH (an "expire" field, in seconds, makes the waits list expire too)
 -- KEYS[5] - waits LIST (ms, newest first, at most 1000)
+-- KEYS[6] - ended ZSET: holders whose slot their pool process freed as the body ended
+--           (member holder, score = when it is forgotten, ms); a renewal never puts them back
 -- ARGV[1] - key name
 -- ARGV[2] - holder
 -- ARGV[3] - spec (admission.lua; its cap is used only when the family has no meta yet)
@@ -14,6 +16,8 @@
 -- ARGV[7] - how the run ended, counted in meta: "done", "failed", "retried", "rejected"
 --           (counted for a waiter too), or "" (not counted)
 -- ARGV[8] - how long it waited for its slot in ms, or -1 (not recorded)
+-- ARGV[9] - "1" when the pool process releases as the body ends (the holder is recorded in
+--           KEYS[6] for one lease TTL), "" from the worker's main process
 -- KEYS[#KEYS-2 ..] - the admission keys (admission.lua): a run that ended stops counting as
 --                    pending
 -- returns {1 when the holder held a slot or waited, 0 when unknown (idempotent),
@@ -23,6 +27,12 @@
 local holder = ARGV[2]
 local spec = flow_spec(ARGV[3])
 flow_ended(ARGV[7], holder)
+if ARGV[9] == '1' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
+  redis.call('ZADD', KEYS[6], now + tonumber(ARGV[4]), holder)
+end
 local held = redis.call('ZREM', KEYS[1], holder)
 local removed = held + redis.call('ZREM', KEYS[2], holder)
 redis.call('ZREM', KEYS[3], holder)

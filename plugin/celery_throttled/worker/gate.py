@@ -20,6 +20,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from celery.worker import state as worker_state
@@ -40,7 +41,7 @@ from .endpaths import hook_end_paths
 from .lines import Held, Lines
 from .loop import Loop
 from .pokes import Pokes
-from .sweep import DEADLINE, HAND_BACK, REJECT, judge
+from .sweep import sweep
 from .window import Window
 
 __all__ = ["Gate"]
@@ -124,11 +125,7 @@ class Gate:
         return self.submit(req, limit)
 
     def _run(self, req: Any) -> Any:
-        deadline = protocol.deadline(req)
-        if deadline is not None:  # the time left acts as the soft time limit
-            hard, soft = req.time_limits
-            soft = deadlines.soft_limit(soft or req.task.soft_time_limit, deadline, time.time())
-            req.time_limits = (hard, soft)
+        deadlines.arm(req)
         protocol.ADMITTED.set(req, True)
         return self._dispatch(req)
 
@@ -173,7 +170,7 @@ class Gate:
         if held is None:
             return
         if held.req.task.throttle_on_full == "reject":
-            self._reject(held, f"no slot of {key!r} was free (on_full='reject')")
+            self.reject(held, f"no slot of {key!r} was free (on_full='reject')")
         else:
             self.window.widen(held)
 
@@ -191,7 +188,7 @@ class Gate:
         self.window.narrow(held)
         req = held.req
         if self._closed:
-            self._give_back(held)
+            self.give_back(held)
             return
         if req.revoked():
             self.release(held)
@@ -210,7 +207,8 @@ class Gate:
         held.waited = held.admitted_at - held.since
         if self.metrics is not None:
             self.metrics.admitted(held.key, held.waited)
-        protocol.info(req)["waited"] = held.waited
+        info = protocol.info(req)
+        info["waited"], info["leases"] = held.waited, held.leases()
         self.lines.run(held)
         hook_end_paths(req, lambda outcome: self.release(held, outcome))
         protocol.SLOT.set(req, True)
@@ -235,26 +233,6 @@ class Gate:
             ran = None if held.admitted_at is None else time.monotonic() - held.admitted_at
             self.metrics.ended(held.key, outcome, ran)
 
-    def sweep(self) -> None:
-        """Put every waiting request to the sweep's policies; carry out their verdicts."""
-        now = time.monotonic()
-        for held in self.members.keep_live(self.lines.waiting()):
-            verdict = judge(held, now, self.settings.max_hold)
-            if verdict is None:
-                continue
-            req = held.req
-            if verdict.action == REJECT:
-                self._reject(held, verdict.reason)
-                continue
-            self.window.narrow(held)
-            if verdict.action == HAND_BACK:
-                logger.info("celery-throttled: %s[%s] %s", req.name, req.id, verdict.reason)
-                self._give_back(held, requeue=True)
-                continue
-            self.release(held)
-            if verdict.action == DEADLINE:
-                outcomes.deadline_passed(req, verdict.reason)
-
     def group_cancelled(self, gid: str) -> None:
         """An errgroup was cancelled somewhere in the cluster."""
         self.members.cancelled(gid, self.lines.waiting())
@@ -263,13 +241,13 @@ class Gate:
         self.window.narrow(held)
         self.release(held, wait="cancelled")
 
-    def _reject(self, held: Held, reason: str) -> None:
+    def reject(self, held: Held, reason: str) -> None:
         """The wait policy refuses ``held`` a slot: it settles as ``rejected`` without running."""
         self.window.narrow(held)
         self.release(held, "rejected")
         outcomes.rejected(held.req, reason)
 
-    def _give_back(self, held: Held, requeue: bool = False) -> None:
+    def give_back(self, held: Held, requeue: bool = False) -> None:
         self.release(held, wait="handed_back")
         worker_state.task_ready(held.req)
         if requeue:
@@ -283,7 +261,7 @@ class Gate:
         if self._sweeper is None:
             self._sweeper = self.consumer.timer.call_repeatedly(
                 self.settings.sweep_interval,
-                self.sweep,
+                partial(sweep, self),
                 priority=5,
             )
 
@@ -297,7 +275,7 @@ class Gate:
         waiting = self.lines.waiting()
         self.window.forget(waiting)
         for held in waiting:
-            self._give_back(held, requeue=shutting_down)
+            self.give_back(held, requeue=shutting_down)
         if self._sweeper is not None:
             self.consumer.timer.cancel(self._sweeper)
             self._sweeper = None
@@ -315,12 +293,7 @@ class Gate:
         self.transport.submit(Renew(key, cap, admission=admission))
 
     def lost(self, key: str, holders: list[str]) -> None:
-        """Leases that expired: their worker died (or stalled past the lease TTL).
-
-        This worker removed them, so it alone reports them (off the event loop): each task not
-        already settled gets a ``worker_lost`` envelope, so its caller never waits forever.
-        """
-        mine = self.lines.running_holders(key)
-        orphans = [h for h in holders if h not in mine]
-        if orphans:
-            outcomes.report_lost_soon(self.consumer.app, key, orphans)
+        """Leases that expired (their worker died, or stalled past the lease TTL), removed by
+        this worker, which alone reports them: a ``worker_lost`` envelope for each unsettled."""
+        running = self.lines.running_holders(key)
+        outcomes.report_lost_soon(self.consumer.app, key, holders, running)
