@@ -131,6 +131,8 @@ def test_a_release_as_the_body_ends_frees_once_and_no_renewal_brings_it_back(
     assert client.zrange(holders, 0, -1) == [b"w next"]
     assert acquire(store, "w late", cap=1) is False
     assert client.hget(store.family("k").meta, "done") == b"1"
+    # And the record of the ended lease expires with it
+    assert 0 < client.pttl(store.family("k").ended) <= 30_000
 
 
 def test_a_holder_that_ended_is_renewed_again_once_it_acquires_anew(store, redis_url, prefix):

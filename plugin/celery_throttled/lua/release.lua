@@ -28,10 +28,10 @@ local holder = ARGV[2]
 local spec = flow_spec(ARGV[3])
 flow_ended(ARGV[7], holder)
 if ARGV[9] == '1' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_ms()
   redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
   redis.call('ZADD', KEYS[6], now + tonumber(ARGV[4]), holder)
+  redis.call('PEXPIRE', KEYS[6], ARGV[4])  -- the set goes with its last entry
 end
 local held = redis.call('ZREM', KEYS[1], holder)
 local removed = held + redis.call('ZREM', KEYS[2], holder)

@@ -5,12 +5,13 @@ The data path, all on the worker's main process::
     message -> strategy -> Gate.route -> (limit set?) -> Gate.submit: hold, unacknowledged
             -> Acquire (the transport: on the event loop, or two threads) -> granted now,
                or later by a release anywhere in the cluster
-            -> Gate._admit on the event loop -> the pool runs the task
+            -> Gate._admit on the event loop -> written to a pool process at once
+            -> the pool process frees the slot as the body ends (:mod:`..pool.release`)
             -> on_success / on_failure / hard timeout / revoke / cancel -> Gate.release
+               (idempotent: the safety net for a pool process lost before it could release)
 
 A held request occupies no pool process or thread, is not re-published and costs no retry;
-each one that waits widens the prefetch window (:mod:`.window`). Held requests are swept every
-``throttle_sweep_interval`` (:mod:`.sweep` decides, the gate carries the verdict out).
+each one that waits widens the prefetch window (:mod:`.window`). :mod:`.sweep` sweeps them.
 """
 
 from __future__ import annotations
@@ -87,10 +88,7 @@ class Gate:
             wake=self.loop.on_loop(self.pokes.wake),
         )
         self.transport = transport.build(
-            settings,
-            hub=consumer.hub,
-            worker=self.worker,
-            callbacks=callbacks,
+            settings, hub=consumer.hub, worker=self.worker, callbacks=callbacks
         )
         self._closed = False
         self._sweeper: Any = None
@@ -214,6 +212,7 @@ class Gate:
         protocol.SLOT.set(req, True)
         self._run(req)
         poolqueue.jump(self.consumer, req)
+        poolqueue.write_now(self.consumer)
 
     def release(self, held: Held, outcome: str = "", wait: str = "") -> None:
         """Give the slot (or the place in line) back, and the errgroup's slot held with it.

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import request as protocol
 
-__all__ = ["jump", "kind"]
+__all__ = ["jump", "kind", "write_now"]
 
 
 def jump(consumer: Any, req: Any) -> None:
@@ -30,6 +30,25 @@ def jump(consumer: Any, req: Any) -> None:
     while position < len(waiting) and _holds_slot(waiting[position]):
         position += 1
     waiting.insert(position, entry)
+
+
+def write_now(consumer: Any) -> None:
+    """Write what the prefork pool has queued for its processes now, not on the event loop's
+    next turn: a granted request reaches an idle pool process in the same pass as its grant.
+
+    Celery's event loop writes a job when a process's pipe is next reported writable (it
+    registers the pipes on its next turn, then polls); this calls the same writer Celery
+    registered (``hub.consolidate_callback``) on the pipes no write is under way on, which
+    writes what it can and leaves the rest to the loop. Pools other than prefork's: nothing.
+    """
+    pool = getattr(getattr(consumer, "pool", None), "_pool", None)
+    outbound = getattr(pool, "outbound_buffer", None)
+    writer = getattr(getattr(consumer, "hub", None), "consolidate_callback", None)
+    if not outbound or writer is None:
+        return
+    idle = [fd for fd in pool._all_inqueues if fd not in pool._active_writes]
+    if idle:
+        writer(idle)
 
 
 def kind(pool: Any) -> str:
