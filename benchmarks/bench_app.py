@@ -160,13 +160,54 @@ def recipe_spin(self: Any, duration: float, limit: int) -> None:
 # -- P4: hand-off between workers ----------------------------------------------------------
 @throttled_task(limit=HANDOFF_CAP, bind=True, name="bench.handoff")
 def handoff(self: Any, label: int, duration: float) -> None:
-    """Sleep under a cap of one; log when the body started and ended, and on which worker."""
+    """Sleep under a cap of one; log when the body started and ended, on which worker, and when
+    the worker admitted it (:func:`_stamp_admissions`)."""
     with counted("handoff"):
         start = time.time()
         time.sleep(duration)
     end = time.time()
-    event = {"label": label, "host": self.request.hostname, "start": start, "end": end}
-    probe.rpush(probe_key("handoff", "events"), json.dumps(event))
+    event = {
+        "id": self.request.id,
+        "label": label,
+        "host": self.request.hostname,
+        "start": start,
+        "end": end,
+        "admitted": (getattr(self.request, "throttle", None) or {}).get("admitted_at"),
+    }
+    _events.append(event)
+
+
+_events: list[dict[str, Any]] = []
+
+
+def _stamp_admissions() -> None:
+    """P5's split of a hand-off, measured from outside the package: the worker's admission
+    time rides in the request's ``throttle`` header; the moment the pool process has freed the
+    slot is logged with the body's span once it is (off the hand-off's path)."""
+    from celery_throttled import request as protocol
+    from celery_throttled.pool import release
+    from celery_throttled.worker.gate import Gate
+
+    admit, free = Gate._admit, release.free
+
+    def stamped_admit(self: Gate, held: Any) -> None:
+        protocol.info(held.req)["admitted_at"] = time.time()
+        admit(self, held)
+
+    def stamped_free(task: Any, request: Any, outcome: str) -> None:
+        free(task, request, outcome)
+        freed = time.time()
+        for event in _events:
+            event["freed"] = freed
+            probe.rpush(probe_key("handoff", "events"), json.dumps(event))
+        _events.clear()
+
+    Gate._admit = stamped_admit  # type: ignore[method-assign]
+    release.free = stamped_free
+
+
+if os.environ.get("BENCH_SPLIT"):
+    _stamp_admissions()
 
 
 # -- P7: errgroup against a plain chord -----------------------------------------------------

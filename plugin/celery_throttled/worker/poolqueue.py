@@ -41,7 +41,7 @@ def write_now(consumer: Any) -> None:
     registered (``hub.consolidate_callback``) on the pipes no write is under way on, which
     writes what it can and leaves the rest to the loop. Pools other than prefork's: nothing.
     """
-    pool = getattr(getattr(consumer, "pool", None), "_pool", None)
+    pool: Any = getattr(getattr(consumer, "pool", None), "_pool", None)
     outbound = getattr(pool, "outbound_buffer", None)
     writer = getattr(getattr(consumer, "hub", None), "consolidate_callback", None)
     if not outbound or writer is None:
