@@ -120,10 +120,13 @@ def work_plain(duration: float) -> None:
         time.sleep(duration)
 
 
-@throttled_task(limit=WORK_CAP, name="bench.work_throttled")
-def work_throttled(duration: float) -> None:
+@throttled_task(limit=WORK_CAP, bind=True, name="bench.work_throttled")
+def work_throttled(self: Any, duration: float) -> None:
     with counted("work_throttled"):
+        start = time.time()
         time.sleep(duration)
+        end = time.time()
+    _log(self.request, "work_throttled", {"start": start, "end": end})
 
 
 @shared_task(bind=True, max_retries=None, name="bench.recipe_retry")
@@ -166,18 +169,22 @@ def handoff(self: Any, label: int, duration: float) -> None:
         start = time.time()
         time.sleep(duration)
     end = time.time()
-    event = {
-        "id": self.request.id,
-        "label": label,
-        "host": self.request.hostname,
-        "start": start,
-        "end": end,
-        "admitted": (getattr(self.request, "throttle", None) or {}).get("admitted_at"),
-    }
-    _events.append(event)
+    _log(self.request, "handoff", {"label": label, "start": start, "end": end})
 
 
-_events: list[dict[str, Any]] = []
+def _log(request: Any, group: str, event: dict[str, Any]) -> None:
+    """Log a body's span, its worker and when its worker admitted it; with ``BENCH_SPLIT``
+    the log waits until the slot is freed, and says when (:func:`_stamp_admissions`)."""
+    event["id"], event["host"] = request.id, request.hostname
+    event["admitted"] = (getattr(request, "throttle", None) or {}).get("admitted_at")
+    if _split:
+        _events.append((group, event))
+    else:
+        probe.rpush(probe_key(group, "events"), json.dumps(event))
+
+
+_events: list[tuple[str, dict[str, Any]]] = []
+_split = bool(os.environ.get("BENCH_SPLIT"))
 
 
 def _stamp_admissions() -> None:
@@ -194,19 +201,19 @@ def _stamp_admissions() -> None:
         protocol.info(held.req)["admitted_at"] = time.time()
         admit(self, held)
 
-    def stamped_free(task: Any, request: Any, outcome: str) -> None:
-        free(task, request, outcome)
+    def stamped_free(task: Any, request: Any, outcome: str, ran: bool = True) -> None:
+        free(task, request, outcome, ran)
         freed = time.time()
-        for event in _events:
+        for group, event in _events:
             event["freed"] = freed
-            probe.rpush(probe_key("handoff", "events"), json.dumps(event))
+            probe.rpush(probe_key(group, "events"), json.dumps(event))
         _events.clear()
 
     Gate._admit = stamped_admit  # type: ignore[method-assign]
     release.free = stamped_free
 
 
-if os.environ.get("BENCH_SPLIT"):
+if _split:
     _stamp_admissions()
 
 

@@ -108,7 +108,7 @@ BREAKAGES = [
     Breakage(
         "an end path that forgets to release",
         f"{PACKAGE}/worker/endpaths.py",
-        '            release("retried" if isinstance(exc, Retry) else "failed")',
+        '            release("retried" if isinstance(exc, Retry) else "failed", came_back)',
         "            pass",
         ("tests/test_cap.py::test_killed_child_frees_its_slot_at_once",),
     ),

@@ -62,8 +62,12 @@ guards: list[Guard] = []
 def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     request = task.request
     ctx = context.TaskContext(task_id=request.id, deadline=protocol.deadline(request))
-    for guard in guards:
-        guard(task, request, ctx)
+    try:
+        for guard in guards:
+            guard(task, request, ctx)
+    except BaseException:  # it never runs: its slot is free at once all the same
+        release.free(task, request, "failed", ran=False)
+        raise
     outcome = "failed"
     try:
         value = _run(task, request, ctx, call, args, kwargs)

@@ -21,6 +21,10 @@ outcome)``: whatever must happen while the slot is still held (the test probe re
 end there; a step that reports the run's outcome belongs there too). A listener's failure is
 logged, never raised into the task.
 
+As the worker's main process then learns of the end from Celery (``on_success``), it sends its
+own release with the next renewal round, off the hand-off's path; every other end (a lost pool
+process, a hard time limit, a revocation) releases from there at once.
+
 The leases a run holds reach it in the request's ``throttle`` header (``request.info()["leases"]``,
 set by the gate as it admits the request): ``[key, holder, spec]`` each, the task's own slot
 first, then an errgroup's. Grants are published to the waiters' workers (this process is no
@@ -58,9 +62,10 @@ _stores: dict[tuple[int, int], RedisLeases] = {}
 _paused_until = 0.0
 
 
-def free(task: Any, request: Any, outcome: str) -> None:
-    """The body of ``task`` ended with ``outcome``: tell the listeners, then free its slots."""
-    for listener in ending:
+def free(task: Any, request: Any, outcome: str, ran: bool = True) -> None:
+    """The body of ``task`` ended with ``outcome``: tell the listeners, then free its slots
+    (without telling them when it never ran: a guard stopped it)."""
+    for listener in ending if ran else ():
         try:
             listener(task, request, outcome)
         except Exception:

@@ -167,6 +167,7 @@ class Gate:
         held = self.lines.waiter(key, holder)
         if held is None:
             return
+        held.queued = True
         if held.req.task.throttle_on_full == "reject":
             self.reject(held, f"no slot of {key!r} was free (on_full='reject')")
         else:
@@ -208,26 +209,27 @@ class Gate:
         info = protocol.info(req)
         info["waited"], info["leases"] = held.waited, held.leases()
         self.lines.run(held)
-        hook_end_paths(req, lambda outcome: self.release(held, outcome))
+        hook_end_paths(req, lambda outcome, later: self.release(held, outcome, later=later))
         protocol.SLOT.set(req, True)
         self._run(req)
         poolqueue.jump(self.consumer, req)
-        poolqueue.write_now(self.consumer)
+        if held.queued:  # a hand-off: to a pool process now, not on the loop's next turn
+            poolqueue.write_now(self.consumer)
 
-    def release(self, held: Held, outcome: str = "", wait: str = "") -> None:
+    def release(self, held: Held, outcome: str = "", wait: str = "", later: bool = False) -> None:
         """Give the slot (or the place in line) back, and the errgroup's slot held with it.
 
         Idempotent; called from any thread. ``outcome`` ("done", "failed", "retried") is counted
-        per key for ``celery throttle``; ``wait`` says why a wait ended unadmitted (tracing).
+        per key for ``celery throttle``; ``wait`` says why a wait ended unadmitted (tracing);
+        ``later``: the pool process freed the slot already, this is the safety net.
         """
         if not self.lines.leave(held):
             return
         tracing.wait_released(held.wait, wait or outcome, held.req)
-        self.transport.submit(
-            Release(held.key, held.holder, held.cap, outcome, held.waited, held.admission)
-        )
+        op = Release(held.key, held.holder, held.cap, outcome, held.waited, held.admission)
+        self.transport.submit(op, later=later)
         if held.outer is not None:
-            self.release(held.outer, outcome)
+            self.release(held.outer, outcome, later=later)
         if self.metrics is not None:
             ran = None if held.admitted_at is None else time.monotonic() - held.admitted_at
             self.metrics.ended(held.key, outcome, ran)

@@ -33,6 +33,7 @@ class Held:
         "key",
         "next_cap",
         "outer",
+        "queued",
         "rank",
         "released",
         "req",
@@ -60,6 +61,8 @@ class Held:
         self.rank = rank
         self.since = time.monotonic()
         self.widened = False
+        #: it was told to wait in line: its grant is a hand-off, written to the pool at once
+        self.queued = False
         self.released = False
         self.waited: float | None = None
         self.admitted_at: float | None = None

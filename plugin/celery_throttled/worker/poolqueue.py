@@ -34,7 +34,9 @@ def jump(consumer: Any, req: Any) -> None:
 
 def write_now(consumer: Any) -> None:
     """Write what the prefork pool has queued for its processes now, not on the event loop's
-    next turn: a granted request reaches an idle pool process in the same pass as its grant.
+    next turn: a request granted after a wait reaches an idle pool process in the same pass as
+    its grant. (Requests granted at once are left to the loop: written one by one as they come,
+    a burst of them would cost a process wake-up each.)
 
     Celery's event loop writes a job when a process's pipe is next reported writable (it
     registers the pipes on its next turn, then polls); this calls the same writer Celery
