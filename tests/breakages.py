@@ -52,7 +52,7 @@ BREAKAGES = [
         "a release that does not grant",
         f"{PACKAGE}/lua/release.lua",
         "local now, _, _, mine, reaped, wake = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), "
-        "ARGV[5], ARGV[6])",
+        "ARGV[5], ARGV[6],\n  ending and worker or nil)",
         "local now, mine, reaped, wake = now_ms(), {}, {}, 0",
         ("tests/test_leases.py::test_grants_up_to_the_cap_then_queues_in_order",),
     ),

@@ -8,8 +8,16 @@ import time
 import pytest
 import redis
 
+from celery_throttled.admission import Admission, Rate
 from celery_throttled.keys import grant_channel
-from celery_throttled.transport.leases import Acquire, Outcome, RedisLeases, Release, Renew
+from celery_throttled.transport.leases import (
+    Acquire,
+    Outcome,
+    RedisLeases,
+    Release,
+    Renew,
+    lease_spec,
+)
 
 from .conftest import wait_until
 
@@ -175,3 +183,36 @@ def test_a_release_as_the_body_ends_publishes_every_grant(redis_url, prefix):
         return m and json.loads(m["data"])
 
     assert wait_until(message, 5) == ["k", "w b"]
+
+
+def test_a_wake_up_found_by_a_release_as_the_body_ends_goes_to_the_holders_worker(
+    redis_url, prefix
+):
+    """Given a key at 1 start per second whose next waiter is blocked only by the rate, when the
+    pool process frees the running slot, then the wake-up (when the next token is due) is
+    published to the holder's worker, which alone can wait for it. Catches: a wake-up claimed
+    by nobody (the waiter stalls until a renewal round), or claimed for the pool process."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisLeases(client, prefix, lease_ttl=30, worker="w")
+    pool = RedisLeases(client, prefix, lease_ttl=30, worker="")
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    channel = grant_channel(prefix, "w")
+    pubsub.subscribe(channel)
+
+    def subscribed() -> bool:
+        pubsub.get_message(timeout=0.01)
+        return dict(client.pubsub_numsub(channel)).get(channel.encode()) == 1
+
+    wait_until(subscribed, 5, what="the subscription to be registered by Redis")
+    rated = Admission(rate=Rate(1.0))  # one start per second, no burst
+    assert store.execute([Acquire("k", "w run", 1, rated)])[0].granted == ["w run"]
+    assert store.execute([Acquire("k", "w next", 1, rated)])[0].granted == []
+    spec = lease_spec("k", 1, rated)
+    pool.execute([Release("k", "w run", 0, "done", spec=spec, ending=True)])
+
+    def message():
+        m = pubsub.get_message(timeout=0.1)
+        return m and json.loads(m["data"])
+
+    wake = wait_until(message, 5)
+    assert wake["wake"] == "k" and wake["at"] > wake["now"]

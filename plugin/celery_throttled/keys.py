@@ -35,6 +35,7 @@ the family. Their names carry the family (``family_key``: "<family>\x1f<key>")::
 A key outside a family has the same two as unused names (``{prefix}:{<key>}:ft``, ``:fq``),
 so every lease script gets the same KEYS.
     {prefix}:grant:<worker>     pub/sub channel on which a worker hears of slots granted to it
+                                (and of wake-ups found by its pool processes' releases)
     {prefix}:keys         ZSET  every key in use: member key, score = last seen (epoch s); lets
                                 any worker reap the leases of a dead one, and tools list keys;
                                 keys unseen for a week leave it

@@ -220,6 +220,12 @@ class Transport(ABC):
         )
         return Round(renewals, commands)
 
+    def _now_not_later(self) -> None:
+        """The releases waiting for the next round go with the next batch (the process stops)."""
+        with self._lock:
+            self._queue.extend(self._later)
+            self._later.clear()
+
     def _drain(self) -> list[Op]:
         """Everything queued, grace or not (the process is stopping)."""
         with self._lock:

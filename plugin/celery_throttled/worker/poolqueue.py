@@ -2,9 +2,9 @@
 
 When every pool process is busy, Celery queues requests in the worker's semaphore, first come
 first served; a granted request waiting there would keep its cluster-wide slot idle while
-unthrottled work runs. It moves behind the other slot holders, ahead of the rest. This reorders
-the private ``_waiting`` list of kombu's ``LaxBoundedSemaphore``; when there is none, nothing
-happens.
+unthrottled work runs. It moves behind the other slot holders, ahead of the rest, and is written
+to the pool process the moment one comes free (:func:`write_now`). This reorders the private
+``_waiting`` list of kombu's ``LaxBoundedSemaphore``; when there is none, nothing happens.
 """
 
 from __future__ import annotations
@@ -29,7 +29,15 @@ def jump(consumer: Any, req: Any) -> None:
     position = 0
     while position < len(waiting) and _holds_slot(waiting[position]):
         position += 1
-    waiting.insert(position, entry)
+    callback, *rest = entry
+
+    def dispatch(*args: Any, **kwargs: Any) -> Any:  # a process came free: write to it now
+        try:
+            return callback(*args, **kwargs)
+        finally:
+            write_now(consumer)
+
+    waiting.insert(position, (dispatch, *rest))
 
 
 def write_now(consumer: Any) -> None:
