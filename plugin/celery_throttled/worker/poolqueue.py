@@ -2,9 +2,10 @@
 
 When every pool process is busy, Celery queues requests in the worker's semaphore, first come
 first served; a granted request waiting there would keep its cluster-wide slot idle while
-unthrottled work runs. It moves behind the other slot holders, ahead of the rest, and is written
-to the pool process the moment one comes free (:func:`write_now`). This reorders the private
-``_waiting`` list of kombu's ``LaxBoundedSemaphore``; when there is none, nothing happens.
+unthrottled work runs. It moves behind the other slot holders, ahead of the rest. This reorders
+the private ``_waiting`` list of kombu's ``LaxBoundedSemaphore``; when there is none, nothing
+happens. (Writing it to the process at once when one comes free, as :func:`write_now` does for a
+hand-off, was measured slower in P3: 1.27-1.28 against 1.18-1.19 of makespan / ideal.)
 """
 
 from __future__ import annotations
@@ -29,15 +30,7 @@ def jump(consumer: Any, req: Any) -> None:
     position = 0
     while position < len(waiting) and _holds_slot(waiting[position]):
         position += 1
-    callback, *rest = entry
-
-    def dispatch(*args: Any, **kwargs: Any) -> Any:  # a process came free: write to it now
-        try:
-            return callback(*args, **kwargs)
-        finally:
-            write_now(consumer)
-
-    waiting.insert(position, (dispatch, *rest))
+    waiting.insert(position, entry)
 
 
 def write_now(consumer: Any) -> None:
