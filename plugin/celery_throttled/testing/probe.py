@@ -78,8 +78,8 @@ class ConcurrencyProbe:
         self.client.delete(run_key(self.prefix, key), peak_key(self.prefix, key))
 
     def wait_drained(self, key: str, timeout: float = 10.0) -> None:
-        """Wait until the limiter holds no slot and no waiter for ``key`` (releases are sent
-        after results are stored, so a test that got every result may still see holders)."""
+        """Wait until the limiter holds no slot and no waiter for ``key`` (releases travel on
+        their own, so a test that got every result may still see holders for a moment)."""
         deadline = time.monotonic() + timeout
         while self.holders(key) or self.waiting(key):
             if time.monotonic() > deadline:
