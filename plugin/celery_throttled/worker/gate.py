@@ -206,8 +206,7 @@ class Gate:
         held.waited = held.admitted_at - held.since
         if self.metrics is not None:
             self.metrics.admitted(held.key, held.waited)
-        info = protocol.info(req)
-        info["waited"], info["leases"] = held.waited, held.leases()
+        protocol.info(req).update(waited=held.waited, leases=held.leases())
         self.lines.run(held)
         hook_end_paths(req, lambda outcome, later: self.release(held, outcome, later=later))
         protocol.SLOT.set(req, True)
