@@ -120,10 +120,13 @@ def work_plain(duration: float) -> None:
         time.sleep(duration)
 
 
-@throttled_task(limit=WORK_CAP, name="bench.work_throttled")
-def work_throttled(duration: float) -> None:
+@throttled_task(limit=WORK_CAP, bind=True, name="bench.work_throttled")
+def work_throttled(self: Any, duration: float) -> None:
     with counted("work_throttled"):
+        start = time.time()
         time.sleep(duration)
+        end = time.time()
+    _log(self.request, "work_throttled", {"start": start, "end": end})
 
 
 @shared_task(bind=True, max_retries=None, name="bench.recipe_retry")
@@ -160,13 +163,58 @@ def recipe_spin(self: Any, duration: float, limit: int) -> None:
 # -- P4: hand-off between workers ----------------------------------------------------------
 @throttled_task(limit=HANDOFF_CAP, bind=True, name="bench.handoff")
 def handoff(self: Any, label: int, duration: float) -> None:
-    """Sleep under a cap of one; log when the body started and ended, and on which worker."""
+    """Sleep under a cap of one; log when the body started and ended, on which worker, and when
+    the worker admitted it (:func:`_stamp_admissions`)."""
     with counted("handoff"):
         start = time.time()
         time.sleep(duration)
     end = time.time()
-    event = {"label": label, "host": self.request.hostname, "start": start, "end": end}
-    probe.rpush(probe_key("handoff", "events"), json.dumps(event))
+    _log(self.request, "handoff", {"label": label, "start": start, "end": end})
+
+
+def _log(request: Any, group: str, event: dict[str, Any]) -> None:
+    """Log a body's span, its worker and when its worker admitted it; with ``BENCH_SPLIT``
+    the log waits until the slot is freed, and says when (:func:`_stamp_admissions`)."""
+    event["id"], event["host"] = request.id, request.hostname
+    event["admitted"] = (getattr(request, "throttle", None) or {}).get("admitted_at")
+    if _split:
+        _events.append((group, event))
+    else:
+        probe.rpush(probe_key(group, "events"), json.dumps(event))
+
+
+_events: list[tuple[str, dict[str, Any]]] = []
+_split = bool(os.environ.get("BENCH_SPLIT"))
+
+
+def _stamp_admissions() -> None:
+    """P5's split of a hand-off, measured from outside the package: the worker's admission
+    time rides in the request's ``throttle`` header; the moment the pool process has freed the
+    slot is logged with the body's span once it is (off the hand-off's path)."""
+    from celery_throttled import request as protocol
+    from celery_throttled.pool import release
+    from celery_throttled.worker.gate import Gate
+
+    admit, free = Gate._admit, release.free
+
+    def stamped_admit(self: Gate, held: Any) -> None:
+        protocol.info(held.req)["admitted_at"] = time.time()
+        admit(self, held)
+
+    def stamped_free(task: Any, request: Any, outcome: str, ran: bool = True) -> None:
+        free(task, request, outcome, ran)
+        freed = time.time()
+        for group, event in _events:
+            event["freed"] = freed
+            probe.rpush(probe_key(group, "events"), json.dumps(event))
+        _events.clear()
+
+    Gate._admit = stamped_admit  # type: ignore[method-assign]
+    release.free = stamped_free
+
+
+if _split:
+    _stamp_admissions()
 
 
 # -- P7: errgroup against a plain chord -----------------------------------------------------

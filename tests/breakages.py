@@ -55,7 +55,7 @@ BREAKAGES = [
         "a release that does not grant",
         f"{PACKAGE}/lua/release.lua",
         "local now, _, _, mine, reaped, wake = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), "
-        "ARGV[5], ARGV[6])",
+        "ARGV[5], ARGV[6],\n  ending and worker or nil)",
         "local now, mine, reaped, wake = now_ms(), {}, {}, 0",
         ("tests/test_leases.py::test_grants_up_to_the_cap_then_queues_in_order",),
     ),
@@ -111,9 +111,29 @@ BREAKAGES = [
     Breakage(
         "an end path that forgets to release",
         f"{PACKAGE}/worker/endpaths.py",
-        '        finally:\n            release("done")',
-        "        finally:\n            pass",
+        '            release("retried" if isinstance(exc, Retry) else "failed", came_back)',
+        "            pass",
         ("tests/test_cap.py::test_killed_child_frees_its_slot_at_once",),
+    ),
+    Breakage(
+        "a slot freed only when the worker hears of the end",
+        f"{PACKAGE}/pool/execution.py",
+        "            release.free(task, request, outcome)",
+        "            pass",
+        (
+            "tests/test_cap.py::"
+            "test_the_slot_is_free_as_the_body_ends_not_when_the_worker_hears_of_it[prefork]",
+        ),
+    ),
+    Breakage(
+        "a renewal that revives a slot freed as its body ended",
+        f"{PACKAGE}/lua/renew.lua",
+        "  if not (ended and redis.call('ZSCORE', KEYS[6], ARGV[i])) then",
+        "  if true then",
+        (
+            "tests/test_leases.py::"
+            "test_a_release_as_the_body_ends_frees_once_and_no_renewal_brings_it_back",
+        ),
     ),
     Breakage(
         "a watchdog that never fires on threads",
@@ -235,10 +255,9 @@ BREAKAGES = [
         (f"{GATE}test_revoked_tasks_settle_as_revoked",),
     ),
     Breakage(
-        "a retry on threads counted as a failure",
-        f"{PACKAGE}/worker/endpaths.py",
-        "            if isinstance(exc, ExceptionWithTraceback):  # how the threads and solo "
-        "pools pass it\n                exc = exc.exc\n",
+        "a retry counted as a failure where it ran",
+        f"{PACKAGE}/pool/execution.py",
+        '        outcome = "retried"\n',
         "",
         (f"{OUTCOMES}test_retries_are_counted_as_retried[threads]",),
     ),

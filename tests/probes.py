@@ -26,6 +26,11 @@ def finished(probe: redis.Redis, prefix: str, group: str) -> list[tuple[str, flo
     return _events(probe, prefix, group, "finished")
 
 
+def reported(probe: redis.Redis, prefix: str, group: str) -> list[tuple[str, float]]:
+    """When each run's process finished what it does after the body (``after_return``)."""
+    return _events(probe, prefix, group, "reported")
+
+
 def leases(probe: redis.Redis | RedisCluster, prefix: str, key: str) -> dict[str, int]:
     """Holders and waiters the limiter has in Redis for ``key``."""
     base = f"{prefix}:{{{key}}}"

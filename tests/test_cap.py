@@ -8,7 +8,7 @@ import pytest
 from celery import Celery
 
 from .conftest import Workers, wait_until
-from .probes import finished, leases, peak, started, wait_drained
+from .probes import finished, leases, peak, reported, started, wait_drained
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,6 +36,28 @@ def test_cap_holds_across_two_workers(workers: Workers, client: Celery, probe, p
     assert peak(probe, prefix, "limited") == 2
     # And nothing is left in Redis
     wait_drained(probe, prefix, "t.limited")
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_the_slot_is_free_as_the_body_ends_not_when_the_worker_hears_of_it(
+    workers: Workers, client: Celery, probe, prefix, pool
+):
+    """Given a task at cap 1 whose process spends a second after its body (after the result is
+    stored, before the worker's main process hears of the end), when two run, then the second
+    starts while the first's process is still in that second, and never beside its body.
+    Catches: the slot freed only by the main process's end path (after the result is stored
+    and piped back), or freed before the body ended."""
+    workers.start(pool=pool, concurrency=2)
+    first = client.send_task("t.handover", ("a", 0.3))
+    wait_until(lambda: started(probe, prefix, "handover"), 30, what="the first body to start")
+    second = client.send_task("t.handover", ("b", 0.05))
+    assert [first.get(timeout=30), second.get(timeout=30)] == ["a", "b"]
+    wait_until(lambda: len(reported(probe, prefix, "handover")) == 2, 30, what="both reports")
+    begun = dict(started(probe, prefix, "handover"))
+    ended = dict(finished(probe, prefix, "handover"))
+    assert ended["a"] <= begun["b"] < dict(reported(probe, prefix, "handover"))["a"]
+    assert peak(probe, prefix, "handover") == 1
+    wait_drained(probe, prefix, "handover")
 
 
 def test_shared_key_caps_two_task_types_together(workers: Workers, client, probe, prefix):

@@ -8,8 +8,16 @@ import time
 import pytest
 import redis
 
+from celery_throttled.admission import Admission, Rate
 from celery_throttled.keys import grant_channel
-from celery_throttled.transport.leases import Acquire, Outcome, RedisLeases, Release, Renew
+from celery_throttled.transport.leases import (
+    Acquire,
+    Outcome,
+    RedisLeases,
+    Release,
+    Renew,
+    lease_spec,
+)
 
 from .conftest import wait_until
 
@@ -103,3 +111,108 @@ def test_live_override_caps_below_the_declared_limit(store, redis_url):
     client = redis.Redis.from_url(redis_url)
     client.hset(store.family("k").meta, "override", 1)
     assert [acquire(store, f"w {i}", cap=5) for i in range(3)] == [True, False, False]
+
+
+def test_a_release_as_the_body_ends_frees_once_and_no_renewal_brings_it_back(
+    store, redis_url, prefix
+):
+    """Given a slot released by its pool process as the body ended (``ending``), when the
+    worker's main process then renews it as still running and releases it too, then the slot
+    stays freed exactly once: the renewal neither extends nor restores it, the second release
+    frees nothing more. Catches: a renewal that revives an ended lease (the cap exceeded by
+    one), or a second release that frees someone else's slot."""
+    client = redis.Redis.from_url(redis_url)
+    pool = RedisLeases(client, prefix, lease_ttl=30, worker="")
+    holders = store.family("k").holders
+    assert acquire(store, "w run", cap=1) is True
+    assert acquire(store, "w next", cap=1) is False
+    # When the pool process releases as the body ends: the waiter is granted at once
+    (freed,) = pool.execute([Release("k", "w run", 0, "done", spec="1", ending=True)])
+    assert freed.known is True
+    assert client.zrange(holders, 0, -1) == [b"w next"]
+    # Then a renewal still counting it as running puts nothing back
+    (renewed,) = store.execute([Renew("k", 1, running=["w run", "w next"])])
+    assert renewed.restored == []
+    assert client.zrange(holders, 0, -1) == [b"w next"]
+    # And the main process's release is a no-op: counted once, no slot freed
+    assert release(store, "w run", cap=1).known is False
+    assert client.zrange(holders, 0, -1) == [b"w next"]
+    assert acquire(store, "w late", cap=1) is False
+    assert client.hget(store.family("k").meta, "done") == b"1"
+    # And the record of the ended lease expires with it
+    assert 0 < client.pttl(store.family("k").ended) <= 30_000
+
+
+def test_a_holder_that_ended_is_renewed_again_once_it_acquires_anew(store, redis_url, prefix):
+    """Given a holder whose slot was released as its body ended, when the same holder (a retry
+    of the task, same worker) acquires again, then renewals extend its new lease. Catches: the
+    ended mark outliving its run, leaving the retry's lease to expire while it runs."""
+    client = redis.Redis.from_url(redis_url)
+    pool = RedisLeases(client, prefix, lease_ttl=30, worker="")
+    assert acquire(store, "w again", cap=1) is True
+    pool.execute([Release("k", "w again", 0, "retried", spec="1", ending=True)])
+    assert acquire(store, "w again", cap=1) is True
+    client.delete(store.family("k").holders)  # Redis lost the lease
+    (renewed,) = store.execute([Renew("k", 1, running=["w again"])])
+    assert renewed.restored == ["w again"]
+
+
+def test_a_release_as_the_body_ends_publishes_every_grant(redis_url, prefix):
+    """Given a waiter of the worker whose pool process releases, when that process frees the
+    slot, then the grant is published on the worker's channel (the pool process is no worker:
+    nothing is returned to it). Catches: a grant returned to a process that cannot admit it."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisLeases(client, prefix, lease_ttl=30, worker="w")
+    pool = RedisLeases(client, prefix, lease_ttl=30, worker="")
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    channel = grant_channel(prefix, "w")
+    pubsub.subscribe(channel)
+
+    def subscribed() -> bool:
+        pubsub.get_message(timeout=0.01)
+        return dict(client.pubsub_numsub(channel)).get(channel.encode()) == 1
+
+    wait_until(subscribed, 5, what="the subscription to be registered by Redis")
+    acquire(store, "w a", cap=1)
+    acquire(store, "w b", cap=1)
+    (freed,) = pool.execute([Release("k", "w a", 0, "done", spec="1", ending=True)])
+    assert freed.granted == []
+
+    def message():
+        m = pubsub.get_message(timeout=0.1)
+        return m and json.loads(m["data"])
+
+    assert wait_until(message, 5) == ["k", "w b"]
+
+
+def test_a_wake_up_found_by_a_release_as_the_body_ends_goes_to_the_holders_worker(
+    redis_url, prefix
+):
+    """Given a key at 1 start per second whose next waiter is blocked only by the rate, when the
+    pool process frees the running slot, then the wake-up (when the next token is due) is
+    published to the holder's worker, which alone can wait for it. Catches: a wake-up claimed
+    by nobody (the waiter stalls until a renewal round), or claimed for the pool process."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisLeases(client, prefix, lease_ttl=30, worker="w")
+    pool = RedisLeases(client, prefix, lease_ttl=30, worker="")
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    channel = grant_channel(prefix, "w")
+    pubsub.subscribe(channel)
+
+    def subscribed() -> bool:
+        pubsub.get_message(timeout=0.01)
+        return dict(client.pubsub_numsub(channel)).get(channel.encode()) == 1
+
+    wait_until(subscribed, 5, what="the subscription to be registered by Redis")
+    rated = Admission(rate=Rate(1.0))  # one start per second, no burst
+    assert store.execute([Acquire("k", "w run", 1, rated)])[0].granted == ["w run"]
+    assert store.execute([Acquire("k", "w next", 1, rated)])[0].granted == []
+    spec = lease_spec("k", 1, rated)
+    pool.execute([Release("k", "w run", 0, "done", spec=spec, ending=True)])
+
+    def message():
+        m = pubsub.get_message(timeout=0.1)
+        return m and json.loads(m["data"])
+
+    wake = wait_until(message, 5)
+    assert wake["wake"] == "k" and wake["at"] > wake["now"]

@@ -149,6 +149,25 @@ def test_a_second_release_frees_nothing_more(open_side: Open, probe, prefix):
     assert (members(probe, family.holders), members(probe, family.waiters)) == ({b}, {c})
 
 
+def test_a_release_sent_later_goes_with_the_next_renewal_round(open_side: Open, probe, prefix):
+    """Given a cap of 1, one holder running and one waiting, when the running one's release is
+    submitted ``later`` (the worker's safety net after its pool process freed the slot), then
+    operations submitted after it go out first, and the release goes with the next renewal
+    round. Catches: a safety-net release never sent (the slot of a lost pool process leaks), or
+    sent on the hand-off's path."""
+    side = open_side()
+    a, b = side.acquire("k", "a", 1), side.acquire("k", "b", 1)
+    side.wait_for("granted", "k", a)
+    side.wait_for("waiting", "k", b)
+    side.release("k", "a", later=True)
+    barrier = side.acquire("barrier", "x", 1)
+    side.wait_for("granted", "barrier", barrier)
+    assert side.seen("granted", "k", b) == 0
+    side.transport.renew_soon()
+    side.wait_for("granted", "k", b)
+    assert members(probe, Family.of(prefix, "k").holders) == {b}
+
+
 def test_renewals_keep_a_running_lease_past_its_ttl(open_side: Open, probe, prefix):
     """Given a lease TTL of 0.9 s, when a holder runs past the expiry its lease was first given,
     then its lease is still there, pushed forward. Catches: a transport that stops renewing."""

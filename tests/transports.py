@@ -108,13 +108,13 @@ class Side:
         self.transport.submit(Acquire(key, holder, cap))
         return holder
 
-    def release(self, key: str, task: str) -> None:
+    def release(self, key: str, task: str, later: bool = False) -> None:
         holder = self.holder(task)
         with self._lock:
             self.running.get(key, {}).pop(holder, None)
             self.waiting.get(key, {}).pop(holder, None)
             cap = self.caps.get(key, 1)
-        self.transport.submit(Release(key, holder, cap, "done"))
+        self.transport.submit(Release(key, holder, cap, "done"), later=later)
 
     # -- what the transport calls --------------------------------------------------------------
     def snapshot(self) -> list[Renew]:

@@ -14,7 +14,7 @@ from typing import Any
 from . import request as protocol
 from .errors import ConfigurationError
 
-__all__ = ["absolute", "passed", "soft_limit"]
+__all__ = ["absolute", "arm", "passed", "soft_limit"]
 
 
 def absolute(task_name: str, deadline: Any) -> float | None:
@@ -46,3 +46,13 @@ def soft_limit(soft: float | None, deadline: float, now: float) -> float:
     when that comes sooner."""
     left = max(deadline - now, 0.001)
     return left if soft is None else min(soft, left)
+
+
+def arm(req: Any) -> None:
+    """The time left to a worker Request's deadline, if it has one, acts as its soft time
+    limit (or its own soft limit, when that comes sooner)."""
+    deadline = protocol.deadline(req)
+    if deadline is not None:
+        hard, soft = req.time_limits
+        soft = soft_limit(soft or req.task.soft_time_limit, deadline, time.time())
+        req.time_limits = (hard, soft)

@@ -9,6 +9,10 @@ touches a single slot::
     {prefix}:{<key>}:m    HASH  meta: cap (declared), override (live cap), seq (ticket counter),
                                 done / failed (runs ended, by outcome)
     {prefix}:{<key>}:wt   LIST  the last 1000 waits for a slot, in ms (newest first)
+    {prefix}:{<key>}:e    ZSET  ended: holders whose pool process freed their slot as the body
+                                ended, score = when they are forgotten (ms, one lease TTL on);
+                                a renewal from the worker's main process never puts them back;
+                                the set expires one lease TTL after its last entry
     {prefix}:{<key>}:p    ZSET  pending (``max_pending``): member task id, score = the time it
                                 stops counting unless a worker vouches for it again (ms)
 
@@ -27,7 +31,7 @@ The keys of a task with ``total`` form one family (the task's name, or ``family=
 the family's hash tag instead of their own, so one script can hand a freed slot to any key of
 the family. Their names carry the family (``family_key``: "<family>\x1f<key>")::
 
-    {prefix}:{fam:<family>}:k:<key>:h, …:w, …:we, …:m, …:wt, …:p   as above, per key
+    {prefix}:{fam:<family>}:k:<key>:h, …:w, …:we, …:m, …:wt, …:e, …:p   as above, per key
     {prefix}:{fam:<family>}:t   HASH  total (declared), override, running (holders of every
                                       key), turn (round-robin counter), wake
     {prefix}:{fam:<family>}:q   ZSET  keys with waiters: member key, score = its last turn
@@ -36,6 +40,7 @@ the family. Their names carry the family (``family_key``: "<family>\x1f<key>")::
 A key outside a family has the same two as unused names (``{prefix}:{<key>}:ft``, ``:fq``),
 so every lease script gets the same KEYS.
     {prefix}:grant:<worker>     pub/sub channel on which a worker hears of slots granted to it
+                                (and of wake-ups found by its pool processes' releases)
     {prefix}:keys         ZSET  every key in use: member key, score = last seen (epoch s); lets
                                 any worker reap the leases of a dead one, and tools list keys;
                                 keys unseen for a week leave it
@@ -86,6 +91,7 @@ class Family:
     waiter_expiry: str
     meta: str
     waits: str
+    ended: str
 
     #: pending task ids, then the family's total and turns (see the table above)
     pending: str = ""
@@ -107,13 +113,14 @@ class Family:
             f"{base}:we",
             f"{base}:m",
             f"{base}:wt",
+            f"{base}:e",
             f"{base}:p",
             f"{shared}t",
             f"{shared}q",
         )
 
     def all(self) -> list[str]:
-        return [self.holders, self.waiters, self.waiter_expiry, self.meta, self.waits]
+        return [self.holders, self.waiters, self.waiter_expiry, self.meta, self.waits, self.ended]
 
     def admission(self) -> list[str]:
         """The keys ``lua/admission.lua`` finds at the end of every lease script's KEYS."""

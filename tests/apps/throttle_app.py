@@ -88,6 +88,20 @@ def limited(label: str, duration: float = 0.2) -> str:
     return tracked("limited", label, duration)
 
 
+def _slow_to_report(
+    self: Any, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+) -> None:
+    """Celery calls this where the body ran, after storing the result and before the worker's
+    main process hears of the end: a second here delays that hearing by a second."""
+    time.sleep(1.0)
+    probe.rpush(f"{PREFIX}:probe:handover:reported", f"{args[0]} {time.time()}")
+
+
+@throttled_task(limit=1, key="handover", name="t.handover", after_return=_slow_to_report)
+def handover(label: str, duration: float = 0.05) -> str:
+    return tracked("handover", label, duration)
+
+
 @throttled_task(limit=2, key="shared-downstream", name="t.shared_a")
 def shared_a(label: str, duration: float = 0.2) -> str:
     return tracked("shared", label, duration)

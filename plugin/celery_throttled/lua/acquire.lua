@@ -4,6 +4,8 @@
 -- KEYS[2] - waiters ZSET (member holder, score ticket)
 -- KEYS[3] - waiter expiry ZSET (member holder, score expiry ms)
 -- KEYS[4] - meta HASH (cap, override, seq, an adaptive cap's acap and apause)
+-- KEYS[5] - waits LIST (unused here)
+-- KEYS[6] - ended ZSET (release.lua): the holder leaves it (a retry may reuse a holder's name)
 -- ARGV[1] - key name (as the application spells it)
 -- ARGV[2] - holder ("<worker> <task id>")
 -- ARGV[3] - spec: the declared cap (a positive integer) and the rest of the key's admission
@@ -27,6 +29,7 @@ local meta = redis.call('HMGET', KEYS[4], 'cap', 'override')
 if meta[1] ~= spec.cap_text then redis.call('HSET', KEYS[4], 'cap', spec.cap_text) end
 flow_declare(spec, KEYS[4])
 local now = now_ms()
+redis.call('ZREM', KEYS[6], holder)
 if redis.call('ZSCORE', KEYS[1], holder) then
   redis.call('ZADD', KEYS[1], now + ttl, holder)
   return {1, effective_cap(spec.cap), redis.call('ZCARD', KEYS[1]), {}, {}, 0, now}

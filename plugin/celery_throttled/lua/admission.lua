@@ -330,7 +330,9 @@ end
 local function flow_vouch(spec, first, now)
   if not spec.pending then return end
   for i = first, #ARGV do
-    redis.call('ZADD', PENDING, 'GT', now + spec.pending, flow_task(ARGV[i]))
+    if not redis.call('ZSCORE', KEYS[6], ARGV[i]) then  -- not one whose body ended (release.lua)
+      redis.call('ZADD', PENDING, 'GT', now + spec.pending, flow_task(ARGV[i]))
+    end
   end
 end
 

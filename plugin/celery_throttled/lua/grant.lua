@@ -1,6 +1,6 @@
 -- grant.lua: shared by every script (prepended when the scripts are loaded).
 --
--- grant(key_name, cap_arg, ttl, channel_prefix, caller) reaps expired holders and
+-- grant(key_name, cap_arg, ttl, channel_prefix, caller[, claimer]) reaps expired holders and
 -- waiters of the family KEYS[1..4] (holders, waiters, waiter expiry, meta), then hands
 -- free slots to the oldest waiters in ticket order. A grant to one of the calling
 -- worker's own waiters is returned to it; any other is published on the waiter's worker
@@ -14,8 +14,8 @@
 -- of holders granted to the caller's worker, the holders whose lease expired (their
 -- worker died or stalled): the caller reports those tasks as lost, exactly once; and
 -- wake_at: when the oldest waiter is blocked only by time (its rate's next token), the
--- Redis time (ms) at which the caller's worker should run grant() again, or 0 (a rate's next
--- token, or the end of an adaptive key's pause).
+-- Redis time (ms) at which the caller's worker (or the claimer, when given) should run grant()
+-- again, or 0 (a rate's next token, or the end of an adaptive key's pause).
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -32,7 +32,7 @@ local function remove_all(zset, members)
   end
 end
 
-local function grant(key_name, cap_arg, ttl, channel_prefix, caller)
+local function grant(key_name, cap_arg, ttl, channel_prefix, caller, claimer)
   local now = now_ms()
   local reaped = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
   if #reaped > 0 then remove_all(KEYS[1], reaped) end
@@ -56,5 +56,5 @@ local function grant(key_name, cap_arg, ttl, channel_prefix, caller)
     end
     running = running + #lucky
   end
-  return now, cap, running, mine, reaped, flow_claim(spec, wake, caller)
+  return now, cap, running, mine, reaped, flow_claim(spec, wake, claimer or caller)
 end

@@ -5,6 +5,7 @@
 -- KEYS[3] - waiter expiry ZSET
 -- KEYS[4] - meta HASH
 -- KEYS[5] - waits LIST (unused here)
+-- KEYS[6] - ended ZSET (release.lua): holders whose pool process freed their slot already
 -- ARGV[1] - key name
 -- ARGV[2] - spec (admission.lua): the declared cap, or 0 when the caller does not know it (a
 --           reaping pass over a key this worker has no task of, or a wake-up)
@@ -14,7 +15,8 @@
 -- ARGV[6] - n, the number of running holders that follow
 -- ARGV[7 .. 6+n]  - holders running a task: their lease is extended; a lease that vanished
 --                   (Redis lost its data, or the lease expired during a long stall) is put back,
---                   because the task really is running and must be counted
+--                   because the task really is running and must be counted; a holder in
+--                   KEYS[6] is skipped (its body ended: extending it would revive the slot)
 -- ARGV[7+n .. ]   - holders waiting for a slot: their liveness is extended; one that vanished
 --                   from the line is enqueued again
 -- KEYS[#KEYS-2 ..] - the admission keys (admission.lua): the pending tasks of these holders
@@ -31,9 +33,12 @@ if spec.cap > 0 then redis.call('HSET', KEYS[4], 'cap', spec.cap_text) end
 flow_declare(spec, KEYS[4])
 local now = now_ms()
 local restored, granted = {}, {}
+local ended = n > 0 and redis.call('ZCARD', KEYS[6]) > 0
 for i = 7, 6 + n do
-  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then table.insert(restored, ARGV[i]) end
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+  if not (ended and redis.call('ZSCORE', KEYS[6], ARGV[i])) then
+    if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then table.insert(restored, ARGV[i]) end
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+  end
 end
 for i = 7 + n, #ARGV do
   local holder = ARGV[i]

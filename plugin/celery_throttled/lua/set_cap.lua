@@ -5,6 +5,7 @@
 -- KEYS[3] - waiter expiry ZSET
 -- KEYS[4] - meta HASH
 -- KEYS[5] - waits LIST (unused here)
+-- KEYS[6] - ended ZSET (unused here)
 -- KEYS[#KEYS-2 ..] - the admission keys (admission.lua)
 -- ARGV[1] - key name
 -- ARGV[2] - the new cap (positive integer), "" to clear the override (back to the

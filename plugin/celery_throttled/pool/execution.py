@@ -12,7 +12,8 @@
    :class:`~.envelope.ErrorInfo` (``SystemExit``, ``KeyboardInterrupt``, ``MemoryError`` and
    ``GeneratorExit`` included), so the pool and the worker survive whatever the task did, and the
    caller always gets an envelope. Celery's control-flow exceptions (``Retry``, ``Ignore``,
-   ``Reject``) pass through untouched.
+   ``Reject``) pass through untouched;
+6. free its slots at once (:mod:`.release`), before Celery stores the result.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .. import request as protocol
 from ..envelope import ErrorInfo, kind_of, utc_from_timestamp
 from ..errors import Cancelled, ResultTooLarge, TaskFailed, Unserializable
 from ..settings import read_max_result_bytes
-from . import feedback
+from . import feedback, release
 from .backend import details_of
 from .timeouts import watchdog
 
@@ -60,11 +61,41 @@ guards: list[Guard] = []
 
 def run(task: Any, call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     request = task.request
+    ctx = context.TaskContext(task_id=request.id, deadline=protocol.deadline(request))
+    try:
+        for guard in guards:
+            guard(task, request, ctx)
+    except BaseException:  # it never runs: its slot is free at once all the same
+        release.free(task, request, "failed", ran=False)
+        raise
+    outcome = "failed"
+    try:
+        value = _run(task, request, ctx, call, args, kwargs)
+        outcome = "done"
+        return value
+    except Retry:
+        outcome = "retried"
+        raise
+    except SystemExit:
+        if terminate_handler_fired():
+            outcome = ""  # the pool is terminating this process: the worker releases
+        raise
+    finally:
+        if outcome:
+            release.free(task, request, outcome)
+
+
+def _run(
+    task: Any,
+    request: Any,
+    ctx: context.TaskContext,
+    call: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The run, after its guards: the body, its checks, and every exception an envelope."""
     info = protocol.info(request)
-    deadline = protocol.deadline(request)
-    ctx = context.TaskContext(task_id=request.id, deadline=deadline)
-    for guard in guards:
-        guard(task, request, ctx)
+    deadline = ctx.deadline
     started = time.time()
     details = details_of(request, task.name)
     details["started_at"] = _iso(started)

@@ -2,10 +2,13 @@
 
 Workers started by :class:`~celery_throttled.testing.WorkerFactory` record every run of a
 throttled task in the test's Redis: Celery's ``task_prerun`` signal adds the task id to the set
-of its key's runs and raises the key's peak if the set grew past it; ``task_postrun`` removes it
-again. The signals are sent in the process that runs the body (the pool child on prefork) inside
-the slot: after the admission, before the release. So the recorded peak never exceeds what the
-cap allows unless bodies really overlapped, and no line in the application's code is needed.
+of its key's runs and raises the key's peak if the set grew past it; an *ending* listener of
+:mod:`celery_throttled.pool.release` removes it again as the body ends, before the process frees
+the slot (``task_postrun`` comes after that, too late: another body may have started), and
+``task_postrun`` removes it too for a run that never reached its body. Both run in the process
+that runs the body (the pool child on prefork) inside the slot: after the admission, before the
+release. So the recorded peak never exceeds what the cap allows unless bodies really overlapped,
+and no line in the application's code is needed.
 
 A pool process killed before ``task_postrun`` (a hard timeout, ``os._exit``) leaves its task id
 in the set: read :meth:`ConcurrencyProbe.peak` for the cap, and do not expect
@@ -75,8 +78,8 @@ class ConcurrencyProbe:
         self.client.delete(run_key(self.prefix, key), peak_key(self.prefix, key))
 
     def wait_drained(self, key: str, timeout: float = 10.0) -> None:
-        """Wait until the limiter holds no slot and no waiter for ``key`` (releases are sent
-        after results are stored, so a test that got every result may still see holders)."""
+        """Wait until the limiter holds no slot and no waiter for ``key`` (releases travel on
+        their own, so a test that got every result may still see holders for a moment)."""
         deadline = time.monotonic() + timeout
         while self.holders(key) or self.waiting(key):
             if time.monotonic() > deadline:
@@ -99,6 +102,8 @@ def record_runs(redis_url: str, prefix: str) -> None:
 
     import redis
     from celery import signals
+
+    from ..pool import release
 
     clients: dict[int, Any] = {}
 
@@ -134,5 +139,9 @@ def record_runs(redis_url: str, prefix: str) -> None:
             conn, _ = client()
             conn.srem(run_key(prefix, key), task_id)
 
+    def ending(task: Any, request: Any, outcome: str) -> None:
+        ended(task, request.id, request.args, request.kwargs)
+
     signals.task_prerun.connect(started, weak=False)
+    release.ending.insert(0, ending)  # before any other step that runs while the slot is held
     signals.task_postrun.connect(ended, weak=False)

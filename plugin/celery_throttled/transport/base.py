@@ -6,6 +6,8 @@ A transport carries :class:`~.leases.Acquire`, :class:`~.leases.Release` and
 what to send and when is decided here:
 
 * **The queue.** Submitted operations wait in one queue, in order, and leave it in batches.
+  A release submitted ``later`` (the worker's safety net for a slot its pool process freed
+  already) waits for the next renewal round, or for :data:`LATER` others.
 * **Renewal rounds**, every ``lease_ttl / 3``, on request, after every (re)connection, and once
   more when a grace ends: this worker's leases and places in line (``Callbacks.snapshot``),
   the key registry's upkeep, then reaping passes (``Renew(key, 0)``) over registered keys this
@@ -30,10 +32,11 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from ..keys import errgroup_channel, grant_channel, registry
+from .batch import Batch, Round
 from .leases import Acquire, Codec, Op, Release, Renew
 from .reports import Callbacks, Outage
 
@@ -50,7 +53,8 @@ REGISTRY_BATCH = 200
 #: would otherwise pile up there)
 REGISTRY_RETENTION = 7 * 86400.0
 
-Command = tuple[Any, ...]
+#: releases submitted ``later`` that make a batch of their own
+LATER = 256
 
 
 def backoff(failures: int) -> float:
@@ -67,35 +71,6 @@ def run_id(info: Any) -> str:
         if line.startswith("run_id:"):
             return line.split(":", 1)[1].strip()
     return ""
-
-
-@dataclass
-class Round:
-    """One renewal round: this worker's renewals and the registry's upkeep, sent together;
-    the last command reads the registry, and :meth:`reaping` turns its reply into the passes
-    to send next."""
-
-    renewals: list[Renew]
-    commands: list[Command]
-
-    def reaping(self, members: Any) -> list[Renew]:
-        if not isinstance(members, list):
-            return []
-        known = {op.key for op in self.renewals}
-        keys = (m.decode() if isinstance(m, bytes) else str(m) for m in members)
-        return [Renew(key, 0) for key in keys if key not in known]
-
-
-@dataclass
-class Batch:
-    """What to send now, in this order: a round, registrations, operations."""
-
-    round: Round | None = None
-    commands: list[Command] = field(default_factory=list)
-    registered: set[str] = field(default_factory=set)
-    ops: list[Op] = field(default_factory=list)
-    #: the server (see :meth:`Transport._stale`) it was made for
-    server: int = 0
 
 
 class Transport(ABC):
@@ -121,6 +96,7 @@ class Transport(ABC):
         self.grace = min(1.0, lease_ttl / 3)
         self._lock = threading.Condition()
         self._queue: deque[Op] = deque()
+        self._later: list[Op] = []
         self._to_register: set[str] = set()
         self._next_round = time.monotonic() + self.renew_every
         self._round_requested = False
@@ -145,10 +121,18 @@ class Transport(ABC):
     def stop(self, timeout: float = 5.0) -> None:
         """The process exits: send what is queued, bounded by ``timeout``, and stop."""
 
-    def submit(self, op: Op) -> None:
-        """Send ``op`` soon; its outcome comes back through the callbacks. Any thread."""
+    def submit(self, op: Op, later: bool = False) -> None:
+        """Send ``op`` soon (``later``: with the next renewal round); its outcome comes back
+        through the callbacks. Any thread."""
         with self._lock:
-            self._queue.append(op)
+            if later:
+                self._later.append(op)
+                if len(self._later) < LATER:
+                    return
+                self._queue.extend(self._later)
+                self._later.clear()
+            else:
+                self._queue.append(op)
         self._wake()
 
     def register(self, key: str) -> None:
@@ -198,6 +182,9 @@ class Transport(ABC):
                 self._round_requested = False
                 self._next_round = now + self.renew_every
             registered, self._to_register = self._to_register, set()
+            if due:
+                self._queue.extend(self._later)
+                self._later.clear()
             ops = list(self._queue)
             self._queue.clear()
             if grace:
@@ -222,7 +209,7 @@ class Transport(ABC):
         if grace:  # running leases only: a renewed waiter could be granted
             renewals = [replace(op, waiting=()) for op in renewals]
         now = time.time()
-        commands: list[Command] = []
+        commands: list[tuple[Any, ...]] = []
         if renewals:
             keys = {op.key for op in renewals}
             commands.append(("ZADD", self.registry, *_scored(keys, now)))
@@ -233,11 +220,18 @@ class Transport(ABC):
         )
         return Round(renewals, commands)
 
+    def _now_not_later(self) -> None:
+        """The releases waiting for the next round go with the next batch (the process stops)."""
+        with self._lock:
+            self._queue.extend(self._later)
+            self._later.clear()
+
     def _drain(self) -> list[Op]:
         """Everything queued, grace or not (the process is stopping)."""
         with self._lock:
-            ops = list(self._queue)
+            ops = [*self._queue, *self._later]
             self._queue.clear()
+            self._later.clear()
             return ops
 
     def _requeue(self, ops: list[Op], registered: set[str] | None = None) -> None:

@@ -36,7 +36,16 @@ from redis.cluster import RedisCluster
 from ..admission import Admission, spec
 from ..keys import Family, grant_channel_prefix, split_key
 
-__all__ = ["Acquire", "Outcome", "RedisLeases", "Release", "Renew", "Scripts", "ServerChanged"]
+__all__ = [
+    "Acquire",
+    "Outcome",
+    "RedisLeases",
+    "Release",
+    "Renew",
+    "Scripts",
+    "ServerChanged",
+    "lease_spec",
+]
 
 
 class ServerChanged(redis.ConnectionError):
@@ -65,6 +74,11 @@ class Release:
     #: seconds it waited for its slot, kept for the wait-time percentiles; None: not recorded
     waited: float | None = None
     admission: Admission | None = None
+    #: the cap argument already built (:func:`lease_spec`): the pool process has no Admission
+    spec: str = ""
+    #: sent by the pool process as the body ends (:mod:`..pool.release`): the holder is
+    #: recorded as ended, so that no renewal puts its slot back
+    ending: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,13 +154,16 @@ class Codec:
         if isinstance(op, Release):
             waited = -1 if op.waited is None else int(op.waited * 1000)
             args = [op.key, op.holder, cap, self.ttl_ms, self.channel_prefix, self.worker]
-            return Scripts.get("release.lua"), keys, [*args, op.outcome, waited]
+            args += [op.outcome, waited, "1" if op.ending else ""]
+            return Scripts.get("release.lua"), keys, args
         args = [op.key, cap, self.ttl_ms, self.channel_prefix, self.worker]
         args += [len(op.running), *op.running, *op.waiting]
         return Scripts.get("renew.lua"), keys, args
 
     def spec(self, op: Op) -> str:
         """The cap argument: the cap and the key's admission rules (``admission.spec``)."""
+        if isinstance(op, Release) and op.spec:
+            return op.spec
         return spec(
             op.cap,
             op.admission,
@@ -194,6 +211,9 @@ class RedisLeases:
         if isinstance(self.client, RedisCluster):
             replies = self._execute_on_nodes(ops)
             return [self.codec.decode(op, reply) for op, reply in zip(ops, replies, strict=True)]
+        if len(ops) == 1:  # one EVALSHA, without the pipeline's SCRIPT EXISTS round trip
+            script, keys, args = self.codec.call(ops[0])
+            return [self.codec.decode(ops[0], self._scripts[script.name](keys, args))]
         pipe = self.client.pipeline(transaction=False)
         for op in ops:
             script, keys, args = self.codec.call(op)
@@ -237,6 +257,11 @@ class RedisLeases:
                 script, keys, args = calls[index]
                 replies[index] = self._scripts[script.name](keys, args)
         return replies
+
+
+def lease_spec(key: str, cap: int, admission: Admission | None) -> str:
+    """The cap argument of a release of ``key``, built where the Admission is known."""
+    return spec(cap, admission, in_family=split_key(key)[0] is not None)
 
 
 def _text(values: Iterable[bytes | str]) -> list[str]:

@@ -54,17 +54,23 @@ class Callbacks:
             self.wake(outcome.key, outcome.wake_at, outcome.clock)
 
     def message(self, data: bytes | str) -> None:
-        """A pub/sub message: a grant ``[key, holder]`` or an errgroup's ``{"cancel": id}``."""
+        """A pub/sub message: a grant ``[key, holder]``, an errgroup's ``{"cancel": id}``, or a
+        wake-up ``{"wake": key, "at": ms, "now": ms}`` claimed for this worker by a release
+        its pool process made."""
         try:
             decoded = json.loads(data)
-            if isinstance(decoded, dict):
+            if isinstance(decoded, dict) and "wake" in decoded:
+                wake = (str(decoded["wake"]), int(decoded["at"]), int(decoded["now"]))
+            elif isinstance(decoded, dict):
                 gid = decoded["cancel"]
             else:
                 key, holder = decoded
         except (ValueError, TypeError, KeyError):
             logger.error("celery-throttled: ignoring malformed limiter message %r", data)
             return
-        if isinstance(decoded, dict):
+        if isinstance(decoded, dict) and "wake" in decoded:
+            self.wake(*wake)
+        elif isinstance(decoded, dict):
             self.group_cancelled(str(gid))
         else:
             self.granted(key, holder)

@@ -82,6 +82,7 @@ class ThreadedTransport(Transport):
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is queued (bounded by ``timeout``), then stop both threads."""
         deadline = time.monotonic() + timeout
+        self._now_not_later()
         with self._lock:
             while self._due(time.monotonic()) and time.monotonic() < deadline:
                 if self.outage.ongoing or not self._threads[0].is_alive():

@@ -5,12 +5,13 @@ The data path, all on the worker's main process::
     message -> strategy -> Gate.route -> (limit set?) -> Gate.submit: hold, unacknowledged
             -> Acquire (the transport: on the event loop, or two threads) -> granted now,
                or later by a release anywhere in the cluster
-            -> Gate._admit on the event loop -> the pool runs the task
+            -> Gate._admit on the event loop -> written to a pool process at once
+            -> the pool process frees the slot as the body ends (:mod:`..pool.release`)
             -> on_success / on_failure / hard timeout / revoke / cancel -> Gate.release
+               (idempotent: the safety net for a pool process lost before it could release)
 
 A held request occupies no pool process or thread, is not re-published and costs no retry;
-each one that waits widens the prefetch window (:mod:`.window`). Held requests are swept every
-``throttle_sweep_interval`` (:mod:`.sweep` decides, the gate carries the verdict out).
+each one that waits widens the prefetch window (:mod:`.window`). :mod:`.sweep` sweeps them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from celery.worker import state as worker_state
@@ -40,7 +42,7 @@ from .endpaths import hook_end_paths
 from .lines import Held, Lines
 from .loop import Loop
 from .pokes import Pokes
-from .sweep import DEADLINE, HAND_BACK, REJECT, judge
+from .sweep import sweep
 from .window import Window
 
 __all__ = ["Gate"]
@@ -86,10 +88,7 @@ class Gate:
             wake=self.loop.on_loop(self.pokes.wake),
         )
         self.transport = transport.build(
-            settings,
-            hub=consumer.hub,
-            worker=self.worker,
-            callbacks=callbacks,
+            settings, hub=consumer.hub, worker=self.worker, callbacks=callbacks
         )
         self._closed = False
         self._sweeper: Any = None
@@ -124,11 +123,7 @@ class Gate:
         return self.submit(req, limit)
 
     def _run(self, req: Any) -> Any:
-        deadline = protocol.deadline(req)
-        if deadline is not None:  # the time left acts as the soft time limit
-            hard, soft = req.time_limits
-            soft = deadlines.soft_limit(soft or req.task.soft_time_limit, deadline, time.time())
-            req.time_limits = (hard, soft)
+        deadlines.arm(req)
         protocol.ADMITTED.set(req, True)
         return self._dispatch(req)
 
@@ -172,8 +167,9 @@ class Gate:
         held = self.lines.waiter(key, holder)
         if held is None:
             return
+        held.queued = True
         if held.req.task.throttle_on_full == "reject":
-            self._reject(held, f"no slot of {key!r} was free (on_full='reject')")
+            self.reject(held, f"no slot of {key!r} was free (on_full='reject')")
         else:
             self.window.widen(held)
 
@@ -191,7 +187,7 @@ class Gate:
         self.window.narrow(held)
         req = held.req
         if self._closed:
-            self._give_back(held)
+            self.give_back(held)
             return
         if req.revoked():
             self.release(held)
@@ -210,50 +206,32 @@ class Gate:
         held.waited = held.admitted_at - held.since
         if self.metrics is not None:
             self.metrics.admitted(held.key, held.waited)
-        protocol.info(req)["waited"] = held.waited
+        protocol.info(req).update(waited=held.waited, leases=held.leases())
         self.lines.run(held)
-        hook_end_paths(req, lambda outcome: self.release(held, outcome))
+        hook_end_paths(req, lambda outcome, later: self.release(held, outcome, later=later))
         protocol.SLOT.set(req, True)
         self._run(req)
         poolqueue.jump(self.consumer, req)
+        if held.queued:  # a hand-off: to a pool process now, not on the loop's next turn
+            poolqueue.write_now(self.consumer)
 
-    def release(self, held: Held, outcome: str = "", wait: str = "") -> None:
+    def release(self, held: Held, outcome: str = "", wait: str = "", later: bool = False) -> None:
         """Give the slot (or the place in line) back, and the errgroup's slot held with it.
 
         Idempotent; called from any thread. ``outcome`` ("done", "failed", "retried") is counted
-        per key for ``celery throttle``; ``wait`` says why a wait ended unadmitted (tracing).
+        per key for ``celery throttle``; ``wait`` says why a wait ended unadmitted (tracing);
+        ``later``: the pool process freed the slot already, this is the safety net.
         """
         if not self.lines.leave(held):
             return
         tracing.wait_released(held.wait, wait or outcome, held.req)
-        self.transport.submit(
-            Release(held.key, held.holder, held.cap, outcome, held.waited, held.admission)
-        )
+        op = Release(held.key, held.holder, held.cap, outcome, held.waited, held.admission)
+        self.transport.submit(op, later=later)
         if held.outer is not None:
-            self.release(held.outer, outcome)
+            self.release(held.outer, outcome, later=later)
         if self.metrics is not None:
             ran = None if held.admitted_at is None else time.monotonic() - held.admitted_at
             self.metrics.ended(held.key, outcome, ran)
-
-    def sweep(self) -> None:
-        """Put every waiting request to the sweep's policies; carry out their verdicts."""
-        now = time.monotonic()
-        for held in self.members.keep_live(self.lines.waiting()):
-            verdict = judge(held, now, self.settings.max_hold)
-            if verdict is None:
-                continue
-            req = held.req
-            if verdict.action == REJECT:
-                self._reject(held, verdict.reason)
-                continue
-            self.window.narrow(held)
-            if verdict.action == HAND_BACK:
-                logger.info("celery-throttled: %s[%s] %s", req.name, req.id, verdict.reason)
-                self._give_back(held, requeue=True)
-                continue
-            self.release(held)
-            if verdict.action == DEADLINE:
-                outcomes.deadline_passed(req, verdict.reason)
 
     def group_cancelled(self, gid: str) -> None:
         """An errgroup was cancelled somewhere in the cluster."""
@@ -263,13 +241,13 @@ class Gate:
         self.window.narrow(held)
         self.release(held, wait="cancelled")
 
-    def _reject(self, held: Held, reason: str) -> None:
+    def reject(self, held: Held, reason: str) -> None:
         """The wait policy refuses ``held`` a slot: it settles as ``rejected`` without running."""
         self.window.narrow(held)
         self.release(held, "rejected")
         outcomes.rejected(held.req, reason)
 
-    def _give_back(self, held: Held, requeue: bool = False) -> None:
+    def give_back(self, held: Held, requeue: bool = False) -> None:
         self.release(held, wait="handed_back")
         worker_state.task_ready(held.req)
         if requeue:
@@ -283,7 +261,7 @@ class Gate:
         if self._sweeper is None:
             self._sweeper = self.consumer.timer.call_repeatedly(
                 self.settings.sweep_interval,
-                self.sweep,
+                partial(sweep, self),
                 priority=5,
             )
 
@@ -297,7 +275,7 @@ class Gate:
         waiting = self.lines.waiting()
         self.window.forget(waiting)
         for held in waiting:
-            self._give_back(held, requeue=shutting_down)
+            self.give_back(held, requeue=shutting_down)
         if self._sweeper is not None:
             self.consumer.timer.cancel(self._sweeper)
             self._sweeper = None
@@ -315,12 +293,7 @@ class Gate:
         self.transport.submit(Renew(key, cap, admission=admission))
 
     def lost(self, key: str, holders: list[str]) -> None:
-        """Leases that expired: their worker died (or stalled past the lease TTL).
-
-        This worker removed them, so it alone reports them (off the event loop): each task not
-        already settled gets a ``worker_lost`` envelope, so its caller never waits forever.
-        """
-        mine = self.lines.running_holders(key)
-        orphans = [h for h in holders if h not in mine]
-        if orphans:
-            outcomes.report_lost_soon(self.consumer.app, key, orphans)
+        """Leases that expired (their worker died, or stalled past the lease TTL), removed by
+        this worker, which alone reports them: a ``worker_lost`` envelope for each unsettled."""
+        running = self.lines.running_holders(key)
+        outcomes.report_lost_soon(self.consumer.app, key, holders, running)

@@ -17,7 +17,7 @@ from typing import Any
 from ..admission import Admission
 from ..keys import ERRGROUP_KEY_PREFIX
 from ..tracing import Wait, wait_ended
-from ..transport.leases import Renew
+from ..transport.leases import Renew, lease_spec
 
 __all__ = ["Held", "Lines"]
 
@@ -33,6 +33,7 @@ class Held:
         "key",
         "next_cap",
         "outer",
+        "queued",
         "rank",
         "released",
         "req",
@@ -60,6 +61,8 @@ class Held:
         self.rank = rank
         self.since = time.monotonic()
         self.widened = False
+        #: it was told to wait in line: its grant is a hand-off, written to the pool at once
+        self.queued = False
         self.released = False
         self.waited: float | None = None
         self.admitted_at: float | None = None
@@ -69,6 +72,16 @@ class Held:
         self.next_cap: int | None = None
         #: the wait's trace span (:mod:`celery_throttled.tracing`), None without OpenTelemetry
         self.wait: Wait | None = None
+
+    def leases(self) -> list[list[str]]:
+        """``[key, holder, spec]`` of this slot and of the slots held with it (an errgroup's):
+        what the pool process releases as the body ends (:mod:`..pool.release`)."""
+        held: Held | None = self
+        out = []
+        while held is not None:
+            out.append([held.key, held.holder, lease_spec(held.key, held.cap, held.admission)])
+            held = held.outer
+        return out
 
 
 class Lines:

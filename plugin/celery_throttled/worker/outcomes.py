@@ -60,8 +60,12 @@ def rejected(req: Any, reason: str) -> None:
     never_runs(req, TaskFailed(error.to_json()))
 
 
-def report_lost_soon(app: Any, key: str, holders: list[str]) -> None:
-    """:func:`report_lost` on a thread of its own (it reads and writes the result backend)."""
+def report_lost_soon(app: Any, key: str, holders: list[str], running: set[str]) -> None:
+    """:func:`report_lost` on a thread of its own (it reads and writes the result backend),
+    for the ``holders`` not ``running`` here."""
+    holders = [h for h in holders if h not in running]
+    if not holders:
+        return
     threading.Thread(
         target=report_lost, args=(app, key, holders), name="throttle-lost", daemon=True
     ).start()

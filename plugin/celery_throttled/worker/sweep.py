@@ -10,11 +10,12 @@ policy that applies decides, in this order:
    redelivery timeout could make it run twice.
 
 (Members of cancelled errgroups are dropped before, by :mod:`celery_throttled.errgroup.members`.)
-The gate carries the verdict out; this module only decides.
+:func:`judge` decides; :func:`sweep` carries the verdicts out through the gate.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,9 +24,12 @@ from typing import Any
 from celery.worker import state as worker_state
 
 from .. import deadlines
+from . import outcomes
 from .lines import Held
 
-__all__ = ["DEADLINE", "DISCARD", "HAND_BACK", "REJECT", "Verdict", "judge"]
+__all__ = ["DEADLINE", "DISCARD", "HAND_BACK", "REJECT", "Verdict", "judge", "sweep"]
+
+logger = logging.getLogger(__name__)
 
 DISCARD, DEADLINE, REJECT, HAND_BACK = "discard", "deadline", "reject", "hand back"
 
@@ -63,3 +67,24 @@ def _expired(req: Any) -> bool:
         return False
     now = datetime.now(timezone.utc if expires.tzinfo else None)
     return bool(now > expires)
+
+
+def sweep(gate: Any) -> None:
+    """Put every request ``gate`` holds waiting to the policies; carry out their verdicts."""
+    now = time.monotonic()
+    for held in gate.members.keep_live(gate.lines.waiting()):
+        verdict = judge(held, now, gate.settings.max_hold)
+        if verdict is None:
+            continue
+        req = held.req
+        if verdict.action == REJECT:
+            gate.reject(held, verdict.reason)
+            continue
+        gate.window.narrow(held)
+        if verdict.action == HAND_BACK:
+            logger.info("celery-throttled: %s[%s] %s", req.name, req.id, verdict.reason)
+            gate.give_back(held, requeue=True)
+            continue
+        gate.release(held)
+        if verdict.action == DEADLINE:
+            outcomes.deadline_passed(req, verdict.reason)
