@@ -403,7 +403,7 @@ BREAKAGES = [
     Breakage(
         "a warm shutdown that drops the jobs handed to pool processes",
         f"{PACKAGE}/worker/shutdown.py",
-        "kept = handed(asyn) if asyn._state != _RUN else []",
+        "kept = handed(asyn) if asyn._state != RUN else []",
         "kept: list[Any] = []",
         (
             "tests/test_shutdown.py::"

@@ -27,11 +27,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from billiard.pool import RUN
+
 __all__ = ["keep_handed_jobs"]
 
 logger = logging.getLogger(__name__)
-
-_RUN = 0  # billiard.pool.RUN: the pool's state until it is closed
 
 
 def keep_handed_jobs(pool: Any) -> None:
@@ -45,7 +45,7 @@ def keep_handed_jobs(pool: Any) -> None:
         return
 
     def flush_keeping_handed_jobs() -> Any:
-        kept = handed(asyn) if asyn._state != _RUN else []
+        kept = handed(asyn) if asyn._state != RUN else []  # closed: a shutdown
         try:
             return flush()
         finally:
