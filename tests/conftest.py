@@ -206,6 +206,7 @@ class Workers:
         concurrency: int = 4,
         name: str | None = None,
         wait: bool = True,
+        loglevel: str = "info",
         **env: Any,
     ) -> Worker:
         name = name or f"w{len(self.started) + 1}"
@@ -233,7 +234,7 @@ class Workers:
             "-n",
             node,
             "-l",
-            "info",
+            loglevel,
             "-Q",
             self.prefix,
             "--without-gossip",

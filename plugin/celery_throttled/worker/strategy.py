@@ -15,6 +15,7 @@ from celery.worker.strategy import default
 
 from .. import request as protocol
 from .gate import Gate
+from .shutdown import keep_handed_jobs
 
 __all__ = ["ThrottleConsumerStep", "throttled"]
 
@@ -25,12 +26,15 @@ def throttled(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
 
 
 class ThrottleConsumerStep(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Starts the gate's sweeps with the consumer; lets go of held messages when it stops."""
+    """Starts the gate's sweeps with the consumer; lets go of held messages when it stops; keeps
+    a prefork pool's warm shutdown from stalling on a job already handed out (:mod:`.shutdown`).
+    """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
     label = "Throttle"
 
     def start(self, c: Any) -> None:
+        keep_handed_jobs(c.pool)
         gate = protocol.GATE.get(c)
         if gate is not None:
             gate.start()
