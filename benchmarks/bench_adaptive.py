@@ -28,12 +28,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +49,7 @@ from benchmarks.bench_cap import (  # noqa: E402
     table,
     write_json,
 )
+from benchmarks.harness import add_keep_logs, chosen_rows, run_rows, worker_logs  # noqa: E402
 from celery_throttled.keys import Family  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_adaptive.json"
@@ -266,26 +264,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", default=",".join(ROWS), help="default: %(default)s")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     parser.add_argument("--loglevel", default="warning", help="worker log level")
+    add_keep_logs(parser)
     args = parser.parse_args(argv)
-    rows = [r.strip().upper() for r in args.rows.split(",") if r.strip()]
-    if unknown := sorted(set(rows) - set(ROWS)):
-        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    rows = chosen_rows(parser, args.rows, ROWS)
+    with worker_logs("bench-adaptive", keep=args.keep_logs) as logs:
+        return logs.outcome(run(args, rows, logs.path))
+
+
+def run(args: argparse.Namespace, rows: list[str], logdir: Path) -> int:
     sizes = Sizes.of(args.quick)
-    logdir = Path(tempfile.mkdtemp(prefix="bench-adaptive-logs-"))
     began = time.monotonic()
     with redis_for_bench() as url:
         bench = Bench(url, logdir, args.loglevel)
         env = environment(url)
-        try:
-            for tag in rows:
-                print(f"running {tag} ...", flush=True)
-                try:
-                    RUNNERS[tag](bench, sizes)
-                except Exception as exc:
-                    bench.report.errors.append(f"{tag}: {exc}")
-                    traceback.print_exc()
-        finally:
-            bench.close()
+        run_rows(bench, rows, RUNNERS, sizes)
     report = bench.report
     elapsed = time.monotonic() - began
     env["loadavg_at_end"] = os.getloadavg()
@@ -313,11 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     print(f"results written to {args.out}")
-    if report.errors:
-        print(f"worker logs kept in {logdir}")
-        return 2
-    shutil.rmtree(logdir, ignore_errors=True)
-    return 0
+    return 2 if report.errors else 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -44,6 +43,7 @@ from benchmarks.bench_cap import (  # noqa: E402
     table,
     write_json,
 )
+from benchmarks.harness import add_keep_logs, worker_logs  # noqa: E402
 from celery_throttled.testing.redis import RedisServer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_scale.json"
@@ -240,9 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 000 tasks, 200 keys")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--loglevel", default="warning")
+    add_keep_logs(parser)
     args = parser.parse_args(argv)
+    with worker_logs("bench-scale", keep=args.keep_logs) as logs:
+        return logs.outcome(run(args, logs.path))
+
+
+def run(args: argparse.Namespace, logdir: Path) -> int:
     n, keys = (2000, 200) if args.quick else (10_000, 1000)
-    logdir = Path(tempfile.mkdtemp(prefix="bench-scale-logs-"))
     limiter = RedisServer().start(timeout=15)
     limiter_url = limiter.url
     try:
@@ -258,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
         limiter.stop()
     report = lines(s1, s2)
     print(table(report))
-    print(f"\nworker logs in {logdir}")
     write_json(
         args.out,
         {
