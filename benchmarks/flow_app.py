@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis
-from celery import shared_task
+from celery import shared_task, signals
 
 from celery_throttled import throttled_task
 
@@ -83,6 +83,32 @@ def flow_celery_rate(duration: float) -> None:
     """Celery's own rate_limit: a token bucket per worker."""
     with spanned("celery_rate"):
         time.sleep(duration)
+
+
+@signals.worker_ready.connect
+def fire_every_due_timer(sender: Any, **kwargs: Any) -> None:
+    """With ``BENCH_FIRE_EVERY_TIMER=1``: the worker's event loop fires every due timer entry
+    in a turn, not at most 10, so Celery's ``rate_limit`` runs as designed.
+
+    A rate-limited request that finds its worker's bucket empty schedules a timer entry to try
+    again (``Consumer._schedule_bucket_request``); every message that arrives meanwhile adds
+    one more, and an entry that fires and still finds no token adds another, so entries pile
+    up (tens per worker under a backlog). kombu's ``Hub.fire_timers`` fires at most 10 a turn
+    and, when the 10th fired, returns its ``min_delay``, 1 s, as the poll timeout: the loop
+    then sleeps a second with entries overdue, and each second one request (the bucket holds
+    one token) goes to the pool. This is kombu and Celery as shipped, with or without this
+    package; the benchmark shows both.
+    """
+    hub = getattr(sender, "hub", None)
+    if not os.environ.get("BENCH_FIRE_EVERY_TIMER") or hub is None:
+        return
+    fire = hub.fire_timers
+
+    def fire_all(min_delay: float = 1, max_delay: float = 10, **kw: Any) -> Any:
+        kw["max_timers"] = 1_000_000
+        return fire(min_delay, max_delay, **kw)
+
+    hub.fire_timers = fire_all
 
 
 @shared_task(bind=True, max_retries=None, name="bench.flow_recipe_rate")
