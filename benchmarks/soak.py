@@ -1,6 +1,6 @@
 """Soak: mixed load on two workers, with pool processes killed at random and one limiter restart.
 
-    python benchmarks/soak.py [--minutes 30] [--rate 25] [--json PATH]
+    python benchmarks/soak.py [--minutes 30] [--rate 25] [--json PATH] [--logs DIR] [--keep-logs]
 
 Two workers of ``benchmarks/bench_app.py`` (prefork, concurrency 4, lease TTL 6 s) take a steady
 mix of tasks for ``--minutes``: capped at 3 on one key (some of them failing on purpose), capped
@@ -15,7 +15,9 @@ Afterwards every submitted task must have exactly one outcome (a stored result i
 and a body that ran at most once), no lease or waiter may be left in the limiter's Redis, and no
 key's peak concurrency may have exceeded its cap. The peak comes from the spans the bodies log
 (a killed body ends at its kill), not from a counter, which a killed process would leave high.
-Prints a summary, writes it as JSON, and exits 0 only when all of that holds.
+Prints a summary, writes it as JSON, and exits 0 only when all of that holds. The logs go to
+``--logs`` when given, else to a temporary folder that is removed unless the run failed or
+``--keep-logs`` is given.
 """
 
 from __future__ import annotations
