@@ -134,7 +134,10 @@ def merged(path: Path, fresh: dict[str, Any], order: Sequence[str]) -> dict[str,
         "rows": [row for row in order if row in ran or row in (old.get("rows") or [])],
         "table": table,
         "raw": {**old.get("raw", {}), **fresh["raw"]},
-        "worker_logs": {**old.get("worker_logs", {}), **fresh.get("worker_logs", {})},
+        "worker_logs": {
+            **{k: v for k, v in old.get("worker_logs", {}).items() if not k.startswith(tuple(ran))},
+            **fresh.get("worker_logs", {}),
+        },
         "earlier": earlier,
         "rerun": sorted(ran, key=order.index),
     }
