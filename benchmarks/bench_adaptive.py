@@ -26,14 +26,9 @@ missed; 2 when a row could not be completed.
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,15 +42,12 @@ from benchmarks.bench_cap import (  # noqa: E402
     Bench,
     Line,
     Row,
-    environment,
-    redis_for_bench,
-    table,
-    write_json,
 )
+from benchmarks.harness import rows_main  # noqa: E402
+from benchmarks.sampling import Periodic  # noqa: E402
 from celery_throttled.keys import Family  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_adaptive.json"
-ROWS = ("A1", "A2")
 WORKERS = 2
 DURATION = 0.05
 ADAPTIVE = "bench.adaptive_call"
@@ -71,31 +63,20 @@ class Sizes:
         return cls(160, 4.0) if quick else cls(400, 6.0)
 
 
-class CapTrace:
+class CapTrace(Periodic):
     """Samples the adaptive key's cap (the integer that admits) every 50 ms, in a thread."""
 
     def __init__(self, row: Row, key: str = ADAPTIVE) -> None:
+        super().__init__()
         self.meta = Family.of(row.prefix, key).meta
         self.redis = row.bench.redis
         self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> CapTrace:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            acap, pin = self.redis.hmget(self.meta, "acap", "override")
-            if acap is not None:
-                cap = int(pin) if pin is not None else int(float(acap))
-                self.samples.append((time.time(), cap))
-            self._stop.wait(0.05)
+    def sample(self) -> None:
+        acap, pin = self.redis.hmget(self.meta, "acap", "override")
+        if acap is not None:
+            cap = int(pin) if pin is not None else int(float(acap))
+            self.samples.append((time.time(), cap))
 
     def settled_after(self, since: float, capacity: int) -> float | None:
         """Seconds from ``since`` until the cap was first within 25 % of ``capacity``."""
@@ -261,63 +242,7 @@ RUNNERS: dict[str, Callable[[Bench, Sizes], None]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="smaller batches, for a smoke run")
-    parser.add_argument("--rows", default=",".join(ROWS), help="default: %(default)s")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
-    parser.add_argument("--loglevel", default="warning", help="worker log level")
-    args = parser.parse_args(argv)
-    rows = [r.strip().upper() for r in args.rows.split(",") if r.strip()]
-    if unknown := sorted(set(rows) - set(ROWS)):
-        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    sizes = Sizes.of(args.quick)
-    logdir = Path(tempfile.mkdtemp(prefix="bench-adaptive-logs-"))
-    began = time.monotonic()
-    with redis_for_bench() as url:
-        bench = Bench(url, logdir, args.loglevel)
-        env = environment(url)
-        try:
-            for tag in rows:
-                print(f"running {tag} ...", flush=True)
-                try:
-                    RUNNERS[tag](bench, sizes)
-                except Exception as exc:
-                    bench.report.errors.append(f"{tag}: {exc}")
-                    traceback.print_exc()
-        finally:
-            bench.close()
-    report = bench.report
-    elapsed = time.monotonic() - began
-    env["loadavg_at_end"] = os.getloadavg()
-    env["workers_per_row"] = WORKERS
-    print()
-    print(table(report.lines))
-    print(
-        f"\n{'quick' if args.quick else 'full'} run of {', '.join(rows)} took {elapsed:.0f} s "
-        f"on {env['cpu_count']} CPUs (load {env['loadavg_at_start'][0]:.2f} at start)"
-    )
-    for message in report.errors:
-        print(f"ERROR: {message}")
-    write_json(
-        args.out,
-        {
-            "environment": env,
-            "quick": args.quick,
-            "rows": rows,
-            "elapsed_s": elapsed,
-            "sizes": sizes.__dict__,
-            "table": [line.__dict__ for line in report.lines],
-            "raw": report.raw,
-            "errors": report.errors,
-            "worker_logs": report.logs,
-        },
-    )
-    print(f"results written to {args.out}")
-    if report.errors:
-        print(f"worker logs kept in {logdir}")
-        return 2
-    shutil.rmtree(logdir, ignore_errors=True)
-    return 0
+    return rows_main(argv, __doc__, "bench-adaptive", RUNNERS, Sizes.of, RESULTS, WORKERS)
 
 
 if __name__ == "__main__":

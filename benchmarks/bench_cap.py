@@ -39,7 +39,6 @@ import platform
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 import uuid
@@ -837,6 +836,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     parser.add_argument("--loglevel", default="warning", help="worker log level")
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the workers' logs (default: kept only when the run fails)",
+    )
     args = parser.parse_args(argv)
     args.rows = [r.strip().upper() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(args.rows) - set(ROWS))
@@ -847,8 +851,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))  # run as a script: the checkout's ``benchmarks`` package
+    from benchmarks.harness import worker_logs
+
+    with worker_logs("bench-cap", keep=args.keep_logs) as logs:
+        return logs.outcome(run(args, logs.path))
+
+
+def run(args: argparse.Namespace, logdir: Path) -> int:
     sizes = Sizes.of(args.quick, args.scale)
-    logdir = Path(tempfile.mkdtemp(prefix="bench-cap-logs-"))
     began = time.monotonic()
     with redis_for_bench() as url:
         bench = Bench(url, logdir, args.loglevel)
@@ -871,7 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(report.lines))
     print(
         f"\n{'quick' if args.quick else 'full'} run of {', '.join(args.rows)} took "
-        f"{elapsed:.0f} s on {env['cpu_count']} CPUs; worker logs in {logdir}"
+        f"{elapsed:.0f} s on {env['cpu_count']} CPUs"
     )
     for name, problems in report.logs.items():
         if problems["tracebacks"] or problems["errors"] or problems["exit"] not in (0, None):

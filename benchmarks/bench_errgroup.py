@@ -27,7 +27,6 @@ import gc
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ from benchmarks.bench_cap import (  # noqa: E402
     table,
     write_json,
 )
+from benchmarks.harness import add_keep_logs, worker_logs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_errgroup.json"
 SIBLINGS, SECONDS, FAIL_AFTER = 15, 2.0, 0.1
@@ -225,9 +225,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one run of each scenario")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     parser.add_argument("--loglevel", default="warning", help="worker log level")
+    add_keep_logs(parser)
     args = parser.parse_args(argv)
+    with worker_logs("bench-errgroup", keep=args.keep_logs) as logs:
+        return logs.outcome(run(args, logs.path))
+
+
+def run(args: argparse.Namespace, logdir: Path) -> int:
     repeat = 1 if args.quick else args.repeat
-    logdir = Path(tempfile.mkdtemp(prefix="bench-errgroup-logs-"))
     began = time.monotonic()
     with redis_for_bench() as url:
         bench = Bench(url, logdir, args.loglevel)
@@ -245,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(report.lines))
     print(
         f"\n{repeat} run(s) of each scenario took {time.monotonic() - began:.0f} s on "
-        f"{env['cpu_count']} CPUs; worker logs in {logdir}"
+        f"{env['cpu_count']} CPUs"
     )
     for message in report.errors:
         print(f"ERROR: {message}")

@@ -1,6 +1,6 @@
 """Benchmark flow control beside what people use without it, in one run.
 
-    python benchmarks/bench_flow.py [--quick] [--rows R1,F1,B1,C1]
+    python benchmarks/bench_flow.py [--quick] [--rows R1,F1,B1,C1] [--merge] [--keep-logs]
 
 Every row runs two real ``celery worker`` subprocesses (prefork, concurrency 8, prefetch
 multiplier 1, json, Redis broker and result backend) of ``benchmarks/bench_app.py`` (whose
@@ -11,8 +11,10 @@ flow tasks are in ``benchmarks/flow_app.py``), on its own queue and key prefix:
       the rate admitted the task, stamped by Redis as the grant ran (the clock the rate is
       decided by), and also the moment its body began in a pool process (the admission plus
       the hand-off to the pool, whose delay varies by a few ms to tens of ms); beside Celery's
-      ``rate_limit="50/s"`` on the same two workers (kept per worker: about twice the rate) and
-      the hand-written recipe "a counter per second in Redis, retry at the next second".
+      ``rate_limit="50/s"`` on the same two workers (kept per worker: about twice the rate), and
+      with kombu's event loop as shipped, as on a worker without the gate
+      (``flow_app.kombu_timers_as_shipped`` says why that matters), and the hand-written recipe
+      "a counter per second in Redis, retry at the next second".
 * F1  ``limit=6, total=6`` per tenant key: one tenant submits 600 x 50 ms, then ten tenants 5
       each: how long after its submission each small tenant was done (target <= 1.5 s); beside
       the same load behind one shared key (first come first served).
@@ -25,26 +27,21 @@ flow tasks are in ``benchmarks/flow_app.py``), on its own queue and key prefix:
 
 Times run from the first submission to the last result's ``date_done``; body starts are the
 bodies' own clocks (one host: every process reads the same clock). Prints a markdown table and
-writes every raw figure to ``benchmarks/results/bench_flow.json``. Exit status: 0 even when a
+writes every raw figure to ``benchmarks/results/bench_flow.json`` (with ``--merge``, the rows run
+replace theirs in that file and the others keep their figures). Exit status: 0 even when a
 target is missed; 2 when a row could not be completed.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
-import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import redis
 from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,17 +53,14 @@ from benchmarks.bench_cap import (  # noqa: E402
     Bench,
     Line,
     Row,
-    environment,
     percentile,
-    redis_for_bench,
-    table,
-    write_json,
 )
+from benchmarks.harness import rows_main  # noqa: E402
+from benchmarks.sampling import MonitorReader, Periodic  # noqa: E402
 from celery_throttled import Backpressure  # noqa: E402
 from celery_throttled.keys import Family  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_flow.json"
-ROWS = ("R1", "F1", "B1", "C1")
 WORKERS = 2
 
 
@@ -102,7 +96,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class Admissions:
+class Admissions(MonitorReader):
     """When each holder of a key was admitted, in Redis time, read from MONITOR.
 
     A grant adds the holder to the key's holders set inside the lease script, in the same step
@@ -111,38 +105,15 @@ class Admissions:
     holder is its admission (later ones renew its lease).
     """
 
-    STOP = b"bench-flow-monitor-stop"
-
     def __init__(self, url: str, holders: str) -> None:
+        super().__init__(url)
         self.holders = holders.encode()
         self.at: dict[bytes, float] = {}
-        self._client = redis.Redis.from_url(url)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
 
-    def __enter__(self) -> Admissions:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.echo(self.STOP)
-        self._thread.join(60)
-        self._client.close()
-
-    def _run(self) -> None:
-        connection = self._client.connection_pool.get_connection()
-        connection.send_command("MONITOR")
-        connection.read_response()
-        self._ready.set()
-        while True:
-            line = connection.read_response()
-            if self.STOP in line:
-                break
-            parts = line.split(b'"')
-            if len(parts) == 9 and parts[1] == b"ZADD" and parts[3] == self.holders:
-                self.at.setdefault(parts[7], float(parts[0].split()[0]))
-        connection.disconnect()
+    def line(self, line: bytes) -> None:
+        parts = line.split(b'"')
+        if len(parts) == 9 and parts[1] == b"ZADD" and parts[3] == self.holders:
+            self.at.setdefault(parts[7], float(parts[0].split()[0]))
 
 
 # -- R1 ---------------------------------------------------------------------------------------
@@ -150,17 +121,24 @@ def r1_rate(bench: Bench, sizes: Sizes) -> None:
     report, n = bench.report, sizes.rated
     ideal = (n - 1) / flow_app.RATE_PER_SECOND
     raw: dict[str, Any] = {"n": n, "rate": flow_app.RATE, "ideal_s": ideal}
-    variants = (
-        ("bench.flow_rated", "rated", f'@throttled_task(rate="{flow_app.RATE}")'),
-        ("bench.flow_celery_rate", "celery_rate", f'Celery rate_limit="{flow_app.RATE}"'),
-        ("bench.flow_recipe_rate", "recipe_rate", "recipe: counter per second + retry"),
+    celery = f'Celery rate_limit="{flow_app.RATE}"'
+    variants: tuple[tuple[str, str, str, dict[str, str]], ...] = (
+        ("bench.flow_rated", "rated", f'@throttled_task(rate="{flow_app.RATE}")', {}),
+        ("bench.flow_celery_rate", "celery_rate", f"{celery} on a worker with the gate", {}),
+        (
+            "bench.flow_celery_rate",
+            "celery_rate_as_shipped",
+            f"{celery}, kombu's event loop as shipped (a worker without the gate)",
+            {"BENCH_KOMBU_AS_SHIPPED": "1"},
+        ),
+        ("bench.flow_recipe_rate", "recipe_rate", "recipe: counter per second + retry", {}),
     )
-    for name, group, label in variants:
-        with bench.row(f"R1{group}", workers=WORKERS) as row:
+    for name, group, label, env in variants:
+        with bench.row(f"R1{group}", workers=WORKERS, **env) as row:
             row.warm_up("bench.flow_warm", [], n=4 * CONCURRENCY)
             with Admissions(bench.redis_url, Family.of(row.prefix, name).holders) as admitted:
                 _, done = row.run([(name, [0.01])] * n, timeout=max(300.0, 30 * ideal))
-            stamps = starts(row, group)
+            stamps = starts(row, group.removesuffix("_as_shipped"))
             window = most_in_any_window(stamps, 1.0)
             gaps = [b - a for a, b in pairwise(stamps)]
             span = stamps[-1] - stamps[0]
@@ -313,26 +291,19 @@ def f1_fair(bench: Bench, sizes: Sizes) -> None:
 
 
 # -- B1 ---------------------------------------------------------------------------------------
-class PendingSampler:
+class PendingSampler(Periodic):
     """The most pending tasks of a key seen, read every 10 ms."""
 
+    interval = 0.01
+
     def __init__(self, bench: Bench, pending_key: str) -> None:
+        super().__init__()
         self.bench, self.key, self.highest, self.samples = bench, pending_key, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        r = self.bench.redis
-        while not self._stop.wait(0.01):
-            seconds, micros = r.time()
-            count = int(r.zcount(self.key, seconds * 1000 + micros // 1000, "+inf"))
-            self.highest, self.samples = max(self.highest, count), self.samples + 1
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
-        return self.highest
+    def sample(self) -> None:
+        seconds, micros = self.bench.redis.time()
+        count = int(self.bench.redis.zcount(self.key, seconds * 1000 + micros // 1000, "+inf"))
+        self.highest, self.samples = max(self.highest, count), self.samples + 1
 
 
 def b1_backpressure(bench: Bench, sizes: Sizes) -> None:
@@ -349,7 +320,8 @@ def b1_backpressure(bench: Bench, sizes: Sizes) -> None:
             throttle_redis_url=bench.redis_url,
         )
         task = producer.tasks["bench.flow_bounded"]
-        sampler = PendingSampler(bench, Family.of(row.prefix, "bench.flow_bounded").pending)
+        pending = Family.of(row.prefix, "bench.flow_bounded").pending
+        sampler = PendingSampler(bench, pending).start()
         accepted: list[str] = []
         refused = 0
         began = time.time()
@@ -366,7 +338,8 @@ def b1_backpressure(bench: Bench, sizes: Sizes) -> None:
                     time.sleep(ahead)
         submitted_s = time.time() - began
         done = bench.wait(accepted, began, 300)
-        highest = sampler.stop()
+        sampler.stop()
+        highest = sampler.highest
         ran = len(row.spans("bounded"))
         peak = row.peak("bounded")
         producer.close()
@@ -468,60 +441,7 @@ RUNNERS: dict[str, Callable[[Bench, Sizes], None]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true", help="smaller batches, for a smoke run")
-    parser.add_argument("--rows", default=",".join(ROWS), help="default: %(default)s")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
-    parser.add_argument("--loglevel", default="warning", help="worker log level")
-    args = parser.parse_args(argv)
-    rows = [r.strip().upper() for r in args.rows.split(",") if r.strip()]
-    if unknown := sorted(set(rows) - set(ROWS)):
-        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    sizes = Sizes.of(args.quick)
-    logdir = Path(tempfile.mkdtemp(prefix="bench-flow-logs-"))
-    began = time.monotonic()
-    with redis_for_bench() as url:
-        bench = Bench(url, logdir, args.loglevel)
-        env = environment(url)
-        try:
-            for tag in rows:
-                print(f"running {tag} ...", flush=True)
-                try:
-                    RUNNERS[tag](bench, sizes)
-                except Exception as exc:
-                    bench.report.errors.append(f"{tag}: {exc}")
-                    traceback.print_exc()
-        finally:
-            bench.close()
-    report = bench.report
-    elapsed = time.monotonic() - began
-    env["loadavg_at_end"] = os.getloadavg()
-    env["workers_per_row"] = WORKERS
-    print()
-    print(table(report.lines))
-    print(
-        f"\n{'quick' if args.quick else 'full'} run of {', '.join(rows)} took {elapsed:.0f} s "
-        f"on {env['cpu_count']} CPUs (load {env['loadavg_at_start'][0]:.2f} at start); "
-        f"worker logs in {logdir}"
-    )
-    for message in report.errors:
-        print(f"ERROR: {message}")
-    write_json(
-        args.out,
-        {
-            "environment": env,
-            "quick": args.quick,
-            "rows": rows,
-            "elapsed_s": elapsed,
-            "sizes": sizes.__dict__,
-            "table": [line.__dict__ for line in report.lines],
-            "raw": report.raw,
-            "errors": report.errors,
-            "worker_logs": report.logs,
-        },
-    )
-    print(f"results written to {args.out}")
-    return 2 if report.errors else 0
+    return rows_main(argv, __doc__, "bench-flow", RUNNERS, Sizes.of, RESULTS, WORKERS)
 
 
 if __name__ == "__main__":

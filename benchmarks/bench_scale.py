@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -44,6 +42,8 @@ from benchmarks.bench_cap import (  # noqa: E402
     table,
     write_json,
 )
+from benchmarks.harness import add_keep_logs, worker_logs  # noqa: E402
+from benchmarks.sampling import MonitorReader, Periodic  # noqa: E402
 from celery_throttled.testing.redis import RedisServer  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_scale.json"
@@ -65,69 +65,37 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-class Sampler:
+class Sampler(Periodic):
     """The highest worker RSS seen while a row runs."""
 
+    interval = 0.25
+
     def __init__(self, pid: int) -> None:
+        super().__init__()
         self.pid = pid
         self.highest = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.highest = max(self.highest, rss_mb(self.pid))
-            self._stop.wait(0.25)
+    def sample(self) -> None:
+        self.highest = max(self.highest, rss_mb(self.pid))
 
 
-class CommandCounter:
+class CommandCounter(MonitorReader):
     """Commands the limiter's Redis received from clients, by name, read from MONITOR.
 
     Redis's own counters also count every command a Lua script runs; MONITOR marks those
     ``[0 lua]``, so the two are told apart here.
     """
 
-    STOP = b"bench-scale-monitor-stop"
-
     def __init__(self, url: str) -> None:
-        self.url = url
+        super().__init__(url)
         self.clients: Counter[str] = Counter()
         self.in_scripts = 0
-        self._client = redis.Redis.from_url(url)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
 
-    def __enter__(self) -> CommandCounter:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.echo(self.STOP)
-        self._thread.join(60)
-
-    def _run(self) -> None:
-        connection = self._client.connection_pool.get_connection()
-        connection.send_command("MONITOR")
-        connection.read_response()
-        self._ready.set()
-        while True:
-            line = connection.read_response()
-            if self.STOP in line:
-                break
-            if b" lua] " in line:
-                self.in_scripts += 1
-            else:
-                self.clients[line.split(b'"', 2)[1].decode().upper()] += 1
-        connection.disconnect()
+    def line(self, line: bytes) -> None:
+        if b" lua] " in line:
+            self.in_scripts += 1
+        else:
+            self.clients[line.split(b'"', 2)[1].decode().upper()] += 1
 
 
 def measured(
@@ -240,9 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 000 tasks, 200 keys")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--loglevel", default="warning")
+    add_keep_logs(parser)
     args = parser.parse_args(argv)
+    with worker_logs("bench-scale", keep=args.keep_logs) as logs:
+        return logs.outcome(run(args, logs.path))
+
+
+def run(args: argparse.Namespace, logdir: Path) -> int:
     n, keys = (2000, 200) if args.quick else (10_000, 1000)
-    logdir = Path(tempfile.mkdtemp(prefix="bench-scale-logs-"))
     limiter = RedisServer().start(timeout=15)
     limiter_url = limiter.url
     try:
@@ -258,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         limiter.stop()
     report = lines(s1, s2)
     print(table(report))
-    print(f"\nworker logs in {logdir}")
     write_json(
         args.out,
         {

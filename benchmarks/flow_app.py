@@ -15,11 +15,12 @@ import contextlib
 import functools
 import os
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
 import redis
-from celery import shared_task
+from celery import shared_task, signals
 
 from celery_throttled import throttled_task
 
@@ -83,6 +84,26 @@ def flow_celery_rate(duration: float) -> None:
     """Celery's own rate_limit: a token bucket per worker."""
     with spanned("celery_rate"):
         time.sleep(duration)
+
+
+@signals.worker_ready.connect
+def kombu_timers_as_shipped(sender: Any, **kwargs: Any) -> None:
+    """With ``BENCH_KOMBU_AS_SHIPPED=1``: the worker's event loop fires its timers as kombu
+    ships it, without the gate's fix (``celery_throttled.worker.loop``), as on a worker of an
+    app that has no throttled task: Celery's ``rate_limit`` as people get it without this
+    package.
+
+    A rate-limited request that finds its worker's bucket empty schedules a timer entry to try
+    again (``Consumer._schedule_bucket_request``); every message that arrives meanwhile adds
+    one more, and an entry that fires and still finds no token adds another, so entries pile
+    up (tens per worker under a backlog). kombu's ``Hub.fire_timers`` fires at most 10 a turn
+    and, when the 10th fired, returns its ``min_delay``, 1 s, as the poll timeout: the loop
+    then sleeps a second with entries overdue, and each second one request (the bucket holds
+    one token) goes to the pool.
+    """
+    hub = getattr(sender, "hub", None)
+    if os.environ.get("BENCH_KOMBU_AS_SHIPPED") and hub is not None:
+        hub.fire_timers = types.MethodType(type(hub).fire_timers, hub)
 
 
 @shared_task(bind=True, max_retries=None, name="bench.flow_recipe_rate")

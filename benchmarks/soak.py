@@ -1,6 +1,6 @@
 """Soak: mixed load on two workers, with pool processes killed at random and one limiter restart.
 
-    python benchmarks/soak.py [--minutes 30] [--rate 25] [--json PATH]
+    python benchmarks/soak.py [--minutes 30] [--rate 25] [--json PATH] [--logs DIR] [--keep-logs]
 
 Two workers of ``benchmarks/bench_app.py`` (prefork, concurrency 4, lease TTL 6 s) take a steady
 mix of tasks for ``--minutes``: capped at 3 on one key (some of them failing on purpose), capped
@@ -15,7 +15,9 @@ Afterwards every submitted task must have exactly one outcome (a stored result i
 and a body that ran at most once), no lease or waiter may be left in the limiter's Redis, and no
 key's peak concurrency may have exceeded its cap. The peak comes from the spans the bodies log
 (a killed body ends at its kill), not from a counter, which a killed process would leave high.
-Prints a summary, writes it as JSON, and exits 0 only when all of that holds.
+Prints a summary, writes it as JSON, and exits 0 only when all of that holds. The logs go to
+``--logs`` when given, else to a temporary folder that is removed unless the run failed or
+``--keep-logs`` is given.
 """
 
 from __future__ import annotations
@@ -28,12 +30,10 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_cap import child_pids, redis_for_bench  # noqa: E402
+from benchmarks.harness import add_keep_logs, worker_logs  # noqa: E402
 from celery_throttled.testing.redis import RedisServer  # noqa: E402
 from celery_throttled.testing.workers import wait_until  # noqa: E402
 
@@ -140,20 +141,8 @@ def job(rng: random.Random, n: int) -> tuple[str, list[Any]]:
     return "bench.soak_free", [label, duration]
 
 
-@contextlib.contextmanager
-def log_folder(keep: Path | None) -> Iterator[Path]:
-    """Where the workers and the limiter's Redis log: ``keep`` when given (left in place), else a
-    temporary folder removed when the run ends."""
-    if keep is not None:
-        keep.mkdir(parents=True, exist_ok=True)
-        yield keep
-        return
-    with tempfile.TemporaryDirectory(prefix="soak-logs-") as tmp:
-        yield Path(tmp)
-
-
 def log_tails(logdir: Path, lines: int = 30) -> dict[str, str]:
-    """The last lines of every log in ``logdir``, to print before a temporary folder goes."""
+    """The last lines of every log in ``logdir``, for the summary of a failed run."""
     return {
         path.name: "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
         for path in sorted(logdir.glob("*.log"))
@@ -161,10 +150,14 @@ def log_tails(logdir: Path, lines: int = 30) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    with log_folder(args.logs) as logdir:
-        summary = soak(args, logdir)
+    """The soak, its logs in ``--logs`` (kept), else in a temporary folder kept only when the
+    run fails or ``--keep-logs`` is given."""
+    with worker_logs("soak", keep=args.keep_logs, into=args.logs) as logs:
+        summary = soak(args, logs.path)
         if not summary["ok"]:
-            summary["log_tails"] = log_tails(logdir)
+            summary["log_tails"] = log_tails(logs.path)
+        logs.outcome(0 if summary["ok"] else 1)
+        summary["logs"] = str(logs.path) if logs.keep or logs.failed else None
     return summary
 
 
@@ -259,7 +252,6 @@ def soak(args: argparse.Namespace, logdir: Path) -> dict[str, Any]:
         "leases_left": leases,
         "events": events,
         "worker_exits": exits,
-        "logs": str(args.logs) if args.logs else None,
     }
     summary["ok"] = not (missing or twice or strangers or over or any(leases.values()))
     return summary
@@ -343,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="keep the logs here (default: a temporary folder, removed at the end)",
     )
+    add_keep_logs(parser)
     args = parser.parse_args(argv)
     summary = run(args)
     print(f"soak of {args.minutes:g} min at {args.rate:g} tasks/s: {summary['submitted']} tasks")

@@ -298,6 +298,23 @@ BREAKAGES = [
         ),
     ),
     Breakage(
+        "two weights declared for one key of a family, both accepted",
+        f"{PACKAGE}/task.py",
+        'if known := _other_declaration("weight", family_key(family, key), weight, name):',
+        'if known := _other_declaration("weight", name, weight, name):',
+        ("tests/test_fair.py::test_tasks_sharing_a_key_in_a_family_must_agree_on_its_weight",),
+    ),
+    Breakage(
+        "an event loop that sleeps a second with timers due (kombu's fire_timers as shipped)",
+        f"{PACKAGE}/worker/loop.py",
+        "            poll_until_the_next_timer(consumer.hub)\n",
+        "            pass\n",
+        (
+            "tests/test_rate.py::"
+            "test_a_celery_rate_limit_backlog_slows_neither_its_own_rate_nor_the_gates",
+        ),
+    ),
+    Breakage(
         "a family's total ignored",
         f"{PACKAGE}/lua/admission.lua",
         "return tonumber(t[1] or t[2]) or UNCAPPED, tonumber(t[3]) or 0",

@@ -142,6 +142,30 @@ def test_bad_weights_are_refused_at_decoration_naming_task_and_value(options, me
     assert "api.bad_weight" in str(info.value)
 
 
+def test_tasks_sharing_a_key_in_a_family_must_agree_on_its_weight():
+    """Given a task giving the static key "vip" weight=3 in family "weights",
+    When another task of that family declares weight=2 on "vip", or none (weight 1),
+    Then ConfigurationError names both tasks, the setting and both values: two weights that the
+    lease scripts would each write into the key's meta (the last run's winning) fail here. The
+    same weight, or the same key in another family (another key in Redis), is accepted."""
+
+    @throttled_task(total=4, family="weights", key="vip", weight=3, name="api.weight_one")
+    def one() -> None: ...
+
+    def body() -> None: ...
+
+    for weight, shown in ((2, "weight=2"), (None, "weight=1")):
+        with pytest.raises(ConfigurationError) as info:
+            throttled_task(total=4, family="weights", key="vip", weight=weight, name="api.w2")(body)
+        message = str(info.value)
+        assert "'api.w2'" in message and "'api.weight_one'" in message, message
+        assert "weight=3" in message and shown in message and "'vip'" in message, message
+
+    throttled_task(total=4, family="weights", key="vip", weight=3, name="api.w3")(body)
+    throttled_task(total=4, family="other", key="vip", weight=2, name="api.w4")(body)
+    throttled_task(total=4, family="weights", key="std", name="api.w5")(body)
+
+
 def test_a_weight_without_a_total_is_refused_at_decoration():
     with pytest.raises(ConfigurationError, match=r"api\.lone_weight.*weight=2 needs total"):
 

@@ -10,6 +10,8 @@ import pytest
 import redis
 from celery import Celery
 
+from celery_throttled.keys import Family
+
 from .conftest import RedisServer, Workers, free_port, wait_until
 from .probes import peak, started, wait_drained
 
@@ -156,3 +158,32 @@ def test_operators_see_and_change_a_rate(workers: Workers, client, probe, prefix
     assert metrics[("celery_throttle_rate", (("key", "f.slow_rate"),))] == 1.0
     assert metrics[("celery_throttle_cap", (("key", "f.slow_rate"),))] == float("inf")
     assert metrics[("celery_throttle_started_total", (("key", "f.slow_rate"),))] == 30
+
+
+def test_a_celery_rate_limit_backlog_slows_neither_its_own_rate_nor_the_gates(
+    workers: Workers, client, probe, prefix
+):
+    """Given one prefork worker with the gate installed and 80 tasks of rate="20/s" held in it,
+    waiting for their tokens,
+    When 100 plain tasks with Celery's own rate_limit="50/s" arrive on the same worker,
+    Then the held tasks keep their schedule (first to last start within 2.5 times the ideal
+    3.95 s) and the plain ones start at least 10 a second (their rate is 50): kombu's event loop
+    sleeping a second with timer entries overdue (Celery's rate-limit retries pile up past the
+    10 it fires a turn), which starts Celery's tasks at about one a second and delays the gate's
+    token wake-ups as long, fails here."""
+    workers.start(pool="prefork", concurrency=8)
+    held = [client.send_task("f.rated_fast", (f"r{i}",)) for i in range(80)]
+    waiters = Family.of(prefix, "f.rated_fast").waiters
+    wait_until(
+        lambda: probe.zcard(waiters) + len(started(probe, prefix, "rated_fast")) == 80,
+        30,
+        what="every rated task to be held or started",
+    )
+    plain = [client.send_task("f.celery_rate", (f"c{i}",)) for i in range(100)]
+    for result in held + plain:
+        result.get(timeout=120)
+    rated = sorted(stamp for _, stamp in started(probe, prefix, "rated_fast"))
+    assert rated[-1] - rated[0] <= 2.5 * 79 / 20, rated
+    celery = sorted(stamp for _, stamp in started(probe, prefix, "celery_rate"))
+    assert len(celery) / (celery[-1] - celery[0]) >= 10, celery
+    wait_drained(probe, prefix, "f.rated_fast")

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.timeout(420)
 
 def test_two_minute_soak_loses_nothing_and_keeps_every_cap(tmp_path: Path, redis_url: str):
     summary_path = tmp_path / "soak.json"
-    env = {**os.environ, "REDIS_URL": redis_url}
+    # A failed run keeps its logs in its temp directory: this test's, not the machine's
+    env = {**os.environ, "REDIS_URL": redis_url, "TMPDIR": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, "benchmarks/soak.py", "--minutes", "2", "--json", str(summary_path)],
         cwd=ROOT,

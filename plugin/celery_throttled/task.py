@@ -16,6 +16,7 @@ from .admission import UNCAPPED, Admission, validate_priority
 from .backpressure import admit
 from .context import current_context
 from .errors import ConfigurationError, KeyFunctionError
+from .keys import family_key
 from .policies import RetryPolicy, validate_wait
 from .pool import execution
 from .pool.backend import envelope_backend
@@ -27,9 +28,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 KeySpec = str | Callable[..., str] | None
 
 _MAX_KEY_LENGTH = 1024
-_static_keys: dict[str, tuple[int | Adaptive, str]] = {}
-_families: dict[str, tuple[int, str]] = {}
-_static_keys_lock = threading.Lock()
+#: (what, whose) -> (value, task): the first declaration of a key's limit, a family's total, a
+#: family key's weight; every task sharing that key or family must declare the same
+_declared: dict[tuple[str, str], tuple[Any, str]] = {}
+_declared_lock = threading.Lock()
 
 
 class ThrottledTask(Task):  # type: ignore[misc]
@@ -225,7 +227,7 @@ def throttled_task(
             max_pending=max_pending,
             adaptive=adaptive,
         )
-        _validate_family(name, admission)
+        _validate_shared(name, key, admission)
         if retry is not None:
             if not isinstance(retry, RetryPolicy):
                 raise ConfigurationError(
@@ -288,27 +290,43 @@ def _validate(name: str, limit: Any, key: Any, declared: Any = None) -> None:
         )
     if limit is None:
         return
-    with _static_keys_lock:
-        known = _static_keys.setdefault(key, (declared, name))
-    if known[0] != declared and known[1] != name:
+    if known := _other_declaration("limit", key, declared, name):
         raise ConfigurationError(
             f"task {name!r}: key {key!r} is already capped at {known[0]} by task "
             f"{known[1]!r}; tasks sharing a key must declare the same limit, got {declared}"
         )
 
 
-def _validate_family(name: str, admission: Admission | None) -> None:
-    """Tasks sharing a family must declare the same total."""
+def _validate_shared(name: str, key: Any, admission: Admission | None) -> None:
+    """Tasks sharing a family must declare the same total, and tasks sharing a static key in
+    one family the same static weight (none is 1): the lease scripts write both into Redis at
+    every acquire, so two values would flip between the tasks' runs."""
     if admission is None or admission.family is None or admission.total is None:
         return
-    with _static_keys_lock:
-        known = _families.setdefault(admission.family, (admission.total, name))
-    if known[0] != admission.total and known[1] != name:
+    family, total = admission.family, admission.total
+    if known := _other_declaration("total", family, total, name):
         raise ConfigurationError(
-            f"task {name!r}: family {admission.family!r} already has total {known[0]} from "
+            f"task {name!r}: family {family!r} already has total {known[0]} from "
             f"task {known[1]!r}; tasks sharing a family must declare the same total, got "
-            f"{admission.total!r}"
+            f"{total!r}"
         )
+    weight = 1 if admission.weight is None else admission.weight
+    if not isinstance(key, str) or callable(weight):
+        return
+    if known := _other_declaration("weight", family_key(family, key), weight, name):
+        raise ConfigurationError(
+            f"task {name!r}: key {key!r} of family {family!r} already has weight={known[0]} "
+            f"from task {known[1]!r}; tasks sharing a key must declare the same weight, got "
+            f"weight={weight!r}"
+        )
+
+
+def _other_declaration(what: str, whose: str, value: Any, name: str) -> tuple[Any, str] | None:
+    """The first task's (value, name) of ``what`` for ``whose``, when another task declared
+    another value; None when this is the first declaration, or they agree."""
+    with _declared_lock:
+        known = _declared.setdefault((what, whose), (value, name))
+    return known if known[0] != value and known[1] != name else None
 
 
 def _timeout(

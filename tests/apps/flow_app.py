@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import redis
+from celery import shared_task
 
 from celery_throttled import throttled_task
 
@@ -53,6 +54,17 @@ def tracked(group: str, label: str, duration: float, *also: str) -> str:
 @throttled_task(rate="5/s", name="f.rated")
 def rated(label: str, duration: float = 0.0) -> str:
     return tracked("rated", label, duration)
+
+
+@throttled_task(rate="20/s", name="f.rated_fast")
+def rated_fast(label: str) -> str:
+    return tracked("rated_fast", label, 0)
+
+
+@shared_task(rate_limit="50/s", name="f.celery_rate")
+def celery_rate(label: str) -> str:
+    """A plain task with Celery's own rate limit, beside the throttled ones."""
+    return tracked("celery_rate", label, 0)
 
 
 @throttled_task(limit=1, rate="4/s", name="f.rated_capped")
