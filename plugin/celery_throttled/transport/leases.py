@@ -14,11 +14,11 @@ A grant to a waiter of the calling worker comes back in the script's reply; a gr
 waiter elsewhere is published on that worker's channel.
 
 The scripts live in ``lua/`` with a KEYS/ARGV/returns header each; ``admission.lua`` (rates,
-families, priorities, pending sets) and ``grant.lua`` are shared. A key's admission rules travel
-in each operation (:class:`~..admission.Admission`) and reach the scripts in their cap argument.
-This module turns operations into script calls and replies into :class:`Outcome`; the
-transports (a redis-py pipeline here, the event loop's own connection in :mod:`.eventloop`) only
-move bytes.
+families, priorities, pending sets), ``grant.lua`` and ``free.lua`` are shared. A key's admission
+rules travel in each operation (:class:`~..admission.Admission`) and reach the scripts in their
+cap argument. This module turns operations into script calls and replies into
+:class:`Outcome`; the transports (a redis-py pipeline here, the event loop's own connection in
+:mod:`.eventloop`) only move bytes.
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ class Renew:
     running: Sequence[str] = ()
     waiting: Sequence[str] = ()
     admission: Admission | None = None
+    #: the worker's own releases of holders of ``key`` whose runs ended since its last round
+    #: (submitted ``later``: its pool process freed the slot, or should have): each holder is
+    #: released as :class:`Release` would, or only confirmed when its pool process freed it
+    ended: Sequence[Release] = ()
 
 
 Op = Acquire | Release | Renew
@@ -120,14 +124,14 @@ class Script:
 
 
 class Scripts:
-    """The lease scripts, with ``admission.lua`` and ``grant.lua`` prepended, and their SHA1s
-    for EVALSHA."""
+    """The lease scripts, with ``admission.lua``, ``grant.lua`` and ``free.lua`` prepended, and
+    their SHA1s for EVALSHA."""
 
     @staticmethod
     @cache
     def get(name: str) -> Script:
         lua = resources.files("celery_throttled").joinpath("lua")
-        parts = ("admission.lua", "grant.lua", name)
+        parts = ("admission.lua", "grant.lua", "free.lua", name)
         source = "\n".join(lua.joinpath(part).read_text() for part in parts)
         return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
@@ -157,7 +161,9 @@ class Codec:
             args += [op.outcome, waited, "1" if op.ending else ""]
             return Scripts.get("release.lua"), keys, args
         args = [op.key, cap, self.ttl_ms, self.channel_prefix, self.worker]
-        args += [len(op.running), *op.running, *op.waiting]
+        args += [len(op.running), len(op.ended), *op.running, *op.waiting]
+        for end in op.ended:
+            args += [end.holder, end.outcome, -1 if end.waited is None else int(end.waited * 1000)]
         return Scripts.get("renew.lua"), keys, args
 
     def spec(self, op: Op) -> str:
