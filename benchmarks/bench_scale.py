@@ -12,7 +12,8 @@ Redis, the limiter on a second, private Redis whose command counter is read befo
 Per row: the worker's resident memory (main process and pool, from /proc) idle after a warm-up
 and at its highest during the row; commands per task the limiter's Redis received from clients
 (acquires, releases, renewals, registry, subscriptions: counted with MONITOR, which tells them
-from the commands the Lua scripts run, reported apart); the limiter Redis's memory afterwards;
+from the commands the Lua scripts run, reported apart), until the worker's own releases, which
+ride in its renewal round, have all reached the limiter; the limiter Redis's memory afterwards;
 makespan against the ideal, and peak concurrency counted inside the tasks (S1).
 Prints a table and writes ``benchmarks/results/bench_scale.json``.
 """
@@ -50,6 +51,9 @@ RESULTS = ROOT / "benchmarks" / "results" / "bench_scale.json"
 WORK = 0.005
 RSS_TARGET_MB = 50.0
 COMMANDS_TARGET = 3.0
+#: the longest wait for the worker's last releases: its renewal round, lease TTL (30 s) / 3, and
+#: a margin
+SETTLE_S = 15.0
 
 
 def rss_mb(pid: int) -> float:
@@ -130,11 +134,24 @@ class CommandCounter:
         connection.disconnect()
 
 
+def settled(limiter_url: str, timeout: float = SETTLE_S) -> None:
+    """Wait until the worker's own release of every run reached the limiter: those releases
+    ride in its renewal round (every lease TTL / 3), and each removes its holder's ended mark
+    (``{prefix}:{<key>}:e``); what they cost belongs to the row."""
+    client = redis.Redis.from_url(limiter_url)
+    deadline = time.monotonic() + timeout
+    while next(client.scan_iter(match="*:e", count=1000), None) is not None:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+
+
 def measured(
     row: Row, limiter_url: str, jobs: list[tuple[str, list[Any]]], idle: float
 ) -> dict[str, Any]:
     with Sampler(row.workers[0].proc.pid) as sampler, CommandCounter(limiter_url) as counted:
         _, done = row.run(jobs, timeout=600)
+        settled(limiter_url)
     sent = sum(counted.clients.values())
     return {
         "tasks": len(jobs),

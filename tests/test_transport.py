@@ -201,6 +201,22 @@ def test_releases_sent_later_ride_in_one_renewal_per_key(open_side: Open, server
     assert probe.hget(family.meta, "done") == "40"
 
 
+def test_releases_carried_by_a_renewal_survive_a_script_flush(open_side: Open, probe, prefix):
+    """Given a holder released ``later`` whose pool process did not free it, and a waiter, when
+    the server's scripts are flushed before the round carries that release, then the release
+    still goes (again, with its script's source), freeing the slot for the waiter. Catches: the
+    releases lost with the renewal that carried them (a renewal is never sent again)."""
+    side = open_side()
+    a, b = side.acquire("k", "a", 1), side.acquire("k", "b", 1)
+    side.wait_for("granted", "k", a)
+    side.wait_for("waiting", "k", b)
+    side.release("k", "a", later=True)
+    probe.script_flush()
+    side.transport.renew_soon()
+    side.wait_for("granted", "k", b)
+    assert members(probe, Family.of(prefix, "k").holders) == {b}
+
+
 def test_a_release_sent_later_never_frees_the_slot_of_a_retry(
     open_side: Open, server, probe, prefix
 ):
