@@ -105,7 +105,10 @@ class CommandCounter:
         self.url = url
         self.clients: Counter[str] = Counter()
         self.in_scripts = 0
-        self._client = redis.Redis.from_url(url)
+        self._client = redis.Redis.from_url(url, socket_timeout=None)  # MONITOR may be quiet
+        #: the bench's own connection, for :meth:`settle`; its commands are not counted
+        self._probe = redis.Redis.from_url(url, single_connection_client=True)
+        self._probe_addr = f" {self._probe.client_info()['addr']}]".encode()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._ready = threading.Event()
 
@@ -117,6 +120,7 @@ class CommandCounter:
     def __exit__(self, *exc: object) -> None:
         self._client.echo(self.STOP)
         self._thread.join(60)
+        self._probe.close()
 
     def _run(self) -> None:
         connection = self._client.connection_pool.get_connection()
@@ -129,21 +133,19 @@ class CommandCounter:
                 break
             if b" lua] " in line:
                 self.in_scripts += 1
-            else:
+            elif self._probe_addr not in line:
                 self.clients[line.split(b'"', 2)[1].decode().upper()] += 1
         connection.disconnect()
 
-
-def settled(limiter_url: str, timeout: float = SETTLE_S) -> None:
-    """Wait until the worker's own release of every run reached the limiter: those releases
-    ride in its renewal round (every lease TTL / 3), and each removes its holder's ended mark
-    (``{prefix}:{<key>}:e``); what they cost belongs to the row."""
-    client = redis.Redis.from_url(limiter_url)
-    deadline = time.monotonic() + timeout
-    while next(client.scan_iter(match="*:e", count=1000), None) is not None:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    def settle(self, timeout: float = SETTLE_S) -> None:
+        """Wait until the worker's own release of every run reached the limiter: those releases
+        ride in its renewal round (every lease TTL / 3), and each removes its holder's ended
+        mark (``{prefix}:{<key>}:e``); what they cost belongs to the row."""
+        deadline = time.monotonic() + timeout
+        while next(self._probe.scan_iter(match="*:e", count=1000), None) is not None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
 
 
 def measured(
@@ -151,7 +153,7 @@ def measured(
 ) -> dict[str, Any]:
     with Sampler(row.workers[0].proc.pid) as sampler, CommandCounter(limiter_url) as counted:
         _, done = row.run(jobs, timeout=600)
-        settled(limiter_url)
+        counted.settle()
     sent = sum(counted.clients.values())
     return {
         "tasks": len(jobs),

@@ -201,6 +201,33 @@ def test_releases_sent_later_ride_in_one_renewal_per_key(open_side: Open, server
     assert probe.hget(family.meta, "done") == "40"
 
 
+def test_releases_sent_later_ride_in_the_next_acquire_of_their_key(
+    open_side: Open, server, probe, prefix
+):
+    """Given 10 holders of a key, 5 of them freed by their pool process, all released ``later``
+    by their worker, when the worker asks for a slot of the key at a cap of 5, then that one
+    script call, long before the next renewal round, frees the other 5 first and is granted,
+    leaving no ended mark. Catches: the worker's releases waiting for the round (a script call
+    per key, up to lease_ttl / 3 late) while an acquire of their key goes out anyway, or handled
+    after the acquire (refused: the cap looks full)."""
+    side = open_side(lease_ttl=60.0)  # rounds every 20 s: none comes during the test
+    running = [side.acquire("k", f"t{i}", 10) for i in range(10)]
+    for holder in running:
+        side.wait_for("granted", "k", holder)
+    pool = RedisLeases(redis.Redis(port=server.port), prefix, 60.0, worker="")
+    pool.execute([Release("k", h, 0, "done", spec="10", ending=True) for h in running[:5]])
+    for i in range(10):
+        side.release("k", f"t{i}", later=True)
+    rounds, before = side.snapshots, script_calls(probe)
+    new = side.acquire("k", "new", 5)
+    side.wait_for("granted", "k", new)
+    assert (script_calls(probe) - before, side.snapshots) == (1, rounds)
+    family = Family.of(prefix, "k")
+    assert members(probe, family.holders) == {new}
+    assert not probe.exists(family.ended)
+    assert probe.hget(family.meta, "done") == "10"
+
+
 def test_releases_carried_by_a_renewal_survive_a_script_flush(open_side: Open, probe, prefix):
     """Given a holder released ``later`` whose pool process did not free it, and a waiter, when
     the server's scripts are flushed before the round carries that release, then the release

@@ -7,8 +7,8 @@ what to send and when is decided here:
 
 * **The queue.** Submitted operations wait in one queue, in order, and leave it in batches.
   A release submitted ``later`` (the worker's safety net for a slot its pool process freed
-  already) is no operation of its own: it rides in its key's renewal of the next round
-  (:mod:`.ended`).
+  already) is no operation of its own: it rides in the next acquire of its key, or in its
+  key's renewal of the next round (:mod:`.ended`).
 * **Renewal rounds**, every ``lease_ttl / 3``, on request, after every (re)connection, and once
   more when a grace ends: this worker's leases and places in line (``Callbacks.snapshot``),
   the key registry's upkeep, then reaping passes (``Renew(key, 0)``) over registered keys this
@@ -38,7 +38,7 @@ from typing import Any
 
 from ..keys import errgroup_channel, grant_channel, registry
 from .batch import Batch, Round
-from .ended import Ended, again, carried
+from .ended import Ended, again, carried, hold_back
 from .leases import Acquire, Codec, Op, Release
 from .reports import Callbacks, Outage
 
@@ -130,8 +130,7 @@ class Transport(ABC):
                     return
                 self._queue.append(full)
             else:
-                first = self._ended.before(op) if isinstance(op, Acquire) else None
-                self._queue.extend([op] if first is None else [first, op])
+                self._queue.append(op)
         self._wake()
 
     def register(self, key: str) -> None:
@@ -181,11 +180,12 @@ class Transport(ABC):
                 self._round_requested = False
                 self._next_round = now + self.renew_every
             registered, self._to_register = self._to_register, set()
-            ended = self._ended.take() if due else {}
             ops = list(self._queue)
             self._queue.clear()
             if grace:
                 ops = self._hold_acquires(ops)
+            ops = [self._ended.carry(op) if isinstance(op, Acquire) else op for op in ops]
+            ended = self._ended.take() if due else {}
             server = self._server
         batch = Batch(self._round(grace, ended) if due else None, registered=registered, ops=ops)
         batch.server = server
@@ -196,10 +196,9 @@ class Transport(ABC):
     def _hold_acquires(self, ops: list[Op]) -> list[Op]:
         """Put the acquires back in the queue (with the lock held); a release cancels the
         held acquire of its holder."""
-        released = {(op.key, op.holder) for op in ops if isinstance(op, Release)}
-        held = [op for op in ops if isinstance(op, Acquire)]
-        self._queue.extend(op for op in held if (op.key, op.holder) not in released)
-        return [op for op in ops if not isinstance(op, Acquire)]
+        held, now = hold_back(ops)
+        self._queue.extend(held)
+        return now
 
     def _round(self, grace: bool, ended: dict[str, list[Release]]) -> Round:
         """The round's renewals (the snapshot is taken after ``ended`` was: a holder in both

@@ -3,14 +3,16 @@
 The process that ran a body frees its slot itself (:mod:`..pool.release`); the worker's main
 process still releases every holder afterwards, as the safety net for a pool process lost
 before it could, or whose release failed. That release is submitted ``later`` and costs no
-script call of its own: it rides in its key's renewal of the next round (``Renew.ended``), one
-call per key for all of them, where ``renew.lua`` only confirms a holder its pool process freed
-and releases any other as ``release.lua`` would. Everything else that ends a run (a lost pool
-process, a hard time limit, a revocation) is released at once, never through here.
+script call of its own: it rides in the next acquire of its key that goes out
+(``Acquire.ended``), or else in its key's renewal of the next round (``Renew.ended``), one call
+per key for all of them; the script (``acquire.lua``, ``renew.lua``) only confirms a holder its
+pool process freed, and releases any other as ``release.lua`` would, before anything else.
+Everything else that ends a run (a lost pool process, a hard time limit, a revocation) is
+released at once, never through here.
 
-A key's releases go earlier, in a renewal of their own, once :data:`LATER` have gathered; and a
-holder's release goes just before an acquire of the same holder (a retry reusing its name),
-which it must not free. Not thread-safe: :mod:`.base` holds its lock around every call.
+So a holder's release is never sent after an acquire of the same holder (a retry reusing its
+name), which it would free. A key's releases go in a renewal of their own once :data:`LATER`
+have gathered. Not thread-safe: :mod:`.base` holds its lock around every call.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import replace
 
 from .leases import Acquire, Op, Release, Renew
 
-__all__ = ["LATER", "Ended", "again", "confirming"]
+__all__ = ["LATER", "Ended", "again", "carried", "confirming", "hold_back"]
 
 #: releases of one key submitted ``later`` that go at once, in a renewal of their own
 LATER = 256
@@ -39,16 +41,12 @@ class Ended:
             return None
         return confirming(self._by_key.pop(op.key))
 
-    def before(self, acquire: Acquire) -> Renew | None:
-        """The release of ``acquire``'s holder kept here, to send before it (or None)."""
-        releases = self._by_key.get(acquire.key)
+    def carry(self, acquire: Acquire) -> Acquire:
+        """``acquire`` carrying every release of its key kept here (none is kept any longer)."""
+        releases = self._by_key.pop(acquire.key, None)
         if not releases:
-            return None
-        mine = [op for op in releases if op.holder == acquire.holder]
-        if not mine:
-            return None
-        releases[:] = [op for op in releases if op.holder != acquire.holder]
-        return confirming(mine)
+            return acquire
+        return replace(acquire, ended=(*acquire.ended, *releases))
 
     def take(self) -> dict[str, list[Release]]:
         """Every release kept, by key; none is kept any longer."""
@@ -73,6 +71,18 @@ def carried(renewals: list[Renew], ended: dict[str, list[Release]]) -> list[Rene
             op = replace(op, running=running, ended=tuple(releases))
         out.append(op)
     return out + [confirming(releases) for releases in ended.values()]
+
+
+def hold_back(ops: list[Op]) -> tuple[list[Acquire], list[Op]]:
+    """During a grace: the acquires of ``ops`` to keep queued, and the rest, to send now. A
+    release cancels the held acquire of its holder; the releases that acquire carried go now, in
+    a renewal of their own."""
+    released = {(op.key, op.holder) for op in ops if isinstance(op, Release)}
+    acquires = [op for op in ops if isinstance(op, Acquire)]
+    held = [op for op in acquires if (op.key, op.holder) not in released]
+    now: list[Op] = [op for op in ops if not isinstance(op, Acquire)]
+    cancelled = [op for op in acquires if (op.key, op.holder) in released and op.ended]
+    return held, now + [confirming(list(op.ended)) for op in cancelled]
 
 
 def confirming(releases: list[Release]) -> Renew:

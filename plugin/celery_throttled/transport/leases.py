@@ -62,6 +62,9 @@ class Acquire:
     admission: Admission | None = None
     #: its place among priorities (lower goes first; :func:`~..admission.rank`)
     rank: int = 0
+    #: the worker's own releases of holders of ``key`` whose runs ended, carried along
+    #: (:mod:`.ended`), handled before the acquire itself
+    ended: Sequence[Release] = ()
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ class Codec:
         cap = self.spec(op)
         if isinstance(op, Acquire):
             args = [op.key, op.holder, cap, self.ttl_ms, self.channel_prefix, self.worker]
-            return Scripts.get("acquire.lua"), keys, args
+            return Scripts.get("acquire.lua"), keys, args + _ended(op.ended)
         if isinstance(op, Release):
             waited = -1 if op.waited is None else int(op.waited * 1000)
             args = [op.key, op.holder, cap, self.ttl_ms, self.channel_prefix, self.worker]
@@ -162,9 +165,7 @@ class Codec:
             return Scripts.get("release.lua"), keys, args
         args = [op.key, cap, self.ttl_ms, self.channel_prefix, self.worker]
         args += [len(op.running), len(op.ended), *op.running, *op.waiting]
-        for end in op.ended:
-            args += [end.holder, end.outcome, -1 if end.waited is None else int(end.waited * 1000)]
-        return Scripts.get("renew.lua"), keys, args
+        return Scripts.get("renew.lua"), keys, args + _ended(op.ended)
 
     def spec(self, op: Op) -> str:
         """The cap argument: the cap and the key's admission rules (``admission.spec``)."""
@@ -268,6 +269,14 @@ class RedisLeases:
 def lease_spec(key: str, cap: int, admission: Admission | None) -> str:
     """The cap argument of a release of ``key``, built where the Admission is known."""
     return spec(cap, admission, in_family=split_key(key)[0] is not None)
+
+
+def _ended(releases: Sequence[Release]) -> list[Any]:
+    """Releases carried by an acquire or a renewal: holder, outcome, waited ms (or -1) each."""
+    args: list[Any] = []
+    for op in releases:
+        args += [op.holder, op.outcome, -1 if op.waited is None else int(op.waited * 1000)]
+    return args
 
 
 def _text(values: Iterable[bytes | str]) -> list[str]:
