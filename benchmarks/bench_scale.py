@@ -46,11 +46,14 @@ from benchmarks.bench_cap import (  # noqa: E402
     write_json,
 )
 from celery_throttled.testing.redis import RedisServer  # noqa: E402
+from celery_throttled.transport.leases import Scripts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_scale.json"
 WORK = 0.005
 RSS_TARGET_MB = 50.0
 COMMANDS_TARGET = 3.0
+#: the lease scripts by SHA, to tell acquires, releases and renewals apart
+SCRIPTS = {Scripts.get(f"{n}.lua").sha: n for n in ("acquire", "release", "renew")}
 #: the longest wait for the worker's last releases: its renewal round, lease TTL (30 s) / 3, and
 #: a margin
 SETTLE_S = 15.0
@@ -104,6 +107,8 @@ class CommandCounter:
     def __init__(self, url: str) -> None:
         self.url = url
         self.clients: Counter[str] = Counter()
+        #: the EVALSHA calls, by the lease script called
+        self.scripts: Counter[str] = Counter()
         self.in_scripts = 0
         self._client = redis.Redis.from_url(url, socket_timeout=None)  # MONITOR may be quiet
         #: the bench's own connection, for :meth:`settle`; its commands are not counted
@@ -134,7 +139,11 @@ class CommandCounter:
             if b" lua] " in line:
                 self.in_scripts += 1
             elif self._probe_addr not in line:
-                self.clients[line.split(b'"', 2)[1].decode().upper()] += 1
+                parts = line.split(b'"', 4)
+                name = parts[1].decode().upper()
+                self.clients[name] += 1
+                if name == "EVALSHA" and len(parts) > 3:
+                    self.scripts[SCRIPTS.get(parts[3].decode(), "other")] += 1
         connection.disconnect()
 
     def settle(self, timeout: float = SETTLE_S) -> None:
@@ -163,6 +172,7 @@ def measured(
         "rss_growth_mb": sampler.highest - idle,
         "limiter_commands": sent,
         "limiter_commands_by_name": dict(counted.clients.most_common()),
+        "limiter_scripts_by_name": dict(counted.scripts.most_common()),
         "commands_per_task": sent / len(jobs),
         "commands_in_scripts_per_task": counted.in_scripts / len(jobs),
         "limiter_memory_mb": int(redis.Redis.from_url(limiter_url).info("memory")["used_memory"])
@@ -207,6 +217,7 @@ def lines(s1: dict[str, Any], s2: dict[str, Any]) -> list[Line]:
     ):
         growth = r["rss_growth_mb"]
         per_task = r["commands_per_task"]
+        scripts = ", ".join(f"{n} {c}" for n, c in r.get("limiter_scripts_by_name", {}).items())
         out += [
             Line(
                 tag,
@@ -223,7 +234,7 @@ def lines(s1: dict[str, Any], s2: dict[str, Any]) -> list[Line]:
             Line(
                 tag,
                 f"{what}: limiter Redis commands per task, sent by clients",
-                f"{per_task:.2f} ({_top(r['limiter_commands_by_name'])})",
+                f"{per_task:.2f} ({_top(r['limiter_commands_by_name'])}; EVALSHA: {scripts})",
                 f"<= {COMMANDS_TARGET:.0f}",
                 per_task <= COMMANDS_TARGET,
             ),

@@ -13,8 +13,8 @@ touches a single slot::
                                 ended, score = when they are forgotten (ms, one lease TTL on);
                                 a renewal from the worker's main process never puts them back,
                                 and the worker's own release of one (carried by its next
-                                renewal) removes it; the set expires one lease TTL after its
-                                last entry
+                                acquire or renewal of the key) removes it; the set expires
+                                one lease TTL after its last entry
     {prefix}:{<key>}:p    ZSET  pending (``max_pending``): member task id, score = the time it
                                 stops counting unless a worker vouches for it again (ms)
 

@@ -121,8 +121,8 @@ class Transport(ABC):
         """The process exits: send what is queued, bounded by ``timeout``, and stop."""
 
     def submit(self, op: Op, later: bool = False) -> None:
-        """Send ``op`` soon (``later``: with the next renewal round); its outcome comes back
-        through the callbacks. Any thread."""
+        """Send ``op`` soon (``later``, a release: with the key's next acquire or renewal,
+        :mod:`.ended`); its outcome comes back through the callbacks. Any thread."""
         with self._lock:
             if later and isinstance(op, Release):
                 full = self._ended.add(op)
