@@ -228,6 +228,25 @@ def test_releases_sent_later_ride_in_the_next_acquire_of_their_key(
     assert probe.hget(family.meta, "done") == "10"
 
 
+def test_a_release_not_sent_later_goes_at_once_beside_releases_waiting_for_the_round(
+    open_side: Open, probe, prefix
+):
+    """Given a cap of 2 held by two holders and a waiter, when one holder is released ``later``
+    (its pool process freed it, as far as the worker knows) and the other at once (its run ended
+    without its pool process: lost, hard time limit, revoked), then the waiter is granted at
+    once, long before the next round, and the first still holds its slot until then. Catches: a
+    release made to wait with the releases of its key waiting for the round."""
+    side = open_side(lease_ttl=60.0)  # rounds every 20 s: none comes during the test
+    a, _, c = (side.acquire("k", t, 2) for t in ("a", "b", "c"))
+    side.wait_for("waiting", "k", c)
+    rounds = side.snapshots
+    side.release("k", "a", later=True)
+    side.release("k", "b")
+    side.wait_for("granted", "k", c, timeout=5)
+    assert side.snapshots == rounds
+    assert members(probe, Family.of(prefix, "k").holders) == {a, c}
+
+
 def test_releases_carried_by_a_renewal_survive_a_script_flush(open_side: Open, probe, prefix):
     """Given a holder released ``later`` whose pool process did not free it, and a waiter, when
     the server's scripts are flushed before the round carries that release, then the release
