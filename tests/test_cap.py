@@ -66,12 +66,12 @@ def test_the_slot_is_free_as_the_body_ends_not_when_the_worker_hears_of_it(
 def test_a_task_costs_two_script_calls_its_workers_release_rides_in_the_renewals(
     private_redis: RedisServer, workers: Workers, client: Celery, probe, prefix
 ):
-    """Given a worker whose limiter is a Redis of this test's own, renewing every second, when
+    """Given a worker whose limiter is a Redis of this test's own, renewing every 2 s, when
     60 capped tasks run and every worker's own release has reached Redis (no ended mark is left),
     then the limiter ran fewer than 2.5 script calls per task: the acquire and the pool
     process's release, the worker's safety-net releases riding in its renewals. Catches: that
     safety net sent as a script call of its own per task (3 per task)."""
-    workers.start(pool="prefork", concurrency=4, LIMITER_URL=private_redis.url, LEASE_TTL=3)
+    workers.start(pool="prefork", concurrency=4, LIMITER_URL=private_redis.url, LEASE_TTL=6)
     limiter = redis.Redis.from_url(private_redis.url)
     ended = Family.of(prefix, "t.limited").ended
 
