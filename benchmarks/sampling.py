@@ -59,7 +59,8 @@ class MonitorReader:
     STOP = b"bench-monitor-stop"
 
     def __init__(self, url: str) -> None:
-        self._client = redis.Redis.from_url(url)
+        # no socket timeout: MONITOR may be quiet for longer than redis-py's default
+        self._client = redis.Redis.from_url(url, socket_timeout=None)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._ready = threading.Event()
 

@@ -446,6 +446,35 @@ BREAKAGES = [
             "test_a_job_handed_to_a_pool_process_does_not_stall_the_warm_shutdown",
         ),
     ),
+    Breakage(
+        "a script call per task for the worker's safety-net releases",
+        f"{PACKAGE}/transport/ended.py",
+        "    out = []\n    for op in renewals:\n",
+        "    out = [confirming([r]) for rs in ended.values() for r in rs]\n    ended = {}\n"
+        "    for op in renewals:\n",
+        (
+            "tests/test_cap.py::"
+            "test_a_task_costs_two_script_calls_its_workers_release_rides_in_the_renewals",
+        ),
+    ),
+    Breakage(
+        "a renewal that frees none of the releases it carries",
+        f"{PACKAGE}/lua/renew.lua",
+        "    flow_free(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))\n",
+        "",
+        ("tests/test_transport.py::test_releases_sent_later_ride_in_one_renewal_per_key[threads]",),
+    ),
+    Breakage(
+        "a worker's release sent after a retry's acquire",
+        f"{PACKAGE}/transport/base.py",
+        "            ops = [self._ended.carry(op) if isinstance(op, Acquire) else op "
+        "for op in ops]\n",
+        "",
+        (
+            "tests/test_transport.py::"
+            "test_a_release_sent_later_never_frees_the_slot_of_a_retry[eventloop]",
+        ),
+    ),
 ]
 
 

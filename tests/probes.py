@@ -72,3 +72,10 @@ def span_peak(spans: list[tuple[float, float]]) -> int:
         running += step
         highest = max(highest, running)
     return highest
+
+
+def script_calls(limiter: redis.Redis) -> int:
+    """Lease script calls the limiter's Redis ran so far (by SHA, or by source)."""
+    stats = limiter.info("commandstats")
+    names = ("evalsha", "eval")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names)

@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
-from .conftest import Workers, wait_until
-from .probes import finished, leases, peak, reported, started, wait_drained
+from celery_throttled.keys import Family
+
+from .conftest import RedisServer, Workers, wait_until
+from .probes import finished, leases, peak, reported, script_calls, started, wait_drained
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -58,6 +61,32 @@ def test_the_slot_is_free_as_the_body_ends_not_when_the_worker_hears_of_it(
     assert ended["a"] <= begun["b"] < dict(reported(probe, prefix, "handover"))["a"]
     assert peak(probe, prefix, "handover") == 1
     wait_drained(probe, prefix, "handover")
+
+
+def test_a_task_costs_two_script_calls_its_workers_release_rides_in_the_renewals(
+    private_redis: RedisServer, workers: Workers, client: Celery, probe, prefix
+):
+    """Given a worker whose limiter is a Redis of this test's own, renewing every 2 s, when
+    60 capped tasks run and every worker's own release has reached Redis (no ended mark is left),
+    then the limiter ran fewer than 2.5 script calls per task: the acquire and the pool
+    process's release, the worker's safety-net releases riding in its renewals. Catches: that
+    safety net sent as a script call of its own per task (3 per task)."""
+    workers.start(pool="prefork", concurrency=4, LIMITER_URL=private_redis.url, LEASE_TTL=6)
+    limiter = redis.Redis.from_url(private_redis.url)
+    ended = Family.of(prefix, "t.limited").ended
+
+    def settled() -> bool:
+        return not limiter.exists(ended)
+
+    assert run_all(client, "t.limited", [("warm-up", 0)]) == ["warm-up"]
+    wait_until(settled, 15, what="the warm-up's release to reach Redis")
+    before = script_calls(limiter)
+    labels = run_all(client, "t.limited", [(f"x{i}", 0.01) for i in range(60)])
+    assert labels == [f"x{i}" for i in range(60)]
+    wait_until(settled, 15, what="every worker's release to reach Redis")
+    assert (script_calls(limiter) - before) / 60 < 2.5
+    assert peak(probe, prefix, "limited") == 2
+    wait_drained(limiter, prefix, "t.limited")
 
 
 def test_shared_key_caps_two_task_types_together(workers: Workers, client, probe, prefix):

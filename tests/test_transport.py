@@ -22,6 +22,7 @@ from celery_throttled.keys import Family, registry
 from celery_throttled.transport.leases import Acquire, RedisLeases, Release, Renew
 
 from .conftest import RedisServer, wait_until
+from .probes import script_calls
 from .transports import (
     KINDS,
     Loop,
@@ -166,6 +167,124 @@ def test_a_release_sent_later_goes_with_the_next_renewal_round(open_side: Open, 
     side.transport.renew_soon()
     side.wait_for("granted", "k", b)
     assert members(probe, Family.of(prefix, "k").holders) == {b}
+
+
+def test_releases_sent_later_ride_in_one_renewal_per_key(open_side: Open, server, probe, prefix):
+    """Given 40 holders of one key, half freed by their pool process as the body ended and half
+    not (a pool process whose release failed), and a waiter, when the worker releases all 40
+    ``later``, then the next round frees the other 20 with one script call for the key (not one
+    each), counts each run's outcome once, grants the waiter, and leaves no ended mark behind.
+    Catches: safety-net releases that cost a script call each, a holder its pool process did not
+    free left holding its slot, or an outcome counted twice."""
+    side = open_side()
+    tasks = [f"t{i}" for i in range(40)]
+    running = [side.acquire("k", task, 40) for task in tasks]
+    for holder in running:
+        side.wait_for("granted", "k", holder)
+    waiter = side.acquire("k", "waiter", 40)  # the 41st: it waits
+    side.wait_for("waiting", "k", waiter)
+    pool = RedisLeases(redis.Redis(port=server.port), prefix, 30.0, worker="")
+    pool.execute([Release("k", h, 0, "done", spec="40", ending=True) for h in running[:20]])
+    side.wait_for("granted", "k", waiter)  # published by the pool's releases
+    family = Family.of(prefix, "k")
+    before = script_calls(probe)
+    for task in tasks:
+        side.release("k", task, later=True)
+    barrier = side.acquire("barrier", "x", 1)
+    side.wait_for("granted", "barrier", barrier)
+    assert members(probe, family.holders) >= set(running[20:])  # nothing went before the round
+    side.transport.renew_soon()
+    wait_until(lambda: not probe.exists(family.ended), 10, what="the ended marks to go")
+    wait_until(lambda: members(probe, family.holders) == {waiter}, 10, what="20 slots freed")
+    # the barrier, then one renewal per key this worker has (k, barrier, its warm-up key)
+    assert script_calls(probe) - before <= 1 + 3
+    assert probe.hget(family.meta, "done") == "40"
+
+
+def test_releases_sent_later_ride_in_the_next_acquire_of_their_key(
+    open_side: Open, server, probe, prefix
+):
+    """Given 10 holders of a key, 5 of them freed by their pool process, all released ``later``
+    by their worker, when the worker asks for a slot of the key at a cap of 5, then that one
+    script call, long before the next renewal round, frees the other 5 first and is granted,
+    leaving no ended mark. Catches: the worker's releases waiting for the round (a script call
+    per key, up to lease_ttl / 3 late) while an acquire of their key goes out anyway, or handled
+    after the acquire (refused: the cap looks full)."""
+    side = open_side(lease_ttl=60.0)  # rounds every 20 s: none comes during the test
+    running = [side.acquire("k", f"t{i}", 10) for i in range(10)]
+    for holder in running:
+        side.wait_for("granted", "k", holder)
+    pool = RedisLeases(redis.Redis(port=server.port), prefix, 60.0, worker="")
+    pool.execute([Release("k", h, 0, "done", spec="10", ending=True) for h in running[:5]])
+    for i in range(10):
+        side.release("k", f"t{i}", later=True)
+    rounds, before = side.snapshots, script_calls(probe)
+    new = side.acquire("k", "new", 5)
+    side.wait_for("granted", "k", new)
+    assert (script_calls(probe) - before, side.snapshots) == (1, rounds)
+    family = Family.of(prefix, "k")
+    assert members(probe, family.holders) == {new}
+    assert not probe.exists(family.ended)
+    assert probe.hget(family.meta, "done") == "10"
+
+
+def test_a_release_not_sent_later_goes_at_once_beside_releases_waiting_for_the_round(
+    open_side: Open, probe, prefix
+):
+    """Given a cap of 2 held by two holders and a waiter, when one holder is released ``later``
+    (its pool process freed it, as far as the worker knows) and the other at once (its run ended
+    without its pool process: lost, hard time limit, revoked), then the waiter is granted at
+    once, long before the next round, and the first still holds its slot until then. Catches: a
+    release made to wait with the releases of its key waiting for the round."""
+    side = open_side(lease_ttl=60.0)  # rounds every 20 s: none comes during the test
+    a, _, c = (side.acquire("k", t, 2) for t in ("a", "b", "c"))
+    side.wait_for("waiting", "k", c)
+    rounds = side.snapshots
+    side.release("k", "a", later=True)
+    side.release("k", "b")
+    side.wait_for("granted", "k", c, timeout=5)
+    assert side.snapshots == rounds
+    assert members(probe, Family.of(prefix, "k").holders) == {a, c}
+
+
+def test_releases_carried_by_a_renewal_survive_a_script_flush(open_side: Open, probe, prefix):
+    """Given a holder released ``later`` whose pool process did not free it, and a waiter, when
+    the server's scripts are flushed before the round carries that release, then the release
+    still goes (again, with its script's source), freeing the slot for the waiter. Catches: the
+    releases lost with the renewal that carried them (a renewal is never sent again)."""
+    side = open_side()
+    a, b = side.acquire("k", "a", 1), side.acquire("k", "b", 1)
+    side.wait_for("granted", "k", a)
+    side.wait_for("waiting", "k", b)
+    side.release("k", "a", later=True)
+    probe.script_flush()
+    side.transport.renew_soon()
+    side.wait_for("granted", "k", b)
+    assert members(probe, Family.of(prefix, "k").holders) == {b}
+
+
+def test_a_release_sent_later_never_frees_the_slot_of_a_retry(
+    open_side: Open, server, probe, prefix
+):
+    """Given a holder freed by its pool process as the body ended, whose worker's own release
+    waits for the next round, when the same holder (a retry of the task on the same worker)
+    acquires again and the round then goes, then the retry keeps its new slot. Catches: the
+    last run's release, sent after the retry's acquire, freeing the slot the retry runs in."""
+    side = open_side()
+    a = side.acquire("k", "a", 1)
+    side.wait_for("granted", "k", a)
+    pool = RedisLeases(redis.Redis(port=server.port), prefix, 30.0, worker="")
+    pool.execute([Release("k", a, 0, "retried", spec="1", ending=True)])
+    side.release("k", "a", later=True)
+    side.acquire("k", "a", 1)
+    wait_until(lambda: side.seen("granted", "k", a) == 2, 10, what="the retry's grant")
+    side.transport.renew_soon()
+    side.wait_rounds(1)
+    barrier = side.acquire("barrier", "x", 1)  # the round went before it
+    side.wait_for("granted", "barrier", barrier)
+    assert members(probe, Family.of(prefix, "k").holders) == {a}
+    b = side.acquire("k", "b", 1)
+    side.wait_for("waiting", "k", b)
 
 
 def test_renewals_keep_a_running_lease_past_its_ttl(open_side: Open, probe, prefix):

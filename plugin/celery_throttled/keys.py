@@ -11,8 +11,10 @@ touches a single slot::
     {prefix}:{<key>}:wt   LIST  the last 1000 waits for a slot, in ms (newest first)
     {prefix}:{<key>}:e    ZSET  ended: holders whose pool process freed their slot as the body
                                 ended, score = when they are forgotten (ms, one lease TTL on);
-                                a renewal from the worker's main process never puts them back;
-                                the set expires one lease TTL after its last entry
+                                a renewal from the worker's main process never puts them back,
+                                and the worker's own release of one (carried by its next
+                                acquire or renewal of the key) removes it; the set expires
+                                one lease TTL after its last entry
     {prefix}:{<key>}:p    ZSET  pending (``max_pending``): member task id, score = the time it
                                 stops counting unless a worker vouches for it again (ms)
 

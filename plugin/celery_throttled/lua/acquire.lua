@@ -13,6 +13,10 @@
 -- ARGV[4] - lease TTL in ms (also the waiter's liveness TTL)
 -- ARGV[5] - grant channel prefix
 -- ARGV[6] - the calling worker (holders of its own granted now are returned, not published)
+-- ARGV[7 ..] - holder, outcome, waited ms (or -1), for each run of the key that ended (the
+--              worker's own release, its safety net), handled first, as renew.lua does: a
+--              holder in KEYS[6] was released by its pool process and only leaves KEYS[6]; any
+--              other is released (free.lua), its slot going to the line below
 -- KEYS[#KEYS-2 ..] - the admission keys (admission.lua)
 -- returns {granted (1/0), effective cap, holders, {other holders of this worker granted now},
 --          {holders whose lease expired, reaped now}, wake_at (ms, or 0), now (ms)}
@@ -29,6 +33,13 @@ local meta = redis.call('HMGET', KEYS[4], 'cap', 'override')
 if meta[1] ~= spec.cap_text then redis.call('HSET', KEYS[4], 'cap', spec.cap_text) end
 flow_declare(spec, KEYS[4])
 local now = now_ms()
+local freed = 0
+for i = 7, #ARGV, 3 do
+  if redis.call('ZREM', KEYS[6], ARGV[i]) == 0 then
+    freed = freed + flow_free(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))
+  end
+end
+if freed > 0 then flow_count(spec, KEYS[4], KEYS[1]) end
 redis.call('ZREM', KEYS[6], holder)
 if redis.call('ZSCORE', KEYS[1], holder) then
   redis.call('ZADD', KEYS[1], now + ttl, holder)

@@ -324,12 +324,12 @@ local function flow_task(holder)
   return (string.gsub(id, '#%d+$', ''))
 end
 
--- A worker vouches for the pending tasks it holds or runs (the holders in ARGV[first ..]):
+-- A worker vouches for the pending tasks it holds or runs (the holders in ARGV[first .. last]):
 -- they count for another horizon, and one that had stopped counting (its message came back
 -- after its worker died) counts again: the count follows what the workers really hold.
-local function flow_vouch(spec, first, now)
+local function flow_vouch(spec, first, last, now)
   if not spec.pending then return end
-  for i = first, #ARGV do
+  for i = first, last do
     if not redis.call('ZSCORE', KEYS[6], ARGV[i]) then  -- not one whose body ended (release.lua)
       redis.call('ZADD', PENDING, 'GT', now + spec.pending, flow_task(ARGV[i]))
     end

@@ -30,7 +30,6 @@ local holder = ARGV[2]
 local ending = ARGV[9] == '1'
 if not ending and redis.call('ZSCORE', KEYS[6], holder) then return {0, {}, {}, 0, 0} end
 local spec = flow_spec(ARGV[3])
-flow_ended(ARGV[7], holder)
 local worker = ''
 if ending then
   local now = now_ms()
@@ -39,18 +38,7 @@ if ending then
   redis.call('PEXPIRE', KEYS[6], ARGV[4])  -- the set goes with its last entry
   worker = string.sub(holder, 1, (string.find(holder, ' ', 1, true) or 1) - 1)
 end
-local held = redis.call('ZREM', KEYS[1], holder)
-local removed = held + redis.call('ZREM', KEYS[2], holder)
-redis.call('ZREM', KEYS[3], holder)
-if ARGV[7] ~= '' and (held > 0 or ARGV[7] == 'rejected') then
-  redis.call('HINCRBY', KEYS[4], ARGV[7], 1)
-  if tonumber(ARGV[8]) >= 0 then
-    redis.call('LPUSH', KEYS[5], ARGV[8])
-    redis.call('LTRIM', KEYS[5], 0, 999)
-    local expire = redis.call('HGET', KEYS[4], 'expire')
-    if expire then redis.call('EXPIRE', KEYS[5], expire) end
-  end
-end
+local held, removed = flow_free(holder, ARGV[7], tonumber(ARGV[8]))
 -- Fast path, nobody waiting (in the key, nor in its family): nothing to hand on (expired
 -- leases are reaped by the next acquire or by a renewal pass).
 if redis.call('ZCARD', KEYS[2]) == 0 and flow_idle(spec) then

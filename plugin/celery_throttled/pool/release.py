@@ -7,7 +7,8 @@ itself, straight after the body, before the result is stored::
 
     body ends -> ending listeners, in order -> release.lua, ending=1  (the slot is free here)
               -> Celery stores the result, pipes it back
-              -> the main process's end path releases again: a no-op for a freed lease
+              -> the main process's end path releases again, with its next acquire or renewal
+                 of the key: a no-op for a freed lease
 
 Why that cannot free a slot twice, nor bring one back: ``release.lua`` removes the holder only if
 it holds the slot (a second release of it frees nothing) and records it in the key's *ended*
@@ -21,9 +22,10 @@ outcome)``: whatever must happen while the slot is still held (the test probe re
 end there; a step that reports the run's outcome belongs there too). A listener's failure is
 logged, never raised into the task.
 
-As the worker's main process then learns of the end from Celery (``on_success``), it sends its
-own release with the next renewal round, off the hand-off's path; every other end (a lost pool
-process, a hard time limit, a revocation) releases from there at once.
+As the worker's main process then learns of the end from Celery (``on_success``), its own
+release rides in the next acquire of the key, else in its renewal of the next round
+(:mod:`..transport.ended`), off the hand-off's path and with no script call of its own; every
+other end (a lost pool process, a hard time limit, a revocation) releases from there at once.
 
 The leases a run holds reach it in the request's ``throttle`` header (``request.info()["leases"]``,
 set by the gate as it admits the request): ``[key, holder, spec]`` each, the task's own slot

@@ -7,7 +7,8 @@ what to send and when is decided here:
 
 * **The queue.** Submitted operations wait in one queue, in order, and leave it in batches.
   A release submitted ``later`` (the worker's safety net for a slot its pool process freed
-  already) waits for the next renewal round, or for :data:`LATER` others.
+  already) is no operation of its own: it rides in the next acquire of its key, or in its
+  key's renewal of the next round (:mod:`.ended`).
 * **Renewal rounds**, every ``lease_ttl / 3``, on request, after every (re)connection, and once
   more when a grace ends: this worker's leases and places in line (``Callbacks.snapshot``),
   the key registry's upkeep, then reaping passes (``Renew(key, 0)``) over registered keys this
@@ -37,7 +38,8 @@ from typing import Any
 
 from ..keys import errgroup_channel, grant_channel, registry
 from .batch import Batch, Round
-from .leases import Acquire, Codec, Op, Release, Renew
+from .ended import Ended, again, carried, hold_back
+from .leases import Acquire, Codec, Op, Release
 from .reports import Callbacks, Outage
 
 __all__ = ["BACKOFF", "Batch", "Callbacks", "Outage", "Round", "Transport", "backoff", "run_id"]
@@ -52,9 +54,6 @@ REGISTRY_BATCH = 200
 #: keys unused for this long leave the registry (per-value keys and errgroups' own limits
 #: would otherwise pile up there)
 REGISTRY_RETENTION = 7 * 86400.0
-
-#: releases submitted ``later`` that make a batch of their own
-LATER = 256
 
 
 def backoff(failures: int) -> float:
@@ -96,7 +95,7 @@ class Transport(ABC):
         self.grace = min(1.0, lease_ttl / 3)
         self._lock = threading.Condition()
         self._queue: deque[Op] = deque()
-        self._later: list[Op] = []
+        self._ended = Ended()
         self._to_register: set[str] = set()
         self._next_round = time.monotonic() + self.renew_every
         self._round_requested = False
@@ -122,15 +121,14 @@ class Transport(ABC):
         """The process exits: send what is queued, bounded by ``timeout``, and stop."""
 
     def submit(self, op: Op, later: bool = False) -> None:
-        """Send ``op`` soon (``later``: with the next renewal round); its outcome comes back
-        through the callbacks. Any thread."""
+        """Send ``op`` soon (``later``, a release: with the key's next acquire or renewal,
+        :mod:`.ended`); its outcome comes back through the callbacks. Any thread."""
         with self._lock:
-            if later:
-                self._later.append(op)
-                if len(self._later) < LATER:
+            if later and isinstance(op, Release):
+                full = self._ended.add(op)
+                if full is None:
                     return
-                self._queue.extend(self._later)
-                self._later.clear()
+                self._queue.append(full)
             else:
                 self._queue.append(op)
         self._wake()
@@ -182,15 +180,14 @@ class Transport(ABC):
                 self._round_requested = False
                 self._next_round = now + self.renew_every
             registered, self._to_register = self._to_register, set()
-            if due:
-                self._queue.extend(self._later)
-                self._later.clear()
             ops = list(self._queue)
             self._queue.clear()
             if grace:
                 ops = self._hold_acquires(ops)
+            ops = [self._ended.carry(op) if isinstance(op, Acquire) else op for op in ops]
+            ended = self._ended.take() if due else {}
             server = self._server
-        batch = Batch(self._round(grace) if due else None, registered=registered, ops=ops)
+        batch = Batch(self._round(grace, ended) if due else None, registered=registered, ops=ops)
         batch.server = server
         if registered:
             batch.commands.append(("ZADD", self.registry, *_scored(registered, time.time())))
@@ -199,15 +196,17 @@ class Transport(ABC):
     def _hold_acquires(self, ops: list[Op]) -> list[Op]:
         """Put the acquires back in the queue (with the lock held); a release cancels the
         held acquire of its holder."""
-        released = {(op.key, op.holder) for op in ops if isinstance(op, Release)}
-        held = [op for op in ops if isinstance(op, Acquire)]
-        self._queue.extend(op for op in held if (op.key, op.holder) not in released)
-        return [op for op in ops if not isinstance(op, Acquire)]
+        held, now = hold_back(ops)
+        self._queue.extend(held)
+        return now
 
-    def _round(self, grace: bool) -> Round:
+    def _round(self, grace: bool, ended: dict[str, list[Release]]) -> Round:
+        """The round's renewals (the snapshot is taken after ``ended`` was: a holder in both
+        left in between; it goes as ended), with the releases that waited for it."""
         renewals = self.callbacks.snapshot()
         if grace:  # running leases only: a renewed waiter could be granted
             renewals = [replace(op, waiting=()) for op in renewals]
+        renewals = carried(renewals, ended)
         now = time.time()
         commands: list[tuple[Any, ...]] = []
         if renewals:
@@ -223,33 +222,35 @@ class Transport(ABC):
     def _now_not_later(self) -> None:
         """The releases waiting for the next round go with the next batch (the process stops)."""
         with self._lock:
-            self._queue.extend(self._later)
-            self._later.clear()
+            self._queue.extend(self._ended.renewals())
 
     def _drain(self) -> list[Op]:
         """Everything queued, grace or not (the process is stopping)."""
+        self._now_not_later()
         with self._lock:
-            ops = [*self._queue, *self._later]
+            ops = list(self._queue)
             self._queue.clear()
-            self._later.clear()
             return ops
 
     def _requeue(self, ops: list[Op], registered: set[str] | None = None) -> None:
-        """Sending ``ops`` failed: they go out again first, but renewals do not."""
+        """Sending ``ops`` failed: they go out again first, but renewals do not (the releases
+        they carry do)."""
         with self._lock:
-            self._queue.extendleft(reversed([op for op in ops if not isinstance(op, Renew)]))
+            ops = [op for op in map(again, ops) if op is not None]
+            self._queue.extendleft(reversed(ops))
             self._to_register |= registered or set()
 
-    def _report(self, op: Op, reply: Any) -> bool:
-        """Report what ``op`` did from its reply; False when it must go again with its script's
-        source (the scripts were flushed), which a renewal never does."""
+    def _report(self, op: Op, reply: Any) -> Op | None:
+        """Report what ``op`` did from its reply; returns what must go again with its script's
+        source (the scripts were flushed): ``op``, but of a renewal only the releases it carries
+        (see :meth:`_requeue`)."""
         if isinstance(reply, Exception):
             if str(reply).startswith("NOSCRIPT"):
-                return isinstance(op, Renew)
+                return again(op)
             logger.error("celery-throttled: Redis refused a lease operation %r: %s", op, reply)
-            return True
+            return None
         self.callbacks.deliver(op, self.codec.decode(op, reply))
-        return True
+        return None
 
     # -- the server ------------------------------------------------------------------------
     def _connected(self, address: str, run_id: str) -> bool:

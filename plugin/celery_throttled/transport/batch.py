@@ -40,3 +40,7 @@ class Batch:
     ops: list[Op] = field(default_factory=list)
     #: the server (see :meth:`Transport._stale`) it was made for
     server: int = 0
+
+    def operations(self) -> list[Op]:
+        """Its script calls known before it is sent: the round's renewals, then the ops."""
+        return [*(self.round.renewals if self.round else ()), *self.ops]

@@ -168,8 +168,9 @@ class EventLoopTransport(Transport):
         self._cmd.request((*head, len(keys), *keys, *args), partial(self._result, op), tag=op)
 
     def _result(self, op: Op, reply: Any) -> None:
-        if not self._report(op, reply):
-            self._write(op, full_script=True)
+        again = self._report(op, reply)
+        if again is not None:
+            self._write(again, full_script=True)
 
     def _send_direct(self) -> None:
         """Send what is queued through redis-py, now (the loop is not running)."""

@@ -14,11 +14,11 @@ A grant to a waiter of the calling worker comes back in the script's reply; a gr
 waiter elsewhere is published on that worker's channel.
 
 The scripts live in ``lua/`` with a KEYS/ARGV/returns header each; ``admission.lua`` (rates,
-families, priorities, pending sets) and ``grant.lua`` are shared. A key's admission rules travel
-in each operation (:class:`~..admission.Admission`) and reach the scripts in their cap argument.
-This module turns operations into script calls and replies into :class:`Outcome`; the
-transports (a redis-py pipeline here, the event loop's own connection in :mod:`.eventloop`) only
-move bytes.
+families, priorities, pending sets), ``grant.lua`` and ``free.lua`` are shared. A key's admission
+rules travel in each operation (:class:`~..admission.Admission`) and reach the scripts in their
+cap argument. This module turns operations into script calls and replies into
+:class:`Outcome`; the transports (a redis-py pipeline here, the event loop's own connection in
+:mod:`.eventloop`) only move bytes.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ class Acquire:
     admission: Admission | None = None
     #: its place among priorities (lower goes first; :func:`~..admission.rank`)
     rank: int = 0
+    #: the worker's own releases of holders of ``key`` whose runs ended, carried along
+    #: (:mod:`.ended`), handled before the acquire itself
+    ended: Sequence[Release] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,10 @@ class Renew:
     running: Sequence[str] = ()
     waiting: Sequence[str] = ()
     admission: Admission | None = None
+    #: the worker's own releases of holders of ``key`` whose runs ended since its last round
+    #: (submitted ``later``: its pool process freed the slot, or should have): each holder is
+    #: released as :class:`Release` would, or only confirmed when its pool process freed it
+    ended: Sequence[Release] = ()
 
 
 Op = Acquire | Release | Renew
@@ -120,14 +127,14 @@ class Script:
 
 
 class Scripts:
-    """The lease scripts, with ``admission.lua`` and ``grant.lua`` prepended, and their SHA1s
-    for EVALSHA."""
+    """The lease scripts, with ``admission.lua``, ``grant.lua`` and ``free.lua`` prepended, and
+    their SHA1s for EVALSHA."""
 
     @staticmethod
     @cache
     def get(name: str) -> Script:
         lua = resources.files("celery_throttled").joinpath("lua")
-        parts = ("admission.lua", "grant.lua", name)
+        parts = ("admission.lua", "grant.lua", "free.lua", name)
         source = "\n".join(lua.joinpath(part).read_text() for part in parts)
         return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
@@ -150,15 +157,15 @@ class Codec:
         cap = self.spec(op)
         if isinstance(op, Acquire):
             args = [op.key, op.holder, cap, self.ttl_ms, self.channel_prefix, self.worker]
-            return Scripts.get("acquire.lua"), keys, args
+            return Scripts.get("acquire.lua"), keys, args + _ended(op.ended)
         if isinstance(op, Release):
             waited = -1 if op.waited is None else int(op.waited * 1000)
             args = [op.key, op.holder, cap, self.ttl_ms, self.channel_prefix, self.worker]
             args += [op.outcome, waited, "1" if op.ending else ""]
             return Scripts.get("release.lua"), keys, args
         args = [op.key, cap, self.ttl_ms, self.channel_prefix, self.worker]
-        args += [len(op.running), *op.running, *op.waiting]
-        return Scripts.get("renew.lua"), keys, args
+        args += [len(op.running), len(op.ended), *op.running, *op.waiting]
+        return Scripts.get("renew.lua"), keys, args + _ended(op.ended)
 
     def spec(self, op: Op) -> str:
         """The cap argument: the cap and the key's admission rules (``admission.spec``)."""
@@ -262,6 +269,14 @@ class RedisLeases:
 def lease_spec(key: str, cap: int, admission: Admission | None) -> str:
     """The cap argument of a release of ``key``, built where the Admission is known."""
     return spec(cap, admission, in_family=split_key(key)[0] is not None)
+
+
+def _ended(releases: Sequence[Release]) -> list[Any]:
+    """Releases carried by an acquire or a renewal: holder, outcome, waited ms (or -1) each."""
+    args: list[Any] = []
+    for op in releases:
+        args += [op.holder, op.outcome, -1 if op.waited is None else int(op.waited * 1000)]
+    return args
 
 
 def _text(values: Iterable[bytes | str]) -> list[str]:

@@ -109,13 +109,13 @@ class ThreadedTransport(Transport):
                 self._send(batch)
                 self._recovered()
             except ServerChanged:  # nothing was sent; the grace holds the acquires back
-                self._requeue(batch.ops, batch.registered)
+                self._requeue(batch.operations(), batch.registered)
             except _OUTAGE_ERRORS as exc:
-                self._requeue(batch.ops, batch.registered)
+                self._requeue(batch.operations(), batch.registered)
                 self._pause(self._failed(exc))
             except Exception:
                 logger.exception("celery-throttled: lease operations failed; retrying")
-                self._requeue(batch.ops, batch.registered)
+                self._requeue(batch.operations(), batch.registered)
                 self._pause(0.5)
             self._sending = None
             self._wake()  # stop() waits for the queue to empty

@@ -220,7 +220,7 @@ class Gate:
 
         Idempotent; called from any thread. ``outcome`` ("done", "failed", "retried") is counted
         per key for ``celery throttle``; ``wait`` says why a wait ended unadmitted (tracing);
-        ``later``: the pool process freed the slot already, this is the safety net.
+        ``later``: the pool process freed the slot already; this safety net rides along later.
         """
         if not self.lines.leave(held):
             return
