@@ -299,7 +299,7 @@ BREAKAGES = [
     ),
     Breakage(
         "two weights declared for one key of a family, both accepted",
-        f"{PACKAGE}/task.py",
+        f"{PACKAGE}/declarations.py",
         'if known := _other_declaration("weight", family_key(family, key), weight, name):',
         'if known := _other_declaration("weight", name, weight, name):',
         ("tests/test_fair.py::test_tasks_sharing_a_key_in_a_family_must_agree_on_its_weight",),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -15,8 +14,8 @@ from .adaptive import Adaptive
 from .admission import UNCAPPED, Admission, validate_priority
 from .backpressure import admit
 from .context import current_context
+from .declarations import MAX_KEY_LENGTH, validate_limit, validate_shared, validate_timeout
 from .errors import ConfigurationError, KeyFunctionError
-from .keys import family_key
 from .policies import RetryPolicy, validate_wait
 from .pool import execution
 from .pool.backend import envelope_backend
@@ -26,12 +25,6 @@ __all__ = ["ThrottledTask", "throttled_task"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 KeySpec = str | Callable[..., str] | None
-
-_MAX_KEY_LENGTH = 1024
-#: (what, whose) -> (value, task): the first declaration of a key's limit, a family's total, a
-#: family key's weight; every task sharing that key or family must declare the same
-_declared: dict[tuple[str, str], tuple[Any, str]] = {}
-_declared_lock = threading.Lock()
 
 
 class ThrottledTask(Task):  # type: ignore[misc]
@@ -155,10 +148,10 @@ class ThrottledTask(Task):  # type: ignore[misc]
                 f"task {self.name!r}: its key function {_describe(spec)} raised "
                 f"{type(exc).__name__}: {exc}; the task did not run"
             ) from exc
-        if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH or "\x1f" in key:
+        if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or "\x1f" in key:
             raise KeyFunctionError(
                 f"task {self.name!r}: its key function {_describe(spec)} returned {key!r}; "
-                f"a key must be a non-empty str of at most {_MAX_KEY_LENGTH} characters; "
+                f"a key must be a non-empty str of at most {MAX_KEY_LENGTH} characters; "
                 "the task did not run"
             )
         return key
@@ -214,7 +207,7 @@ def throttled_task(
         adaptive = limit.checked(name) if isinstance(limit, Adaptive) else None
         cap = adaptive.initial if adaptive is not None else limit
         assert not isinstance(cap, Adaptive)
-        _validate(name, cap, key, adaptive or cap)
+        validate_limit(name, cap, key, adaptive or cap)
         validate_wait(name, max_wait, on_full, fallback)
         admission = Admission.declare(
             name,
@@ -227,15 +220,15 @@ def throttled_task(
             max_pending=max_pending,
             adaptive=adaptive,
         )
-        _validate_shared(name, key, admission)
+        validate_shared(name, key, admission)
         if retry is not None:
             if not isinstance(retry, RetryPolicy):
                 raise ConfigurationError(
                     f"task {name!r}: retry must be a RetryPolicy, got {retry!r}"
                 )
             options.update(retry.celery_options(name))
-        soft = _timeout(name, "soft_timeout", soft_timeout, options, "soft_time_limit")
-        hard = _timeout(name, "hard_timeout", hard_timeout, options, "time_limit")
+        soft = validate_timeout(name, "soft_timeout", soft_timeout, options, "soft_time_limit")
+        hard = validate_timeout(name, "hard_timeout", hard_timeout, options, "time_limit")
         if soft is not None and hard is not None and soft >= hard:
             raise ConfigurationError(
                 f"task {name!r}: soft_timeout ({soft!r}) must be shorter than hard_timeout "
@@ -271,76 +264,6 @@ def throttled_task(
             )
         return create(fun)
     return create
-
-
-def _validate(name: str, limit: Any, key: Any, declared: Any = None) -> None:
-    """``limit`` (an int) and ``key``; ``declared`` (the int, or the Adaptive) must be the same
-    for every task sharing a static key."""
-    declared = limit if declared is None else declared
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigurationError(
-            f"task {name!r}: limit must be a positive int, an Adaptive(...) or None, got {limit!r}"
-        )
-    if key is None or callable(key):
-        return
-    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_LENGTH or "\x1f" in key:
-        raise ConfigurationError(
-            f"task {name!r}: key must be a non-empty str (at most {_MAX_KEY_LENGTH} "
-            f"characters, no \\x1f), a callable or None, got {key!r}"
-        )
-    if limit is None:
-        return
-    if known := _other_declaration("limit", key, declared, name):
-        raise ConfigurationError(
-            f"task {name!r}: key {key!r} is already capped at {known[0]} by task "
-            f"{known[1]!r}; tasks sharing a key must declare the same limit, got {declared}"
-        )
-
-
-def _validate_shared(name: str, key: Any, admission: Admission | None) -> None:
-    """Tasks sharing a family must declare the same total, and tasks sharing a static key in
-    one family the same static weight (none is 1): the lease scripts write both into Redis at
-    every acquire, so two values would flip between the tasks' runs."""
-    if admission is None or admission.family is None or admission.total is None:
-        return
-    family, total = admission.family, admission.total
-    if known := _other_declaration("total", family, total, name):
-        raise ConfigurationError(
-            f"task {name!r}: family {family!r} already has total {known[0]} from "
-            f"task {known[1]!r}; tasks sharing a family must declare the same total, got "
-            f"{total!r}"
-        )
-    weight = 1 if admission.weight is None else admission.weight
-    if not isinstance(key, str) or callable(weight):
-        return
-    if known := _other_declaration("weight", family_key(family, key), weight, name):
-        raise ConfigurationError(
-            f"task {name!r}: key {key!r} of family {family!r} already has weight={known[0]} "
-            f"from task {known[1]!r}; tasks sharing a key must declare the same weight, got "
-            f"weight={weight!r}"
-        )
-
-
-def _other_declaration(what: str, whose: str, value: Any, name: str) -> tuple[Any, str] | None:
-    """The first task's (value, name) of ``what`` for ``whose``, when another task declared
-    another value; None when this is the first declaration, or they agree."""
-    with _declared_lock:
-        known = _declared.setdefault((what, whose), (value, name))
-    return known if known[0] != value and known[1] != name else None
-
-
-def _timeout(
-    name: str, setting: str, value: Any, options: dict[str, Any], celery_name: str
-) -> float | None:
-    if value is None:
-        value, setting = options.get(celery_name), celery_name
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigurationError(
-            f"task {name!r}: {setting} must be a positive number of seconds, got {value!r}"
-        )
-    return float(value)
 
 
 def _describe(fun: Any) -> str:
