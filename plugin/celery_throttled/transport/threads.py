@@ -113,10 +113,11 @@ class ThreadedTransport(Transport):
             except _OUTAGE_ERRORS as exc:
                 self._requeue(batch.operations(), batch.registered)
                 self._pause(self._failed(exc))
-            except Exception:
-                logger.exception("celery-throttled: lease operations failed; retrying")
+            except Exception as exc:
                 self._requeue(batch.operations(), batch.registered)
-                self._pause(0.5)
+                if not _caused_by_new_server(exc):
+                    logger.exception("celery-throttled: lease operations failed; retrying")
+                    self._pause(0.5)
             self._sending = None
             self._wake()  # stop() waits for the queue to empty
 
@@ -177,3 +178,17 @@ class ThreadedTransport(Transport):
             finally:
                 with contextlib.suppress(Exception):  # closing a broken connection
                     pubsub.close()
+
+
+def _caused_by_new_server(exc: BaseException) -> bool:
+    """Whether ``exc`` came of a new server found in a connection's handshake: the cluster
+    client wraps that (``RedisClusterException`` from its own reconnection), and the running
+    leases must then go back at once, within the other workers' grace, not after a pause."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ServerChanged):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
