@@ -20,8 +20,6 @@ time past which it is gone. A task sent by name (``send_task``) is not counted.
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
@@ -30,29 +28,13 @@ import redis
 
 from .errors import Backpressure, KeyFunctionError
 from .keys import Family, family_key
-from .settings import Settings
+from .settings import process_client
 from .transport.leases import Script
 
 __all__ = ["admit"]
 
-_clients: dict[Any, tuple[int, redis.Redis, Settings]] = {}
-_lock = threading.Lock()
-
-
 _SOURCE = resources.files("celery_throttled").joinpath("lua/submit.lua").read_text()
 _SUBMIT = Script("submit.lua", _SOURCE, hashlib.sha1(_SOURCE.encode()).hexdigest())
-
-
-def _client(app: Any) -> tuple[redis.Redis, Settings]:
-    """This process's limiter client for ``app`` (a forked child gets its own)."""
-    with _lock:
-        known = _clients.get(app)
-        if known is not None and known[0] == os.getpid():
-            return known[1], known[2]
-        settings = Settings.from_app(app)
-        client = settings.client(socket_timeout=5, socket_connect_timeout=2)
-        _clients[app] = (os.getpid(), client, settings)
-        return client, settings
 
 
 def admit(task: Any, args: Any, kwargs: Any, task_id: str, options: dict[str, Any]) -> None:
@@ -66,7 +48,7 @@ def admit(task: Any, args: Any, kwargs: Any, task_id: str, options: dict[str, An
     except KeyFunctionError:
         return
     name = family_key(admission.family, key)
-    client, settings = _client(task._get_app())
+    client, settings = process_client(task._get_app())
     family = Family.of(settings.key_prefix, name)
     horizon = settings.pending_ttl + _delay(options)
     keys = [family.pending, family.meta]

@@ -7,6 +7,9 @@ settings are spelled ``CELERY_THROTTLE_REDIS_URL`` and so on.
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,7 +19,7 @@ import redis
 from .errors import ConfigurationError
 from .topology import Topology, mask
 
-__all__ = ["DEFAULTS", "Settings", "read_max_result_bytes"]
+__all__ = ["DEFAULTS", "Settings", "process_client", "read_max_result_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,3 +236,24 @@ def _positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigurationError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)
+
+
+_process_clients: weakref.WeakKeyDictionary[Any, tuple[int, redis.Redis, Settings]] = (
+    weakref.WeakKeyDictionary()
+)
+_process_lock = threading.Lock()
+
+
+def process_client(app: Any) -> tuple[redis.Redis, Settings]:
+    """This process's limiter client for ``app`` (5 s socket timeout, 2 s to connect), with the
+    app's settings: one per process and app, shared by what talks to the limiter outside the
+    lease transport (the submit check, errgroups, adaptive feedback). A forked pool child makes
+    its own: a connection is never shared across a fork."""
+    with _process_lock:
+        known = _process_clients.get(app)
+        if known is not None and known[0] == os.getpid():
+            return known[1], known[2]
+        settings = Settings.from_app(app)
+        client = settings.client(socket_timeout=5, socket_connect_timeout=2)
+        _process_clients[app] = (os.getpid(), client, settings)
+        return client, settings

@@ -39,7 +39,7 @@ from ..keys import (
     group_of_task,
     task_groups,
 )
-from ..settings import Settings
+from ..settings import process_client
 
 __all__ = ["GroupStore", "Settled", "store_for"]
 
@@ -249,8 +249,7 @@ def store_for(app: Any) -> GroupStore:
         known = _stores.get(app)
         if known is not None and known[0] == os.getpid():
             return known[1]
-        settings = Settings.from_app(app)
-        client = settings.client(socket_timeout=5, socket_connect_timeout=2)
+        client, settings = process_client(app)
         store = GroupStore(client, settings.key_prefix, settings.errgroup_ttl)
         _stores[app] = (os.getpid(), store)
         return store

@@ -11,10 +11,8 @@ is logged once per outage and the run goes on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
-import threading
-import weakref
 from importlib import resources
 from typing import Any
 
@@ -24,15 +22,15 @@ from celery.exceptions import Retry
 from .. import request as protocol
 from ..adaptive import signal
 from ..keys import Family, family_key
-from ..settings import Settings
+from ..settings import process_client
+from ..transport.leases import Script
 
 __all__ = ["report"]
 
 logger = logging.getLogger(__name__)
 
 _SOURCE = resources.files("celery_throttled").joinpath("lua/adapt.lua").read_text()
-_clients: weakref.WeakKeyDictionary[Any, tuple[int, Any, str]] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
+_ADAPT = Script("adapt.lua", _SOURCE, hashlib.sha1(_SOURCE.encode()).hexdigest())
 _failing = False
 
 
@@ -55,28 +53,17 @@ def report(task: Any, request: Any, exc: BaseException | None, latency: float) -
     outcome, retry_after = told
     global _failing
     try:
-        script, prefix = _script(task.app)
-        family = Family.of(prefix, family_key(admission.family, key))
-        script(
-            [family.holders, family.waiters, family.meta],
-            [outcome, int(latency * 1000), int(retry_after * 1000)],
-        )
+        client, settings = process_client(task.app)
+        family = Family.of(settings.key_prefix, family_key(admission.family, key))
+        keys = [family.holders, family.waiters, family.meta]
+        args: list[str | int] = [outcome, int(latency * 1000), int(retry_after * 1000)]
+        try:
+            client.evalsha(_ADAPT.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            client.eval(_ADAPT.source, len(keys), *keys, *args)
     except redis.RedisError as error:
         if not _failing:
             logger.warning("celery-throttled: adaptive cap of %r not told (%s)", key, error)
         _failing = True
     else:
         _failing = False
-
-
-def _script(app: Any) -> tuple[Any, str]:
-    """This process's ``adapt.lua`` for ``app`` (a forked pool child gets its own client)."""
-    with _lock:
-        known = _clients.get(app)
-        if known is not None and known[0] == os.getpid():
-            return known[1], known[2]
-        settings = Settings.from_app(app)
-        client = settings.client(socket_timeout=5, socket_connect_timeout=2)
-        script = client.register_script(_SOURCE)
-        _clients[app] = (os.getpid(), script, settings.key_prefix)
-        return script, settings.key_prefix
