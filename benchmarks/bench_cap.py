@@ -40,7 +40,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -859,21 +858,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, logdir: Path) -> int:
+    from benchmarks.harness import run_rows
+
     sizes = Sizes.of(args.quick, args.scale)
     began = time.monotonic()
     with redis_for_bench() as url:
         bench = Bench(url, logdir, args.loglevel)
         env = environment(url)
-        try:
-            for tag in args.rows:
-                print(f"running {tag} ...", flush=True)
-                try:
-                    RUNNERS[tag](bench, sizes)
-                except Exception as exc:
-                    bench.report.errors.append(f"{tag}: {exc}")
-                    traceback.print_exc()
-        finally:
-            bench.close()
+        run_rows(bench, args.rows, RUNNERS, sizes)
     report = bench.report
     elapsed = time.monotonic() - began
     env["loadavg_at_end"] = os.getloadavg()
