@@ -164,7 +164,7 @@ def recipe_spin(self: Any, duration: float, limit: int) -> None:
 @throttled_task(limit=HANDOFF_CAP, bind=True, name="bench.handoff")
 def handoff(self: Any, label: int, duration: float) -> None:
     """Sleep under a cap of one; log when the body started and ended, on which worker, and when
-    the worker admitted it (:func:`_stamp_admissions`)."""
+    it was admitted (:func:`_stamp_frees`)."""
     with counted("handoff"):
         start = time.time()
         time.sleep(duration)
@@ -173,8 +173,9 @@ def handoff(self: Any, label: int, duration: float) -> None:
 
 
 def _log(request: Any, group: str, event: dict[str, Any]) -> None:
-    """Log a body's span, its worker and when its worker admitted it; with ``BENCH_SPLIT``
-    the log waits until the slot is freed, and says when (:func:`_stamp_admissions`)."""
+    """Log a body's span, its worker and when it was admitted (``admitted_at`` in the
+    ``throttle`` header: by its worker, or where a parked waiter's grant arrived); with
+    ``BENCH_SPLIT`` the log waits until the slot is freed, and says when (:func:`_stamp_frees`)."""
     event["id"], event["host"] = request.id, request.hostname
     event["admitted"] = (getattr(request, "throttle", None) or {}).get("admitted_at")
     if _split:
@@ -187,19 +188,12 @@ _events: list[tuple[str, dict[str, Any]]] = []
 _split = bool(os.environ.get("BENCH_SPLIT"))
 
 
-def _stamp_admissions() -> None:
-    """P5's split of a hand-off, measured from outside the package: the worker's admission
-    time rides in the request's ``throttle`` header; the moment the pool process has freed the
-    slot is logged with the body's span once it is (off the hand-off's path)."""
-    from celery_throttled import request as protocol
+def _stamp_frees() -> None:
+    """P5's split of a hand-off: the moment the pool process has freed the slot is logged
+    with the body's span once it is (off the hand-off's path)."""
     from celery_throttled.pool import release
-    from celery_throttled.worker.gate import Gate
 
-    admit, free = Gate._admit, release.free
-
-    def stamped_admit(self: Gate, held: Any) -> None:
-        protocol.info(held.req)["admitted_at"] = time.time()
-        admit(self, held)
+    free = release.free
 
     def stamped_free(task: Any, request: Any, outcome: str, ran: bool = True) -> None:
         free(task, request, outcome, ran)
@@ -209,12 +203,11 @@ def _stamp_admissions() -> None:
             probe.rpush(probe_key(group, "events"), json.dumps(event))
         _events.clear()
 
-    Gate._admit = stamped_admit  # type: ignore[method-assign]
     release.free = stamped_free
 
 
 if _split:
-    _stamp_admissions()
+    _stamp_frees()
 
 
 # -- P7: errgroup against a plain chord -----------------------------------------------------

@@ -14,7 +14,8 @@ queue and ``throttle_key_prefix``, with its workers stopped before the next row 
       recipe.
 * P4  hand-off latency under a cap of 1 between two workers on this machine, and (P5) its
       split: body end -> slot free (the pool process's release returned) -> waiter granted
-      (its worker admitted it) -> waiter running (its body started).
+      (its worker admitted it, or its parked pool process read "go") -> waiter running (its body
+      started).
 
 Times run from the first submission to the last result's ``date_done`` (stamped by the worker
 that stored it, so the client's polling does not count). Peak concurrency is counted inside the

@@ -49,6 +49,7 @@ ERRGROUP = "tests/test_promises_errgroup.py::"
 ADMISSION = "tests/test_admission.py::"
 BACKPRESSURE = "tests/test_backpressure.py::"
 ADAPTIVE = "tests/test_adaptive.py::"
+PARKING = "tests/test_parking.py::"
 
 BREAKAGES = [
     Breakage(
@@ -474,6 +475,48 @@ BREAKAGES = [
             "tests/test_transport.py::"
             "test_a_release_sent_later_never_frees_the_slot_of_a_retry[eventloop]",
         ),
+    ),
+    Breakage(
+        "a grant that does not tell the parked waiter",
+        f"{PACKAGE}/lua/admission.lua",
+        "    redis.call('RPUSH', list, 'go')\n",
+        "",
+        (f"{PARKING}test_a_parked_waiter_starts_while_its_worker_is_stopped",),
+    ),
+    Breakage(
+        "parked waiters that keep their processes from other work",
+        f"{PACKAGE}/worker/gate.py",
+        "        self.parking.make_room()\n",
+        "",
+        (f"{PARKING}test_a_parked_waiter_gives_its_process_to_unthrottled_work",),
+    ),
+    Breakage(
+        "a parked job whose process died reported lost though it never took its go",
+        f"{PACKAGE}/worker/parking.py",
+        'return spot is None or self.client.lpop(spot.list) != b"go"',
+        "return True",
+        (f"{PARKING}test_a_parked_waiter_whose_process_is_killed_waits_again",),
+    ),
+    Breakage(
+        "a revocation that does not reach a parked waiter",
+        f"{PACKAGE}/worker/parkjob.py",
+        "            gate.parking.revoked(ids)\n",
+        "            pass\n",
+        (f"{GATE}test_revoked_tasks_settle_as_revoked",),
+    ),
+    Breakage(
+        "a parked waiter left to run at a warm shutdown",
+        f"{PACKAGE}/worker/gate.py",
+        "[h for h in self.lines.waiting() if not self.parking.unpark(h)]",
+        "[h for h in self.lines.waiting() if h.park is None]",
+        (f"{PARKING}test_a_parked_waiter_is_handed_back_at_warm_shutdown_and_runs_once",),
+    ),
+    Breakage(
+        "throttle_park ignored",
+        f"{PACKAGE}/worker/parking.py",
+        "            gate.settings.park\n            and ",
+        "            ",
+        (f"{PARKING}test_with_throttle_park_off_nothing_is_parked",),
     ),
 ]
 

@@ -17,6 +17,13 @@ touches a single slot::
                                 one lease TTL after its last entry
     {prefix}:{<key>}:p    ZSET  pending (``max_pending``): member task id, score = the time it
                                 stops counting unless a worker vouches for it again (ms)
+    {prefix}:{<key>}:pk   HASH  parked waiters (``pool/parking.py``): holder -> nonce; a grant
+                                to one pushes "go" onto its park list; expires a day after the
+                                key's last park
+    {prefix}:{<key>}:pk:<holder>:<nonce>
+                          LIST  a parked waiter's park list, which its pool process blocks
+                                on: "go" (run the body) or "off" (leave, unrun); it expires
+                                one lease TTL after its last push
 
 A key's meta also keeps its rate (``rate``, ``rate_override``: "<interval ms>/<burst>"), the
 rate's theoretical arrival time (``tat``, ms), the starts in the last two seconds (``use``),
@@ -33,7 +40,7 @@ The keys of a task with ``total`` form one family (the task's name, or ``family=
 the family's hash tag instead of their own, so one script can hand a freed slot to any key of
 the family. Their names carry the family (``family_key``: "<family>\x1f<key>")::
 
-    {prefix}:{fam:<family>}:k:<key>:h, …:w, …:we, …:m, …:wt, …:e, …:p   as above, per key
+    {prefix}:{fam:<family>}:k:<key>:h, …:w, …:we, …:m, …:wt, …:e, …:p, …:pk  as above
     {prefix}:{fam:<family>}:t   HASH  total (declared), override, running (holders of every
                                       key), turn (round-robin counter), wake
     {prefix}:{fam:<family>}:q   ZSET  keys with waiters: member key, score = its last turn
@@ -99,6 +106,9 @@ class Family:
     pending: str = ""
     total: str = ""
     turns: str = ""
+    #: waiters parked in idle pool processes (``pool/parking.py``); each one's park list is
+    #: :meth:`park_list`
+    parked: str = ""
 
     @classmethod
     def of(cls, prefix: str, key: str) -> Family:
@@ -119,7 +129,13 @@ class Family:
             f"{base}:p",
             f"{shared}t",
             f"{shared}q",
+            f"{base}:pk",
         )
+
+    def park_list(self, holder: str, nonce: str) -> str:
+        """The list a parked waiter's pool process blocks on ("go" or "off"); ``nonce`` is
+        the value of the holder's entry in :attr:`parked`, fresh each time it is parked."""
+        return f"{self.parked}:{holder}:{nonce}"
 
     def all(self) -> list[str]:
         return [self.holders, self.waiters, self.waiter_expiry, self.meta, self.waits, self.ended]

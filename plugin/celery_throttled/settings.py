@@ -75,6 +75,13 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "Seconds an errgroup's state lives in Redis after its last change; a member whose "
         "message arrives later runs untracked (with a warning).",
     ),
+    "throttle_park": (
+        True,
+        "On a prefork worker, write the oldest waiters to pool processes that would sit idle, "
+        "where they wait for their grant and start the moment it is made (a hand-off without "
+        "the worker's dispatch); a process is given back as soon as other work needs it. "
+        "False: waiters wait only in the worker's main process.",
+    ),
     "throttle_pending_ttl": (
         600.0,
         "Seconds a task of a max_pending task counts as pending after it was submitted, or "
@@ -104,6 +111,7 @@ class Settings:
     errgroup_ttl: float = DEFAULTS["throttle_errgroup_ttl"][0]
     redis_options: dict[str, Any] = field(default_factory=dict)
     pending_ttl: float = DEFAULTS["throttle_pending_ttl"][0]
+    park: bool = DEFAULTS["throttle_park"][0]
 
     @property
     def topology(self) -> Topology:
@@ -181,6 +189,9 @@ class Settings:
             raise ConfigurationError(f"throttle_metrics_addr must be an address, got {addr!r}")
         errgroup_ttl = _positive("throttle_errgroup_ttl", get("throttle_errgroup_ttl"))
         pending_ttl = _positive("throttle_pending_ttl", get("throttle_pending_ttl"))
+        park = get("throttle_park")
+        if not isinstance(park, bool):
+            raise ConfigurationError(f"throttle_park must be True or False, got {park!r}")
         return cls(
             redis_url,
             prefix,
@@ -194,6 +205,7 @@ class Settings:
             errgroup_ttl,
             dict(redis_options),
             pending_ttl,
+            park,
         )
 
 

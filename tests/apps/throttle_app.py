@@ -57,6 +57,8 @@ if os.environ.get("MAX_HOLD"):
     app.conf.throttle_max_hold = float(os.environ["MAX_HOLD"])
 if os.environ.get("PENDING_TTL"):
     app.conf.throttle_pending_ttl = float(os.environ["PENDING_TTL"])
+if os.environ.get("PARK"):
+    app.conf.throttle_park = os.environ["PARK"] == "1"
 
 probe = redis.Redis.from_url(REDIS_URL)
 

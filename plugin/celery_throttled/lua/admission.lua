@@ -211,6 +211,16 @@ local function flow_hand(holder, h, w, we, key_name, now, ttl, channel_prefix, c
   redis.call('ZADD', h, now + ttl, holder)
   redis.call('ZREM', w, holder)
   redis.call('ZREM', we, holder)
+  -- a waiter parked in an idle pool process (pool/parking.py) is told "go" on its park list:
+  -- its body starts from there, without waiting for its worker to dispatch it
+  local parked = string.sub(h, 1, -2) .. 'pk'
+  local nonce = redis.call('HGET', parked, holder)
+  if nonce then
+    redis.call('HDEL', parked, holder)
+    local list = parked .. ':' .. holder .. ':' .. nonce
+    redis.call('RPUSH', list, 'go')
+    redis.call('PEXPIRE', list, ttl)
+  end
   local worker = string.sub(holder, 1, string.find(holder, ' ', 1, true) - 1)
   if mine and worker == caller then
     table.insert(mine, holder)

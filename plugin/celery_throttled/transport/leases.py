@@ -45,6 +45,7 @@ __all__ = [
     "Scripts",
     "ServerChanged",
     "lease_spec",
+    "read_script",
 ]
 
 
@@ -137,6 +138,12 @@ class Scripts:
         parts = ("admission.lua", "grant.lua", "free.lua", name)
         source = "\n".join(lua.joinpath(part).read_text() for part in parts)
         return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+def read_script(name: str) -> Script:
+    """A script of ``lua/`` on its own (nothing prepended), for EVALSHA."""
+    source = resources.files("celery_throttled").joinpath("lua").joinpath(name).read_text()
+    return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
 
 
 class Codec:

@@ -41,8 +41,9 @@ from . import outcomes, poolqueue
 from .endpaths import hook_end_paths
 from .lines import Held, Lines
 from .loop import Loop
+from .parking import Parking
 from .pokes import Pokes
-from .sweep import sweep
+from .sweep import carry_out, sweep
 from .window import Window
 
 __all__ = ["Gate"]
@@ -98,13 +99,20 @@ class Gate:
             self.metrics.serve(settings.metrics_port, settings.metrics_addr)
         self._dispatch: Callable[[Any], Any] = consumer.on_task_request
         consumer.on_task_request = self.route
+        self.parking = Parking(
+            self,
+            admit=self._admit,
+            started=self._started,
+            ended=self._ended,
+            judge=lambda held: carry_out(self, held, time.monotonic()),
+        )
 
     # -- the event loop side -----------------------------------------------------------------
     def route(self, req: Any) -> Any:
         """Replaces ``consumer.on_task_request``: every request path (direct, ETA, rate limit)."""
         task = req.task
         if not isinstance(task, ThrottledTask) or protocol.ADMITTED.get(req):
-            return self._dispatch(req)
+            return self.dispatch(req)
         protocol.INFO.set(req, {"pool": self.pool_kind})
         if deadlines.passed(req):
             outcomes.deadline_passed(req, "while it was queued")
@@ -125,7 +133,13 @@ class Gate:
     def _run(self, req: Any) -> Any:
         deadlines.arm(req)
         protocol.ADMITTED.set(req, True)
-        return self._dispatch(req)
+        return self.dispatch(req)
+
+    def dispatch(self, req: Any) -> Any:
+        """To the pool; a parked waiter leaves its process if ``req`` found none idle."""
+        result = self._dispatch(req)
+        self.parking.make_room()
+        return result
 
     def submit(
         self,
@@ -172,12 +186,14 @@ class Gate:
             self.reject(held, f"no slot of {key!r} was free (on_full='reject')")
         else:
             self.window.widen(held)
+            self.parking.fill()
 
     def _grant(self, key: str, holder: str) -> None:
         """A slot was granted to ``holder``."""
         held, running, cap = self.lines.granted(key, holder)
         if held is not None:
-            self._admit(held)
+            if not self.parking.granted(held):
+                self._admit(held)
         elif not running:
             # Granted to a request this worker no longer holds (revoked, handed back,
             # or dropped on reconnect): give the slot straight back.
@@ -202,18 +218,28 @@ class Gate:
             return
         if not self.members.may_start(req, held):
             return
-        held.admitted_at = time.monotonic()
-        held.waited = held.admitted_at - held.since
-        if self.metrics is not None:
-            self.metrics.admitted(held.key, held.waited)
-        protocol.info(req).update(waited=held.waited, leases=held.leases())
-        self.lines.run(held)
-        hook_end_paths(req, lambda outcome, later: self.release(held, outcome, later=later))
-        protocol.SLOT.set(req, True)
+        self._started(held)
+        protocol.info(req).update(waited=held.waited, leases=held.leases(), admitted_at=time.time())
+        hook_end_paths(req, lambda outcome, later: self._ended(held, outcome, later))
         self._run(req)
         poolqueue.jump(self.consumer, req)
         if held.queued:  # a hand-off: to a pool process now, not on the loop's next turn
             poolqueue.write_now(self.consumer)
+
+    def _started(self, held: Held) -> None:
+        """``held`` holds its slot and runs (or is about to)."""
+        self.window.narrow(held)
+        held.admitted_at = time.monotonic()
+        held.waited = held.admitted_at - held.since
+        if self.metrics is not None:
+            self.metrics.admitted(held.key, held.waited)
+        self.lines.run(held)
+        protocol.SLOT.set(held.req, True)
+
+    def _ended(self, held: Held, outcome: str, later: bool) -> None:
+        """A run ended: its slot goes back; the pool process it leaves may take a waiter."""
+        self.release(held, outcome, later=later)
+        self.parking.fill()
 
     def release(self, held: Held, outcome: str = "", wait: str = "", later: bool = False) -> None:
         """Give the slot (or the place in line) back, and the errgroup's slot held with it.
@@ -272,7 +298,7 @@ class Gate:
         connection was lost they are already void and the broker redelivers them.
         """
         shutting_down = bool(worker_state.should_stop or worker_state.should_terminate)
-        waiting = self.lines.waiting()
+        waiting = [h for h in self.lines.waiting() if not self.parking.unpark(h)]
         self.window.forget(waiting)
         for held in waiting:
             self.give_back(held, requeue=shutting_down)

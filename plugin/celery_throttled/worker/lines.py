@@ -33,11 +33,13 @@ class Held:
         "key",
         "next_cap",
         "outer",
+        "park",
         "queued",
         "rank",
         "released",
         "req",
         "since",
+        "stay",
         "wait",
         "waited",
         "widened",
@@ -72,6 +74,10 @@ class Held:
         self.next_cap: int | None = None
         #: the wait's trace span (:mod:`celery_throttled.tracing`), None without OpenTelemetry
         self.wait: Wait | None = None
+        #: where it is parked in a pool process (:class:`.parking.Spot`), or None
+        self.park: Any = None
+        #: never parked again (a policy is about to judge it, or it was revoked)
+        self.stay = False
 
     def leases(self) -> list[list[str]]:
         """``[key, holder, spec]`` of this slot and of the slots held with it (an errgroup's):
@@ -125,6 +131,7 @@ class Lines:
     def run(self, held: Held) -> None:
         """``held`` holds its slot now: its wait ended, admitted."""
         with self._lock:
+            self._waiting.pop((held.key, held.holder), None)
             self._running[(held.key, held.holder)] = held
         wait_ended(held.wait, "admitted", held.waited)
 

@@ -27,7 +27,7 @@ from .. import deadlines
 from . import outcomes
 from .lines import Held
 
-__all__ = ["DEADLINE", "DISCARD", "HAND_BACK", "REJECT", "Verdict", "judge", "sweep"]
+__all__ = ["DEADLINE", "DISCARD", "HAND_BACK", "REJECT", "Verdict", "carry_out", "judge", "sweep"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +73,28 @@ def sweep(gate: Any) -> None:
     """Put every request ``gate`` holds waiting to the policies; carry out their verdicts."""
     now = time.monotonic()
     for held in gate.members.keep_live(gate.lines.waiting()):
-        verdict = judge(held, now, gate.settings.max_hold)
-        if verdict is None:
-            continue
-        req = held.req
-        if verdict.action == REJECT:
-            gate.reject(held, verdict.reason)
-            continue
-        gate.window.narrow(held)
-        if verdict.action == HAND_BACK:
-            logger.info("celery-throttled: %s[%s] %s", req.name, req.id, verdict.reason)
-            gate.give_back(held, requeue=True)
-            continue
-        gate.release(held)
-        if verdict.action == DEADLINE:
-            outcomes.deadline_passed(req, verdict.reason)
+        carry_out(gate, held, now)
+
+
+def carry_out(gate: Any, held: Held, now: float) -> None:
+    """Put ``held`` to the policies, and carry out the verdict. One parked in a pool process
+    is called back to the worker first (:mod:`.parking`), and judged again as it comes back."""
+    verdict = judge(held, now, gate.settings.max_hold)
+    if verdict is None:
+        return
+    if held.park is not None:
+        held.stay = True
+        gate.parking.unpark(held)
+        return
+    req = held.req
+    if verdict.action == REJECT:
+        gate.reject(held, verdict.reason)
+        return
+    gate.window.narrow(held)
+    if verdict.action == HAND_BACK:
+        logger.info("celery-throttled: %s[%s] %s", req.name, req.id, verdict.reason)
+        gate.give_back(held, requeue=True)
+        return
+    gate.release(held)
+    if verdict.action == DEADLINE:
+        outcomes.deadline_passed(req, verdict.reason)

@@ -1,0 +1,164 @@
+"""Waiters parked in idle pool processes (worker/parking.py, pool/parking.py): a hand-off that
+skips the worker's dispatch, and every way a parked waiter leaves its process unrun."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_throttled.keys import Family
+
+from .conftest import Workers, wait_until
+from .probes import peak, started, wait_drained
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def parked(probe: redis.Redis, prefix: str, key: str) -> int:
+    """How many waiters of ``key`` are parked in a pool process now."""
+    return int(probe.hlen(Family.of(prefix, key).parked))
+
+
+def labels(probe: redis.Redis, prefix: str, group: str) -> list[str]:
+    return [label for label, _ in started(probe, prefix, group)]
+
+
+def test_a_parked_waiter_starts_while_its_worker_is_stopped(
+    workers: Workers, client: Celery, probe, prefix: str
+):
+    """Given a prefork worker running the only slot of "fragile" with a second task parked in
+    an idle pool process, when the worker's main process is stopped (SIGSTOP) and the first
+    body ends, then the second body starts all the same: its grant went from the pool process
+    that freed the slot, through Redis, straight to the parked process, and the cap held.
+    Catches: a hand-off that still needs the worker's dispatch (no parking, or a grant that
+    does not push "go" onto the park list)."""
+    worker = workers.start(pool="prefork", concurrency=3)
+    first = client.send_task("t.survivor", ("first", 1.5))
+    wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
+    second = client.send_task("t.survivor", ("second", 0))
+    wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the second to park")
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: labels(probe, prefix, "fragile") == ["first", "second"],
+            15,
+            what="the parked task to start while its worker is stopped",
+        )
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+    assert first.get(timeout=30) == "first"
+    assert second.get(timeout=30) == "second"
+    assert peak(probe, prefix, "fragile") == 1
+    wait_drained(probe, prefix, "fragile")
+
+
+def test_a_parked_waiter_gives_its_process_to_unthrottled_work(
+    workers: Workers, client: Celery, probe, prefix: str
+):
+    """Given a prefork worker of two processes, one running the only slot of "fragile" for
+    4 s and the other holding a parked waiter, when an unthrottled task arrives, then it starts
+    while the slot is still held (the parked waiter left its process for it), and the parked
+    waiter still runs once the slot is free. Catches: parking that keeps pool processes from
+    unrelated work (no make_room), or a waiter lost when it leaves its process."""
+    workers.start(pool="prefork", concurrency=2)
+    first = client.send_task("t.survivor", ("first", 4))
+    wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
+    waiter = client.send_task("t.survivor", ("waiter", 0))
+    wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the waiter to park")
+    plain = client.send_task("t.plain", ("plain", 0))
+    assert plain.get(timeout=3) == "plain"
+    assert labels(probe, prefix, "fragile") == ["first"]  # the slot is still held
+    assert parked(probe, prefix, "fragile") == 0
+    assert first.get(timeout=30) == "first"
+    assert waiter.get(timeout=30) == "waiter"
+    assert labels(probe, prefix, "fragile") == ["first", "waiter"]
+    wait_drained(probe, prefix, "fragile")
+
+
+def test_a_parked_waiter_whose_process_is_killed_waits_again(
+    workers: Workers, client: Celery, probe, prefix: str
+):
+    """Given a parked waiter, when its pool process is SIGKILLed while it waits, then it runs
+    once, after the slot is freed, with an ok result: Celery reports the lost process only
+    after its worker-lost wait, by when the slot has gone to the waiter and its "go" lies
+    unread on the park list, so the slot stays with it and it is dispatched as usual. Catches:
+    a parked job's lost process reported as the task's failure (its body never ran), or the
+    waiter dropped from the line or its slot leaked."""
+    worker = workers.start(pool="prefork", concurrency=2)
+    first = client.send_task("t.survivor", ("first", 3))
+    wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
+    waiter = client.send_task("t.survivor", ("waiter", 0))
+    wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the waiter to park")
+    [process] = _parked_processes(probe, worker.children())
+    os.kill(process, signal.SIGKILL)
+    assert first.get(timeout=30) == "first"
+    assert waiter.get(timeout=30) == "waiter"
+    assert labels(probe, prefix, "fragile") == ["first", "waiter"]
+    assert peak(probe, prefix, "fragile") == 1
+    wait_drained(probe, prefix, "fragile")
+
+
+def test_a_parked_waiter_is_handed_back_at_warm_shutdown_and_runs_once(
+    workers: Workers, client: Celery, probe, prefix: str
+):
+    """Given a parked waiter, when its worker gets SIGTERM while the slot is held, then the
+    worker exits without running it, and a worker started afterwards runs it exactly once.
+    Catches: a parked job started by the grant that the running task's end makes during the
+    shutdown, or its message acknowledged and lost."""
+    worker = workers.start(pool="prefork", concurrency=2)
+    first = client.send_task("t.survivor", ("first", 1.5))
+    wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
+    waiter = client.send_task("t.survivor", ("waiter", 0))
+    wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the waiter to park")
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: not worker.alive(), 30, what="the worker to exit")
+    assert first.get(timeout=10) == "first"
+    assert labels(probe, prefix, "fragile") == ["first"]
+    workers.start(pool="prefork", concurrency=2)
+    assert waiter.get(timeout=30) == "waiter"
+    assert labels(probe, prefix, "fragile") == ["first", "waiter"]
+
+
+def test_with_throttle_park_off_nothing_is_parked(
+    workers: Workers, client: Celery, probe, prefix: str
+):
+    """Given ``throttle_park=False``, when a backlog waits for the only slot of "fragile" on a
+    worker with idle processes, then no waiter is ever parked, and all of them run in order.
+    Catches: the setting ignored."""
+    workers.start(pool="prefork", concurrency=4, PARK="0")
+    results = [client.send_task("t.survivor", (f"x{i}", 0.3)) for i in range(4)]
+    wait_until(lambda: len(labels(probe, prefix, "fragile")) >= 2, 30, what="a hand-off")
+    assert parked(probe, prefix, "fragile") == 0
+    assert [r.get(timeout=30) for r in results] == [f"x{i}" for i in range(4)]
+    assert peak(probe, prefix, "fragile") == 1
+
+
+def _parked_processes(probe: redis.Redis, children: list[int]) -> list[int]:
+    """The pool processes blocked on a park list (Redis's CLIENT LIST says BLPOP)."""
+    blocked = {client["addr"] for client in probe.client_list() if client.get("cmd") == "blpop"}
+    return [pid for pid in children if _connects_from(pid, blocked)]
+
+
+def _connects_from(pid: int, addresses: set[str]) -> bool:
+    """Whether process ``pid`` owns a TCP connection from one of ``addresses`` (from /proc)."""
+    ports = {int(a.rsplit(":", 1)[1]) for a in addresses if a}
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if fields[9] in inodes and port in ports:
+                return True
+    return False
