@@ -48,6 +48,7 @@ app.conf.update(
     throttle_redis_url=os.environ.get("LIMITER_URL") or REDIS_URL,
     throttle_key_prefix=PREFIX,
     throttle_lease_ttl=float(os.environ.get("LEASE_TTL", "30")),
+    throttle_park=os.environ.get("BENCH_PARK", "1") == "1",
 )
 
 probe = redis.Redis.from_url(REDIS_URL)

@@ -502,7 +502,7 @@ BREAKAGES = [
         f"{PACKAGE}/worker/parkjob.py",
         "            gate.parking.revoked(ids)\n",
         "            pass\n",
-        (f"{GATE}test_revoked_tasks_settle_as_revoked",),
+        (f"{PARKING}test_a_parked_waiter_revoked_never_runs",),
     ),
     Breakage(
         "a parked waiter left to run at a warm shutdown",
@@ -510,6 +510,13 @@ BREAKAGES = [
         "[h for h in self.lines.waiting() if not self.parking.unpark(h)]",
         "[h for h in self.lines.waiting() if h.park is None]",
         (f"{PARKING}test_a_parked_waiter_is_handed_back_at_warm_shutdown_and_runs_once",),
+    ),
+    Breakage(
+        "a parked waiter the sweep's policies cannot call back",
+        f"{PACKAGE}/worker/sweep.py",
+        "        held.stay = True\n        gate.parking.unpark(held)\n        return\n",
+        "        return\n",
+        (f"{PARKING}test_a_parked_waiter_past_max_wait_is_rejected_unrun",),
     ),
     Breakage(
         "throttle_park ignored",

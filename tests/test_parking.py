@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import redis
@@ -13,7 +14,8 @@ from celery import Celery
 from celery_throttled.keys import Family
 
 from .conftest import Workers, wait_until
-from .probes import peak, started, wait_drained
+from .probes import peak, queued, started, unacknowledged, wait_drained
+from .test_envelope import envelope
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,7 +38,7 @@ def test_a_parked_waiter_starts_while_its_worker_is_stopped(
     that freed the slot, through Redis, straight to the parked process, and the cap held.
     Catches: a hand-off that still needs the worker's dispatch (no parking, or a grant that
     does not push "go" onto the park list)."""
-    worker = workers.start(pool="prefork", concurrency=3)
+    worker = workers.start(pool="prefork", concurrency=3, PARK="1")
     first = client.send_task("t.survivor", ("first", 1.5))
     wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
     second = client.send_task("t.survivor", ("second", 0))
@@ -53,6 +55,7 @@ def test_a_parked_waiter_starts_while_its_worker_is_stopped(
     assert first.get(timeout=30) == "first"
     assert second.get(timeout=30) == "second"
     assert peak(probe, prefix, "fragile") == 1
+    assert "go was lost" not in worker.output()  # told by the grant, not found by its poll
     wait_drained(probe, prefix, "fragile")
 
 
@@ -64,7 +67,7 @@ def test_a_parked_waiter_gives_its_process_to_unthrottled_work(
     while the slot is still held (the parked waiter left its process for it), and the parked
     waiter still runs once the slot is free. Catches: parking that keeps pool processes from
     unrelated work (no make_room), or a waiter lost when it leaves its process."""
-    workers.start(pool="prefork", concurrency=2)
+    workers.start(pool="prefork", concurrency=2, PARK="1")
     first = client.send_task("t.survivor", ("first", 4))
     wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
     waiter = client.send_task("t.survivor", ("waiter", 0))
@@ -88,7 +91,7 @@ def test_a_parked_waiter_whose_process_is_killed_waits_again(
     unread on the park list, so the slot stays with it and it is dispatched as usual. Catches:
     a parked job's lost process reported as the task's failure (its body never ran), or the
     waiter dropped from the line or its slot leaked."""
-    worker = workers.start(pool="prefork", concurrency=2)
+    worker = workers.start(pool="prefork", concurrency=2, PARK="1")
     first = client.send_task("t.survivor", ("first", 3))
     wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
     waiter = client.send_task("t.survivor", ("waiter", 0))
@@ -109,7 +112,7 @@ def test_a_parked_waiter_is_handed_back_at_warm_shutdown_and_runs_once(
     worker exits without running it, and a worker started afterwards runs it exactly once.
     Catches: a parked job started by the grant that the running task's end makes during the
     shutdown, or its message acknowledged and lost."""
-    worker = workers.start(pool="prefork", concurrency=2)
+    worker = workers.start(pool="prefork", concurrency=2, PARK="1")
     first = client.send_task("t.survivor", ("first", 1.5))
     wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
     waiter = client.send_task("t.survivor", ("waiter", 0))
@@ -118,21 +121,66 @@ def test_a_parked_waiter_is_handed_back_at_warm_shutdown_and_runs_once(
     wait_until(lambda: not worker.alive(), 30, what="the worker to exit")
     assert first.get(timeout=10) == "first"
     assert labels(probe, prefix, "fragile") == ["first"]
-    workers.start(pool="prefork", concurrency=2)
+    workers.start(pool="prefork", concurrency=2, PARK="1")
     assert waiter.get(timeout=30) == "waiter"
     assert labels(probe, prefix, "fragile") == ["first", "waiter"]
+
+
+def test_a_parked_waiter_revoked_never_runs(workers: Workers, client: Celery, probe, prefix: str):
+    """Given a parked waiter of "fragile", when it is revoked and, 3 ms later, the running
+    task is revoked with terminate=True (its slot freed at once), then the waiter settles as
+    revoked and never runs, and the slot serves the next task. Catches: a revocation that
+    reaches a parked waiter only with the sweep, after the freed slot has started it in its
+    pool process (the gate's check at admission is skipped there)."""
+    workers.start(pool="prefork", concurrency=3, PARK="1")
+    running = client.send_task("t.survivor", ("running", 30))
+    wait_until(lambda: labels(probe, prefix, "fragile") == ["running"], 30, what="the first")
+    held = client.send_task("t.survivor", ("held", 0))
+    wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the waiter to park")
+    client.control.revoke(held.id)
+    client.control.revoke(running.id, terminate=True)
+    env = envelope(client, held)
+    assert env.error is not None and env.error.kind == "revoked", env
+    assert client.send_task("t.survivor", ("next", 0)).get(timeout=30) == "next"
+    assert labels(probe, prefix, "fragile") == ["running", "next"]
+    wait_drained(probe, prefix, "fragile")
+
+
+def test_a_parked_waiter_past_max_wait_is_rejected_unrun(
+    workers: Workers, client: Celery, probe, prefix: str
+):
+    """Given a parked waiter with max_wait=0.3 behind a 1.5 s task, when its wait passes
+    max_wait, then it settles as rejected without running, and its message is acknowledged.
+    Catches: a parked waiter the sweep cannot call back (it would start when the slot frees),
+    or one called back and parked again before its verdict."""
+    workers.start(pool="prefork", concurrency=3, PARK="1")
+    busy = client.send_task("t.sleeper", ("busy", 1.5))
+    wait_until(lambda: started(probe, prefix, "sleepy"), 30, what="the busy task to start")
+    late = client.send_task("t.impatient", ("later",))
+    env = envelope(client, late)
+    assert env.error is not None and env.error.kind == "rejected", env
+    wait_until(
+        lambda: not unacknowledged(probe, [late.id]) and not queued(probe, prefix, [late.id]),
+        10,
+        what="the rejected message to be acknowledged",
+    )
+    assert envelope(client, busy).ok
+    assert started(probe, prefix, "sleepy_policy") == []
 
 
 def test_with_throttle_park_off_nothing_is_parked(
     workers: Workers, client: Celery, probe, prefix: str
 ):
-    """Given ``throttle_park=False``, when a backlog waits for the only slot of "fragile" on a
-    worker with idle processes, then no waiter is ever parked, and all of them run in order.
-    Catches: the setting ignored."""
+    """Given ``throttle_park=False`` (the default, set here explicitly), when a backlog waits
+    for the only slot of "fragile" on a worker with idle processes, then no waiter is ever
+    parked, and all of them run in order. Catches: the setting ignored."""
     workers.start(pool="prefork", concurrency=4, PARK="0")
     results = [client.send_task("t.survivor", (f"x{i}", 0.3)) for i in range(4)]
-    wait_until(lambda: len(labels(probe, prefix, "fragile")) >= 2, 30, what="a hand-off")
-    assert parked(probe, prefix, "fragile") == 0
+    seen, deadline = 0, time.monotonic() + 30
+    while not all(r.ready() for r in results) and time.monotonic() < deadline:  # sampled
+        seen = max(seen, parked(probe, prefix, "fragile"))
+        time.sleep(0.01)
+    assert seen == 0
     assert [r.get(timeout=30) for r in results] == [f"x{i}" for i in range(4)]
     assert peak(probe, prefix, "fragile") == 1
 

@@ -76,11 +76,12 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "message arrives later runs untracked (with a warning).",
     ),
     "throttle_park": (
-        True,
+        False,
         "On a prefork worker, write the oldest waiters to pool processes that would sit idle, "
         "where they wait for their grant and start the moment it is made (a hand-off without "
         "the worker's dispatch); a process is given back as soon as other work needs it. "
-        "False: waiters wait only in the worker's main process.",
+        "Costs two Redis commands per parked task. False: waiters wait only in the worker's "
+        "main process.",
     ),
     "throttle_pending_ttl": (
         600.0,

@@ -1,7 +1,7 @@
 -- unpark.lua: a waiter parked in an idle pool process stops waiting there.
 --
--- A parked waiter's pool process marks its holder in the parked HASH (pool/parking.py, in one
--- MULTI with a look at the holders) and blocks on the holder's park list (BLPOP). The grant
+-- A parked waiter's pool process marks its holder in the parked HASH (park.lua, with a look at
+-- the holders) and blocks on the holder's park list (BLPOP). The grant
 -- that admits it (admission.lua's flow_hand, run by whichever script frees a slot anywhere in
 -- the cluster) pushes "go" there, so its body starts without its worker dispatching it; the
 -- grant is still returned or published to its worker, which then counts it as running. This

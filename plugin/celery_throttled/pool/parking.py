@@ -8,7 +8,7 @@ the slot pushes ``go`` onto that list (``lua/admission.lua``, ``flow_hand``), so
 as the slot is freed, anywhere in the cluster::
 
     main process: waiting, a pool process idle -> the job written to the process
-    pool process: marks the holder parked (MULTI: HSET parked, ZSCORE holders: granted already?)
+    pool process: marks the holder parked (park.lua: HSET parked; ZSCORE holders: granted?)
                   BLPOP <park list>  ...  "go"  -> the tracer, the body (task_prerun fires here)
                                       or "off" -> returns UNPARKED: the body never ran
 
@@ -36,6 +36,7 @@ from celery import current_app
 
 from .. import request as protocol
 from ..settings import process_client
+from ..transport.leases import read_script
 
 __all__ = ["UNPARKED", "is_unparked", "run_parked"]
 
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: what a parked job returns when it leaves without running (the reply's ``retval``)
 UNPARKED = "celery-throttled:unparked"
+
+_PARK = read_script("park.lua")
 
 #: the parked hash expires this long after the key's last park (a dead worker's entries go)
 PARKED_TTL_MS = 86_400_000
@@ -65,7 +68,9 @@ def run_parked(trace: Callable[..., Any], park: dict[str, Any], *args: Any) -> A
             elif os.getppid() != parent:
                 return (0, UNPARKED, 0.0)
             elif client.zscore(park["holders"], park["holder"]) is not None:
-                word = b"go"  # granted, its "go" lost (its mark was, with a Redis restart)
+                # granted, its "go" lost (its mark was, with a Redis restart)
+                logger.warning("celery-throttled: a parked task's go was lost; it starts now")
+                word = b"go"
     except redis.RedisError as exc:
         logger.warning("celery-throttled: a parked task left its pool process (%s)", exc)
         return (0, UNPARKED, 0.0)
@@ -80,16 +85,16 @@ def run_parked(trace: Callable[..., Any], park: dict[str, Any], *args: Any) -> A
 
 
 def _park(client: redis.Redis, park: dict[str, Any]) -> bytes | None:
-    """Mark the holder parked, atomically with a look at whether it holds its slot already
-    (granted before this: ``go`` at once) and at its list (``off`` before this: leave)."""
-    pipe = client.pipeline(transaction=True)
-    pipe.hset(park["parked"], park["holder"], park["nonce"])
-    pipe.pexpire(park["parked"], PARKED_TTL_MS)
-    pipe.zscore(park["holders"], park["holder"])
-    pipe.lpop(park["list"])
-    _, _, holds, word = pipe.execute()
-    if holds is not None:
-        return b"go"
+    """Mark the holder parked (``lua/park.lua``): ``go`` when it was granted already, ``off``
+    when it was unparked already, else None (it waits)."""
+    keys = [park["holders"], park["parked"], park["list"]]
+    args = [park["holder"], park["nonce"], PARKED_TTL_MS]
+    try:
+        word = client.evalsha(_PARK.sha, 3, *keys, *args)
+    except redis.exceptions.NoScriptError:
+        word = client.eval(_PARK.source, 3, *keys, *args)
+    if isinstance(word, str):
+        return word.encode()
     return word if isinstance(word, bytes) else None
 
 
