@@ -70,8 +70,21 @@ def _api() -> dict[str, Any]:
             "format": trace.format_trace_id,
             "internal": trace.SpanKind.INTERNAL,
             "error": lambda text: Status(StatusCode.ERROR, text),
+            "provider": trace.get_tracer_provider,
+            "no_op": (trace.ProxyTracerProvider, trace.NoOpTracerProvider),
+            "current": trace.get_current_span,
         }
     return api
+
+
+def _recording(api: dict[str, Any]) -> bool:
+    """Whether a tracer provider that records spans is set (it can be set only once, so once
+    seen it stays); until then the API's spans record nothing."""
+    if _state.get("recording"):
+        return True
+    recording = not isinstance(api["provider"](), api["no_op"])
+    _state["recording"] = recording
+    return recording
 
 
 class Wait:
@@ -91,9 +104,15 @@ def wait_started(req: Any, key: str, cap: int) -> Wait | None:
         return None
     api = _api()
     carrier = getattr(req, "_request_dict", None) or {}
+    parent = api["extract"](carrier)
+    if not _recording(api):  # the span would be the message's own context, recording nothing
+        context = api["current"](parent).get_span_context()
+        if context.is_valid:
+            protocol.info(req)["trace_id"] = api["format"](context.trace_id)
+        return None
     span = api["tracer"].start_span(
         "celery_throttled.wait",
-        context=api["extract"](carrier),
+        context=parent,
         kind=api["internal"],
         attributes={
             "celery_throttled.key": key,
