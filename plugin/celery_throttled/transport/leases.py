@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any
 
@@ -159,8 +159,7 @@ class Codec:
         return Family.of(self.prefix, key)
 
     def call(self, op: Op) -> tuple[Script, list[str], list[Any]]:
-        family = self.family(op.key)
-        keys = family.all() + family.admission()
+        keys = list(_script_keys(self.prefix, op.key))
         cap = self.spec(op)
         if isinstance(op, Acquire):
             args = [op.key, op.holder, cap, self.ttl_ms, self.channel_prefix, self.worker]
@@ -271,6 +270,14 @@ class RedisLeases:
                 script, keys, args = calls[index]
                 replies[index] = self._scripts[script.name](keys, args)
         return replies
+
+
+@lru_cache(maxsize=4096)
+def _script_keys(prefix: str, key: str) -> tuple[str, ...]:
+    """The KEYS of every lease script of ``key`` (its family's, then the admission keys), built
+    once per key while it is among the 4096 used last."""
+    family = Family.of(prefix, key)
+    return (*family.all(), *family.admission())
 
 
 def lease_spec(key: str, cap: int, admission: Admission | None) -> str:
