@@ -201,7 +201,7 @@ local function flow_admit(spec, meta, now)
   end
   local due = flow_due(meta)
   if due and now < due then return false end
-  flow_take(meta, now)
+  if due then flow_take(meta, now) end  -- no due time: no rate, no token to take
   if spec.family then flow_served(meta) end
   return true
 end
