@@ -9,13 +9,14 @@ queue and ``throttle_key_prefix``, with its workers stopped before the next row 
 * P1  no-op throughput: ``@throttled_task(limit=10000)`` (a cap that never binds) against
       ``@shared_task``, alternating plain/throttled twice, best of each; with the CPU each
       task cost the worker's main process, its pool and Redis (from /proc and INFO cpu).
-* P2  200 x 50 ms at a cap of 5, against the recipes "counter + retry" and "counter + spin".
+* P2  200 x 50 ms at a cap of 5, against the recipes "counter + retry" and "counter + spin";
+      the cap once more with ``throttle_park=True`` (waiters parked in idle pool processes).
 * P3  200 capped + 200 uncapped 50 ms tasks interleaved on one queue; the same with the spin
       recipe.
-* P4  hand-off latency under a cap of 1 between two workers on this machine, and (P5) its
-      split: body end -> slot free (the pool process's release returned) -> waiter granted
-      (its worker admitted it, or its parked pool process read "go") -> waiter running (its body
-      started).
+* P4  hand-off latency under a cap of 1 between two workers on this machine (by default, then
+      with ``throttle_park=True``), and (P5) its split: body end -> slot free (the pool
+      process's release returned) -> waiter granted (its worker admitted it, or its parked pool
+      process read "go") -> waiter running (its body started).
 
 Times run from the first submission to the last result's ``date_done`` (stamped by the worker
 that stored it, so the client's polling does not count). Peak concurrency is counted inside the
@@ -542,8 +543,10 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
     ideal = n * WORK / WORK_CAP
     timeout = max(120.0, 30 * ideal)
     raw: dict[str, Any] = {"n": n, "work_s": WORK, "cap": WORK_CAP, "ideal_s": ideal}
+    parked = f"@throttled_task(limit={WORK_CAP}), throttle_park=True"
     variants = (
         ("P2", WORK_THROTTLED, [WORK], "work_throttled", f"@throttled_task(limit={WORK_CAP})"),
+        ("P2p", WORK_THROTTLED, [WORK], "work_throttled", parked),
         (
             "P2a",
             RECIPE_RETRY,
@@ -553,9 +556,11 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
         ),
         ("P2b", RECIPE_SPIN, [WORK, WORK_CAP], "recipe_spin", "recipe counter + spin (10 ms)"),
     )
-    split: dict[str, list[float]] = {}
+    splits: dict[str, dict[str, list[float]]] = {}
     for tag, name, args, group, label in variants:
         env = {"BENCH_SPLIT": "1"} if name == WORK_THROTTLED else {}
+        if tag == "P2p":
+            env["BENCH_PARK"] = "1"
         with bench.row(tag, 1, **env) as row:
             row.warm_up(name, [0.0, *args[1:]])
             row.forget(group)
@@ -568,7 +573,7 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
             state = row.limiter_state(name) if name == WORK_THROTTLED else None
             if name == WORK_THROTTLED:
                 raw_events = bench.redis.lrange(f"{row.prefix}:probe:{group}:events", 0, -1)
-                split = slot_split([json.loads(e) for e in raw_events], WORK_CAP)
+                splits[label] = slot_split([json.loads(e) for e in raw_events], WORK_CAP)
         ratio = done.makespan() / ideal
         line = Line(
             "P2",
@@ -585,7 +590,7 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
         if name == RECIPE_RETRY:
             report.add(Line("P2", f"{label}: retries", f"{retries} ({retries / n:.1f} per task)"))
         report.peak("P2", label, peak, WORK_CAP)
-        raw[group] = {
+        raw[group + ("_parked" if tag == "P2p" else "")] = {
             "makespan_s": done.makespan(),
             "ratio": ratio,
             "peak": peak,
@@ -593,9 +598,9 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
             "slots": profile,
             "limiter": state,
         }
-    if split:
-        report.add(split_line("P5", f"P2 at cap {WORK_CAP}, one worker", split))
-        raw["split_ms"] = split
+    for label, split in splits.items():
+        report.add(split_line("P5", f"P2 at cap {WORK_CAP}, one worker, {label}", split))
+        raw["split_ms" + ("_parked" if label == parked else "")] = split
     report.raw["P2"] = raw
 
 
@@ -658,10 +663,18 @@ def p3_mixed_queue(bench: Bench, sizes: Sizes) -> None:
 
 
 def p4_handoff(bench: Bench, sizes: Sizes) -> None:
+    """P4 as configured by default, then with ``throttle_park=True``, one after the other."""
+    _p4_once(bench, sizes, "P4", "")
+    _p4_once(bench, sizes, "P4p", "throttle_park=True")
+
+
+def _p4_once(bench: Bench, sizes: Sizes, tag: str, setting: str) -> None:
     report, n = bench.report, sizes.handoff
     ideal = n * HANDOFF_WORK
     events_key = "probe:handoff:events"
-    with bench.row("P4", workers=2, BENCH_SPLIT="1") as row:
+    env = {"BENCH_SPLIT": "1", **({"BENCH_PARK": "1"} if setting else {})}
+    label = f", {setting}" if setting else ""
+    with bench.row(tag, workers=2, **env) as row:
         row.warm_up(NOOP_PLAIN, [False], n=4 * CONCURRENCY)
         row.warm_up(HANDOFF, [-1, 0.0])
         bench.redis.delete(f"{row.prefix}:{events_key}")
@@ -680,38 +693,38 @@ def p4_handoff(bench: Bench, sizes: Sizes) -> None:
     report.add(
         Line(
             "P4",
-            f"{n} x 20 ms at cap {HANDOFF_CAP} on 2 workers: tasks per worker",
+            f"{n} x 20 ms at cap {HANDOFF_CAP} on 2 workers{label}: tasks per worker",
             " / ".join(str(c) for c in hosts.values()),
         ),
         Line(
             "P4",
-            f"hand-off across workers, p50 ({len(cross)} pairs)",
+            f"hand-off across workers{label}, p50 ({len(cross)} pairs)",
             f"{percentile(cross, 50):.1f} ms",
         ),
         Line(
             "P4",
-            "hand-off across workers, p99",
+            f"hand-off across workers{label}, p99",
             f"{p99:.1f} ms",
             "<= 10 ms",
             None if not cross else p99 <= 10,
         ),
         Line(
             "P4",
-            f"hand-off on the same worker, p50 / p99 ({len(same)} pairs)",
+            f"hand-off on the same worker{label}, p50 / p99 ({len(same)} pairs)",
             f"{percentile(same, 50):.1f} / {percentile(same, 99):.1f} ms",
         ),
         Line(
             "P4",
-            f"makespan / ideal ({ideal:.1f} s)",
+            f"makespan / ideal{label} ({ideal:.1f} s)",
             f"{done.makespan() / ideal:.3f} ({done.makespan():.2f} s)",
         ),
     )
     split = handoff_split(events)
     for where, stages in split.items():
-        report.add(split_line("P5", f"P4 {where}", stages))
-    report.peak("P4", f"cap {HANDOFF_CAP} across 2 workers", peak, HANDOFF_CAP)
-    cap_check(report, "P4", state, HANDOFF_CAP)
-    report.raw["P4"] = {
+        report.add(split_line("P5", f"P4 {where}{label}", stages))
+    report.peak("P4", f"cap {HANDOFF_CAP} across 2 workers{label}", peak, HANDOFF_CAP)
+    cap_check(report, tag, state, HANDOFF_CAP)
+    report.raw["P4" + ("_parked" if setting else "")] = {
         "n": n,
         "work_s": HANDOFF_WORK,
         "makespan_s": done.makespan(),
