@@ -14,9 +14,10 @@ as the slot is freed, anywhere in the cluster::
 
 Each park has a list of its own (a nonce in its name, the holder's value in the parked hash),
 so nothing pushed for an earlier park of the same holder (a retry reuses its task id) is read
-by a later one. Every second without a word, the process looks at the holders: a grant whose
-"go" was lost (the parked hash lost with a Redis restart, the holders restored by renewals)
-still starts the body.
+by a later one. Every second without a word, the process looks at the holders and the waiters:
+a grant whose "go" was lost (the parked hash lost with a Redis restart, the holders restored by
+renewals) still starts the body, and a holder that is not even waiting any more (its worker
+released it but could not unpark it) leaves.
 
 Until ``go`` nothing of the task has run: no signal fired, no result stored, its message not
 acknowledged; the main process treats an ``UNPARKED`` reply as "back in line". This process
@@ -67,10 +68,8 @@ def run_parked(trace: Callable[..., Any], park: dict[str, Any], *args: Any) -> A
                 word = got[1] if isinstance(got[1], bytes) else got[1].encode()
             elif os.getppid() != parent:
                 return (0, UNPARKED, 0.0)
-            elif client.zscore(park["holders"], park["holder"]) is not None:
-                # granted, its "go" lost (its mark was, with a Redis restart)
-                logger.warning("celery-throttled: a parked task's go was lost; it starts now")
-                word = b"go"
+            else:
+                word = _look(client, park)
     except redis.RedisError as exc:
         logger.warning("celery-throttled: a parked task left its pool process (%s)", exc)
         return (0, UNPARKED, 0.0)
@@ -96,6 +95,20 @@ def _park(client: redis.Redis, park: dict[str, Any]) -> bytes | None:
     if isinstance(word, str):
         return word.encode()
     return word if isinstance(word, bytes) else None
+
+
+def _look(client: redis.Redis, park: dict[str, Any]) -> bytes | None:
+    """A second without a word: ``go`` when the holder holds its slot (granted, its "go" lost
+    with its mark, in a Redis restart), ``off`` when it is not even waiting any more (its worker
+    let it go, and could not say so), else None."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zscore(park["holders"], park["holder"])
+    pipe.zscore(park["waiters"], park["holder"])
+    holds, waits = pipe.execute()
+    if holds is not None:
+        logger.warning("celery-throttled: a parked task's go was lost; it starts now")
+        return b"go"
+    return b"off" if waits is None else None
 
 
 def is_unparked(reply: Any) -> bool:

@@ -227,12 +227,13 @@ class Gate:
             poolqueue.write_now(self.consumer)
 
     def _started(self, held: Held) -> None:
-        """``held`` holds its slot and runs (or is about to)."""
+        """``held`` holds its slot and runs (or is about to): counted once, when first told."""
         self.window.narrow(held)
-        held.admitted_at = time.monotonic()
-        held.waited = held.admitted_at - held.since
-        if self.metrics is not None:
-            self.metrics.admitted(held.key, held.waited)
+        if held.admitted_at is None:
+            held.admitted_at = time.monotonic()
+            held.waited = held.admitted_at - held.since
+            if self.metrics is not None:
+                self.metrics.admitted(held.key, held.waited)
         self.lines.run(held)
         protocol.SLOT.set(held.req, True)
 

@@ -187,6 +187,7 @@ class Parking:
             "holder": held.holder,
             "nonce": nonce,
             "holders": family.holders,
+            "waiters": family.waiters,
             "parked": family.parked,
             "list": spot.list,
             "since": time.time() - (time.monotonic() - held.since),
