@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from celery_throttled.admission import Admission, Rate
-from celery_throttled.keys import grant_channel
+from celery_throttled.keys import Family, grant_channel
 from celery_throttled.transport.leases import (
     Acquire,
     Outcome,
@@ -183,6 +183,30 @@ def test_a_release_as_the_body_ends_publishes_every_grant(redis_url, prefix):
         return m and json.loads(m["data"])
 
     assert wait_until(message, 5) == ["k", "w b"]
+
+
+def test_a_release_as_the_body_ends_leaves_expired_leases_to_a_worker_to_report(redis_url, prefix):
+    """Given the expired lease of a dead worker beside a live one and a waiter, when a pool
+    process frees the live slot as its body ends, then it reaps nothing (a pool process cannot
+    report the dead holder's task as lost), the waiter is granted within the cap, and the next
+    script a worker runs on the key reaps the expired lease and reports it. Catches: expired
+    leases reaped by a pool process's release, whose tasks then never get their worker_lost
+    envelope."""
+    client = redis.Redis.from_url(redis_url)
+    dead = RedisLeases(client, prefix, lease_ttl=0.2, worker="dead")
+    store = RedisLeases(client, prefix, lease_ttl=30, worker="w")
+    pool = RedisLeases(client, prefix, lease_ttl=30, worker="")
+    assert acquire(dead, "dead x", cap=2) is True
+    assert acquire(store, "w a", cap=2) is True
+    assert acquire(store, "w b", cap=2) is False
+    time.sleep(0.3)  # let the dead lease expire: the point of the test is the passage of time
+    (freed,) = pool.execute([Release("k", "w a", 0, "done", spec="2", ending=True)])
+    assert freed.reaped == []
+    holders = client.zrange(Family.of(prefix, "k").holders, 0, -1)
+    assert sorted(holders) == [b"dead x", b"w b"]  # granted beside the lease still counted
+    (later,) = store.execute([Acquire("k", "w c", 2)])
+    assert later.reaped == ["dead x"]
+    assert later.granted == ["w c"]
 
 
 def test_a_wake_up_found_by_a_release_as_the_body_ends_goes_to_the_holders_worker(

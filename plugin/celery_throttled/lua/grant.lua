@@ -1,7 +1,9 @@
 -- grant.lua: shared by every script (prepended when the scripts are loaded).
 --
--- grant(key_name, cap_arg, ttl, channel_prefix, caller[, claimer]) reaps expired holders and
--- waiters of the family KEYS[1..4] (holders, waiters, waiter expiry, meta), then hands
+-- grant(key_name, cap_arg, ttl, channel_prefix, caller[, claimer[, keep]]) reaps expired
+-- holders (unless keep: the caller, a pool process, could not report them; they count until a
+-- worker's script reaps them) and waiters of the family KEYS[1..4] (holders, waiters, waiter
+-- expiry, meta), then hands
 -- free slots to the oldest waiters in ticket order. A grant to one of the calling
 -- worker's own waiters is returned to it; any other is published on the waiter's worker
 -- channel (channel_prefix .. worker) as the JSON array [key_name, holder].
@@ -32,9 +34,10 @@ local function remove_all(zset, members)
   end
 end
 
-local function grant(key_name, cap_arg, ttl, channel_prefix, caller, claimer)
+local function grant(key_name, cap_arg, ttl, channel_prefix, caller, claimer, keep)
   local now = now_ms()
-  local reaped = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+  local reaped = {}
+  if not keep then reaped = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now) end
   if #reaped > 0 then remove_all(KEYS[1], reaped) end
   local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
   if #dead > 0 then

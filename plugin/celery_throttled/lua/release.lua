@@ -45,8 +45,9 @@ if redis.call('ZCARD', KEYS[2]) == 0 and flow_idle(spec) then
   if held > 0 then flow_count(spec, KEYS[4], KEYS[1]) end
   return {removed > 0 and 1 or 0, {}, {}, 0, 0}
 end
+-- a pool process (ending) cannot report expired leases as lost: it leaves them to a worker
 local now, _, _, mine, reaped, wake = grant(ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6],
-  ending and worker or nil)
+  ending and worker or nil, ending)
 if ending and wake ~= 0 and worker ~= '' then  -- the pool process cannot wait: its worker does
   local message = cjson.encode({wake = ARGV[1], at = wake, now = now})
   redis.call('PUBLISH', ARGV[5] .. worker, message)

@@ -30,8 +30,10 @@ other end (a lost pool process, a hard time limit, a revocation) releases from t
 The leases a run holds reach it in the request's ``throttle`` header (``request.info()["leases"]``,
 set by the gate as it admits the request): ``[key, holder, spec]`` each, the task's own slot
 first, then an errgroup's. Grants are published to the waiters' workers (this process is no
-worker: the release runs with an empty caller). When Redis cannot be reached from here, nothing
-waits: the main process releases as before, and this process tries again only after a pause.
+worker: the release runs with an empty caller), and expired leases are left for a worker's next
+script on the key, which reports their tasks as lost (this process could not). When Redis
+cannot be reached from here, nothing waits: the main process releases as before, and this
+process tries again only after a pause.
 """
 
 from __future__ import annotations
