@@ -104,7 +104,10 @@ def _look(client: redis.Redis, park: dict[str, Any]) -> bytes | None:
     pipe = client.pipeline(transaction=False)
     pipe.zscore(park["holders"], park["holder"])
     pipe.zscore(park["waiters"], park["holder"])
-    holds, waits = pipe.execute()
+    pipe.lpop(park["list"])  # a word pushed since the BLPOP gave up
+    holds, waits, word = pipe.execute()
+    if word is not None:
+        return word if isinstance(word, bytes) else str(word).encode()
     if holds is not None:
         logger.warning("celery-throttled: a parked task's go was lost; it starts now")
         return b"go"
