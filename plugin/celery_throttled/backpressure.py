@@ -19,22 +19,17 @@ time past which it is gone. A task sent by name (``send_task``) is not counted.
 
 from __future__ import annotations
 
-import hashlib
 from datetime import datetime, timezone
-from importlib import resources
 from typing import Any
-
-import redis
 
 from .errors import Backpressure, KeyFunctionError
 from .keys import Family, family_key
 from .settings import process_client
-from .transport.leases import Script
+from .transport.leases import read_script
 
 __all__ = ["admit"]
 
-_SOURCE = resources.files("celery_throttled").joinpath("lua/submit.lua").read_text()
-_SUBMIT = Script("submit.lua", _SOURCE, hashlib.sha1(_SOURCE.encode()).hexdigest())
+_SUBMIT = read_script("submit.lua")
 
 
 def admit(task: Any, args: Any, kwargs: Any, task_id: str, options: dict[str, Any]) -> None:
@@ -53,10 +48,7 @@ def admit(task: Any, args: Any, kwargs: Any, task_id: str, options: dict[str, An
     horizon = settings.pending_ttl + _delay(options)
     keys = [family.pending, family.meta]
     args_ = [task_id, admission.max_pending, int(horizon * 1000)]
-    try:
-        admitted, pending = client.evalsha(_SUBMIT.sha, len(keys), *keys, *args_)
-    except redis.exceptions.NoScriptError:
-        admitted, pending = client.eval(_SUBMIT.source, len(keys), *keys, *args_)
+    admitted, pending = _SUBMIT.run(client, keys, args_)
     if not int(admitted):
         raise Backpressure(str(task.name), key, int(pending), int(admission.max_pending))
 

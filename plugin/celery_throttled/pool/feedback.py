@@ -11,9 +11,7 @@ is logged once per outage and the run goes on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from importlib import resources
 from typing import Any
 
 import redis
@@ -23,14 +21,13 @@ from .. import request as protocol
 from ..adaptive import signal
 from ..keys import Family, family_key
 from ..settings import process_client
-from ..transport.leases import Script
+from ..transport.leases import read_script
 
 __all__ = ["report"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = resources.files("celery_throttled").joinpath("lua/adapt.lua").read_text()
-_ADAPT = Script("adapt.lua", _SOURCE, hashlib.sha1(_SOURCE.encode()).hexdigest())
+_ADAPT = read_script("adapt.lua")
 _failing = False
 
 
@@ -57,10 +54,7 @@ def report(task: Any, request: Any, exc: BaseException | None, latency: float) -
         family = Family.of(settings.key_prefix, family_key(admission.family, key))
         keys = [family.holders, family.waiters, family.meta]
         args: list[str | int] = [outcome, int(latency * 1000), int(retry_after * 1000)]
-        try:
-            client.evalsha(_ADAPT.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            client.eval(_ADAPT.source, len(keys), *keys, *args)
+        _ADAPT.run(client, keys, args)
     except redis.RedisError as error:
         if not _failing:
             logger.warning("celery-throttled: adaptive cap of %r not told (%s)", key, error)

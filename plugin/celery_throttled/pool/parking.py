@@ -88,10 +88,7 @@ def _park(client: redis.Redis, park: dict[str, Any]) -> bytes | None:
     when it was unparked already, else None (it waits)."""
     keys = [park["holders"], park["parked"], park["list"]]
     args = [park["holder"], park["nonce"], PARKED_TTL_MS]
-    try:
-        word = client.evalsha(_PARK.sha, 3, *keys, *args)
-    except redis.exceptions.NoScriptError:
-        word = client.eval(_PARK.source, 3, *keys, *args)
+    word = _PARK.run(client, keys, args)
     if isinstance(word, str):
         return word.encode()
     return word if isinstance(word, bytes) else None

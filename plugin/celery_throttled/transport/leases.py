@@ -126,6 +126,14 @@ class Script:
     source: str
     sha: str
 
+    def run(self, client: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run it on ``client`` by its SHA (EVALSHA), sending its source only when Redis does
+        not know it yet."""
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return client.eval(self.source, len(keys), *keys, *args)
+
 
 class Scripts:
     """The lease scripts, with ``admission.lua``, ``grant.lua`` and ``free.lua`` prepended, and

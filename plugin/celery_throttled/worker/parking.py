@@ -101,19 +101,19 @@ class Parking:
         conf = gate.consumer.app.conf
         self._limits = conf.task_time_limit is not None or conf.task_soft_time_limit is not None
         settings = gate.settings
-        #: unpark is a call on the event loop: short timeouts, no retries (see UNPARK_TIMEOUT)
-        self.client = settings.client(
-            socket_timeout=UNPARK_TIMEOUT,
-            socket_connect_timeout=UNPARK_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-        )
         self.prefix = settings.key_prefix
         self.ttl_ms = int(settings.lease_ttl * 1000)
         #: parked (or returning) requests, oldest first
         self.parked: dict[tuple[str, str], Held] = {}
-        self.returning = 0
         self._paused_until = 0.0
+        self.client: Any = None
         if self.enabled:
+            #: unpark is a call on the event loop: short timeouts, no retries (UNPARK_TIMEOUT)
+            self.client = settings.client(
+                socket_timeout=UNPARK_TIMEOUT,
+                socket_connect_timeout=UNPARK_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+            )
             parkjob.hook_revoke()
 
     # -- when --------------------------------------------------------------------------------
@@ -139,7 +139,9 @@ class Parking:
         """A request queues for a pool process: parked waiters leave as many processes."""
         if not self.parked:
             return
-        wanted = len(self.semaphore._waiting) - self.returning
+        spots = [held.park for held in self.parked.values()]
+        returning = sum(1 for spot in spots if spot is not None and spot.state == RETURNING)
+        wanted = len(self.semaphore._waiting) - returning
         for held in reversed(list(self.parked.values())):
             if wanted <= 0:
                 return
@@ -213,7 +215,6 @@ class Parking:
             self.started(held)
             return True
         spot.state = RETURNING
-        self.returning += 1
         return False
 
     def started(self, held: Held) -> None:
@@ -246,7 +247,7 @@ class Parking:
             held.stay = True
             self._paused_until = time.monotonic() + PAUSE
             self.unpark(held)
-        self._forget(held, spot)
+        self._forget(held)
         parkjob.unhook(held)
         if held.released:
             return
@@ -262,7 +263,7 @@ class Parking:
         spot = held.park
         if spot is not None:
             self.started(held)
-            self._forget(held, spot)
+            self._forget(held)
 
     def ran_before_loss(self, held: Held) -> bool:
         """The process of a parked job died: whether its body may have run (it took its
@@ -276,14 +277,9 @@ class Parking:
             self._paused_until = time.monotonic() + PAUSE
             return True
 
-    def _forget(self, held: Held, spot: Spot) -> None:
+    def _forget(self, held: Held) -> None:
         self.parked.pop((held.key, held.holder), None)
-        if spot.state == RETURNING:
-            self.returning -= 1
         held.park = None
 
     def _unpark(self, keys: list[str], holder: str) -> int:
-        try:
-            return int(self.client.evalsha(_UNPARK.sha, 3, *keys, holder, self.ttl_ms))
-        except redis.exceptions.NoScriptError:
-            return int(self.client.eval(_UNPARK.source, 3, *keys, holder, self.ttl_ms))
+        return int(_UNPARK.run(self.client, keys, [holder, self.ttl_ms]))
