@@ -426,9 +426,18 @@ BREAKAGES = [
     Breakage(
         "an adaptive cap that probes its last failure as fast as it grows",
         f"{PACKAGE}/lua/adapt.lua",
-        "local BETA, TRIM, PROBE, HALF = 0.7, 0.9, 16, 0.5",
-        "local BETA, TRIM, PROBE, HALF = 0.7, 0.9, 1, 0.5",
+        "local BETA, TRIM, PROBE, GAIN = 0.7, 0.9, 16, 0.5",
+        "local BETA, TRIM, PROBE, GAIN = 0.7, 0.9, 1, 0.5",
         (f"{ADAPTIVE}test_successes_grow_the_cap_only_while_it_is_used",),
+    ),
+    Breakage(
+        "a slow start that doubles the adaptive cap each round trip",
+        f"{PACKAGE}/lua/adapt.lua",
+        "math.min(cap + GAIN, thresh)",
+        "math.min(cap + 1, thresh)",
+        (
+            f"{ADAPTIVE}test_slow_start_grows_half_a_slot_per_success_and_cuts_back_to_the_level_before",
+        ),
     ),
     Breakage(
         "one adaptive cap per worker",

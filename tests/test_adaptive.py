@@ -321,6 +321,44 @@ def test_successes_grow_the_cap_only_while_it_is_used(adaptive_key):
     assert float(client.hget(family.meta, "acap")) == grown
 
 
+def test_slow_start_grows_half_a_slot_per_success_and_cuts_back_to_the_level_before(
+    redis_url: str, prefix: str
+):
+    """Given a fresh adaptive key (initial 8, so slow start from 1) whose cap is always in use,
+    When every run of each level succeeds, then a run at the level reached reports Overloaded,
+    Then the cap grows 1.5x a round trip (three successes at 3 take it to 4, not 6), and the
+    overload cuts it back to the level before (4 / 1.5), the ceiling just above: a slow start
+    that doubles (a downstream serving 3 offered 6 calls at once, when three runs succeed
+    before the first refusal can cut) fails here."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = RedisLeases(redis.Redis.from_url(redis_url), prefix, lease_ttl=30, worker="w")
+    admission = Admission(adaptive=Adaptive(initial=8, min=1, max=12).checked("t"))
+    family = Family.of(prefix, "fresh")
+    store.execute([Acquire("fresh", f"w a{i}", 8, admission) for i in range(12)])
+    assert client.hget(family.meta, "acap") == "1"
+    assert client.hget(family.meta, "athresh") == "8"
+    script = client.register_script(ADAPT)
+
+    def cap() -> float:
+        return float(client.hget(family.meta, "acap") or "nan")
+
+    def round_trip(level: int) -> float:
+        """``level`` runs hold the key and all succeed; the cap after them."""
+        client.delete(family.holders)
+        client.zadd(family.holders, {f"w r{i}": 0 for i in range(level)})
+        for _ in range(level):
+            script([family.holders, family.waiters, family.meta], ["ok", 50, 0])
+        return cap()
+
+    assert [round_trip(level) for level in (1, 1, 2, 3)] == [1.5, 2.0, 3.0, 4.5]
+    assert client.hget(family.meta, "awhy") == "slow start toward 8"
+    client.zadd(family.holders, {"w r3": 0})  # the four the cap of 4.5 admits
+    script([family.holders, family.waiters, family.meta], ["overloaded", 0, 0])
+    assert cap() == pytest.approx(4 / 1.5)
+    assert client.hget(family.meta, "aceil") == "3"
+    assert client.hget(family.meta, "athresh") is None
+
+
 def test_what_a_run_tells_the_cap():
     """Given the exceptions a task may end with,
     When they are classified for the cap,

@@ -3,11 +3,11 @@
 The key's cap is one value in Redis (the meta field ``acap``) that every worker admits against
 and that each run's outcome moves, atomically, in ``lua/adapt.lua``:
 
-- a fresh key starts in *slow start* at ``ceil(initial / 8)`` (at least ``min``) and adds one
-  per success (doubling each round trip) until it reaches ``initial`` or the first overload;
+- a fresh key starts in *slow start* at ``ceil(initial / 8)`` (at least ``min``) and adds a
+  half per success (1.5x each round trip) until it reaches ``initial`` or the first overload;
 - an overload (:class:`~.errors.Overloaded`, :class:`~.errors.SlowDown`, or a type listed in
-  ``on``) cuts it to 0.7 x the tasks then running (0.5 x in slow start, which doubled it in the
-  last round trip), remembers that count as the *ceiling*, and
+  ``on``) cuts it to 0.7 x the tasks then running (1 / 1.5 of them in slow start, which grew it
+  1.5x in the last round trip), remembers that count as the *ceiling*, and
   only a task that started after the last cut can cut again (one cut per round trip, however
   many tasks fail together);
 - a success adds ``1 / cap`` (one per round trip at full use), or ``1 / (16 x cap)`` within one

@@ -15,9 +15,11 @@
 --
 -- Constants (and why: docs/guide/adaptive.md):
 --   BETA 0.7     an overload cuts to 0.7 x min(cap, running): the level that failed, backed off
---   HALF 0.5     ... and in slow start to half of it (the cap doubled in the last round trip, so
---                the capacity lies between half the level and the level), the ceiling just
---                above: the probe goes on slowly from there
+--   GAIN 0.5     in slow start a success adds 0.5: the cap grows 1.5x each round trip, so the
+--                first level that fails is at most 1.5x the capacity (doubling let a burst of
+--                successes double it: a downstream of 3 saw 6 calls at once); an overload then
+--                cuts to 1 / 1.5 of the level (the capacity lies between that and the level),
+--                the ceiling just above: the probe goes on slowly from there
 --   TRIM 0.9     a latency twice the baseline trims to 0.9 x: the downstream queues, gently
 --   PROBE 16     within one of the last ceiling a success adds 1/(16 cap): a probe of the level
 --                that failed every 16 round trips, instead of every one
@@ -33,7 +35,7 @@
 -- (admitted before the cap came down) cut once; a run admitted under the new cap that still
 -- fails cuts again, so a sharp drop in capacity is followed within a few round trips.
 
-local BETA, TRIM, PROBE, HALF = 0.7, 0.9, 16, 0.5
+local BETA, TRIM, PROBE, GAIN = 0.7, 0.9, 16, 0.5
 local SHORT, UP, DOWN, STUCK = 0.25, 0.01, 0.1, 0.001
 local HOLD, CUT, SLACK = 1.3, 2.0, 5
 
@@ -65,9 +67,9 @@ local function cut(factor, reason)
   local level = math.max(1, math.min(cap, running))
   local ceiling_at = level
   if thresh then
-    -- slow start doubled the cap in the last round trip: the capacity is between half the
-    -- level and the level; halve it, and probe slowly from just above
-    cap = clamp(level * HALF)
+    -- slow start grew the cap 1.5x in the last round trip: the capacity is between the level
+    -- before that and the level; go back to it, and probe slowly from just above
+    cap = clamp(level / (1 + GAIN))
     ceiling_at = math.floor(cap) + 1
   else
     cap = clamp(level * factor)
@@ -99,7 +101,7 @@ elseif outcome == 'ok' then
     end
   elseif running + redis.call('ZCARD', KEYS[2]) >= math.floor(cap) then
     if thresh and cap < thresh then
-      cap, why = math.min(cap + 1, thresh), 'slow start toward ' .. thresh
+      cap, why = math.min(cap + GAIN, thresh), 'slow start toward ' .. thresh
       if cap >= thresh then redis.call('HDEL', meta, 'athresh') end
     elseif ceiling and cap >= ceiling - 1 and cap < ceiling then
       cap, why = cap + 1 / (PROBE * cap), 'probing ' .. ceiling .. ' (where it last failed)'
