@@ -10,9 +10,11 @@ queue and ``throttle_key_prefix``, with its workers stopped before the next row 
       ``@shared_task``, alternating plain/throttled twice, best of each; with the CPU each
       task cost the worker's main process, its pool and Redis (from /proc and INFO cpu).
 * P2  200 x 50 ms at a cap of 5, against the recipes "counter + retry" and "counter + spin";
-      the cap once more with ``throttle_park=True`` (waiters parked in idle pool processes).
+      the cap once more with ``throttle_park=True`` (waiters parked in idle pool processes);
+      and the floor: the same plain tasks on a worker of concurrency 5, whose pool is the only
+      cap (Celery's own hand-off from one body's end to the next body's dispatch, no Redis).
 * P3  200 capped + 200 uncapped 50 ms tasks interleaved on one queue; the same with the spin
-      recipe.
+      recipe; and the floor: 400 plain tasks, the 8 pool processes the only limit.
 * P4  hand-off latency under a cap of 1 between two workers on this machine (by default, then
       with ``throttle_park=True``), and (P5) its split: body end -> slot free (the pool
       process's release returned) -> waiter granted (its worker admitted it, or its parked pool
@@ -44,7 +46,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from itertools import pairwise
@@ -182,7 +184,14 @@ class Worker:
 
     @classmethod
     def start(
-        cls, node: str, prefix: str, redis_url: str, log: Path, loglevel: str, **extra_env: str
+        cls,
+        node: str,
+        prefix: str,
+        redis_url: str,
+        log: Path,
+        loglevel: str,
+        extra_env: Mapping[str, str],
+        concurrency: int = CONCURRENCY,
     ) -> Worker:
         env = {
             **os.environ,
@@ -202,7 +211,7 @@ class Worker:
             "-P",
             "prefork",
             "-c",
-            str(CONCURRENCY),
+            str(concurrency),
             "-n",
             node,
             "-l",
@@ -362,7 +371,14 @@ class Bench:
         self.redis.close()
 
     @contextlib.contextmanager
-    def row(self, tag: str, workers: int = 1, **env: str) -> Iterator[Row]:
+    def row(
+        self,
+        tag: str,
+        workers: int = 1,
+        env: Mapping[str, str] | None = None,
+        concurrency: int = CONCURRENCY,
+    ) -> Iterator[Row]:
+        """A row's workers (``env``: more environment for them), started and answering."""
         prefix = f"bench{self.run_id}{tag.lower()}"
         started = [
             Worker.start(
@@ -371,7 +387,8 @@ class Bench:
                 self.redis_url,
                 self.logdir / f"{tag}-w{i + 1}.log",
                 self.loglevel,
-                **env,
+                env or {},
+                concurrency,
             )
             for i in range(workers)
         ]
@@ -555,13 +572,22 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
             "recipe counter + retry(countdown=0.1)",
         ),
         ("P2b", RECIPE_SPIN, [WORK, WORK_CAP], "recipe_spin", "recipe counter + spin (10 ms)"),
+        (
+            "P2f",
+            WORK_PLAIN,
+            [WORK],
+            "work_plain",
+            f"floor: @shared_task on a worker of concurrency {WORK_CAP} (its pool the only cap)",
+        ),
     )
     splits: dict[str, dict[str, list[float]]] = {}
     for tag, name, args, group, label in variants:
         env = {"BENCH_SPLIT": "1"} if name == WORK_THROTTLED else {}
         if tag == "P2p":
             env["BENCH_PARK"] = "1"
-        with bench.row(tag, 1, **env) as row:
+        # the floor: Celery's own hand-off, from one pool process's result to the next dispatch
+        concurrency = WORK_CAP if tag == "P2f" else CONCURRENCY
+        with bench.row(tag, 1, env, concurrency) as row:
             row.warm_up(name, [0.0, *args[1:]])
             row.forget(group)
             bench.redis.delete(f"{row.prefix}:probe:{group}:events")
@@ -583,7 +609,7 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
         if state is not None:
             line.target, line.met = "<= 1.05", ratio <= 1.05
             cap_check(report, tag, state, WORK_CAP)
-        elif "work_throttled" in raw:  # a recipe: the cap must beat it
+        elif name != WORK_PLAIN and "work_throttled" in raw:  # a recipe: the cap must beat it
             line.target = f"> {raw['work_throttled']['ratio']:.3f}"
             line.met = ratio > raw["work_throttled"]["ratio"]
         report.add(line, profile_line("P2", label, profile))
@@ -659,6 +685,23 @@ def p3_mixed_queue(bench: Bench, sizes: Sizes) -> None:
             "slots": profile,
             "limiter": state,
         }
+    # the floor: every task plain, so the 8 processes are the only cap (Celery's own hand-off)
+    with bench.row("P3f") as row:
+        row.warm_up(WORK_PLAIN, [0.0])
+        row.forget("work_plain")
+        _, done = row.run([(WORK_PLAIN, [WORK])] * (2 * n), timeout)
+        profile = slot_profile(row.spans("work_plain"), CONCURRENCY, done.started)
+    label = f"floor: {2 * n} plain, no cap (the {CONCURRENCY} pool processes the only limit)"
+    ratio = done.makespan() / ideal
+    report.add(
+        Line(
+            "P3",
+            f"{label}: all done / ideal ({ideal:.2f} s)",
+            f"{ratio:.3f} ({done.makespan():.2f} s)",
+        ),
+        profile_line("P3", label, profile),
+    )
+    raw["floor"] = {"makespan_s": done.makespan(), "ratio": ratio, "slots": profile}
     report.raw["P3"] = raw
 
 
@@ -674,7 +717,7 @@ def _p4_once(bench: Bench, sizes: Sizes, tag: str, setting: str) -> None:
     events_key = "probe:handoff:events"
     env = {"BENCH_SPLIT": "1", **({"BENCH_PARK": "1"} if setting else {})}
     label = f", {setting}" if setting else ""
-    with bench.row(tag, workers=2, **env) as row:
+    with bench.row(tag, workers=2, env=env) as row:
         row.warm_up(NOOP_PLAIN, [False], n=4 * CONCURRENCY)
         row.warm_up(HANDOFF, [-1, 0.0])
         bench.redis.delete(f"{row.prefix}:{events_key}")

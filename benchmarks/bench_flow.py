@@ -134,7 +134,7 @@ def r1_rate(bench: Bench, sizes: Sizes) -> None:
         ("bench.flow_recipe_rate", "recipe_rate", "recipe: counter per second + retry", {}),
     )
     for name, group, label, env in variants:
-        with bench.row(f"R1{group}", workers=WORKERS, **env) as row:
+        with bench.row(f"R1{group}", workers=WORKERS, env=env) as row:
             row.warm_up("bench.flow_warm", [], n=4 * CONCURRENCY)
             with Admissions(bench.redis_url, Family.of(row.prefix, name).holders) as admitted:
                 _, done = row.run([(name, [0.01])] * n, timeout=max(300.0, 30 * ideal))

@@ -157,7 +157,7 @@ def idle_rss(row: Row) -> float:
 
 
 def s1_backlog(bench: Bench, limiter_url: str, n: int) -> dict[str, Any]:
-    with bench.row("S1", LIMITER_URL=limiter_url) as row:
+    with bench.row("S1", env={"LIMITER_URL": limiter_url}) as row:
         row.warm_up("bench.scale_capped", [WORK])
         idle = idle_rss(row)
         result = measured(row, limiter_url, [("bench.scale_capped", [WORK])] * n, idle)
@@ -167,7 +167,7 @@ def s1_backlog(bench: Bench, limiter_url: str, n: int) -> dict[str, Any]:
 
 
 def s2_many_keys(bench: Bench, limiter_url: str, n: int, keys: int) -> dict[str, Any]:
-    with bench.row("S2", LIMITER_URL=limiter_url) as row:
+    with bench.row("S2", env={"LIMITER_URL": limiter_url}) as row:
         row.warm_up("bench.scale_tenant", [0, WORK])
         row.warm_up("bench.work_plain", [WORK])
         idle = idle_rss(row)
