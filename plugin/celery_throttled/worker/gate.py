@@ -28,11 +28,10 @@ from celery.worker import state as worker_state
 
 from .. import deadlines, tracing, transport
 from .. import request as protocol
-from ..admission import rank
 from ..errgroup.members import Members
 from ..errgroup.store import GroupStore
 from ..errors import KeyFunctionError
-from ..keys import ERRGROUP_KEY_PREFIX, family_key, holder_id
+from ..keys import ERRGROUP_KEY_PREFIX
 from ..metrics import Metrics
 from ..settings import Settings
 from ..task import ThrottledTask
@@ -79,7 +78,7 @@ class Gate:
         self.pokes = Pokes(self.loop.call_later, self._poke)
         #: how the broker reads a message's priority: RabbitMQ serves the highest first
         connection = getattr(consumer, "connection", None) or consumer.app.connection_for_read()
-        self.highest_first = connection.transport.driver_type == "amqp"
+        self.highest = connection.transport.driver_type == "amqp"
         callbacks = transport.Callbacks(
             snapshot=self.lines.renewals,
             granted=self.loop.batched(self._grant),
@@ -152,29 +151,19 @@ class Gate:
     ) -> None:
         """Wait for a slot of ``key`` (default: the task's key, under the task's admission
         rules), holding ``outer`` meanwhile."""
-        admission = None
-        if key is None:
-            try:
-                key = req.task.throttle_key_for(req.args, req.kwargs)
-                admission = req.task.throttle_admission_for(req.args, req.kwargs)
-            except KeyFunctionError as exc:
-                logger.error("%s", exc)
-                if outer is not None:
-                    self.release(outer)
-                outcomes.never_runs(req, exc)
-                return
-            protocol.info(req)["key"] = key
-            if admission is not None:
-                admission = admission.on_worker(self.settings.pending_ttl)
-                key = family_key(admission.family, key)
-        priority = (req.delivery_info or {}).get("priority")
-        place = rank(priority, self.highest_first)
-        held = Held(req, key, cap, holder_id(self.worker, req.id), admission, place)
+        try:
+            held = Held.of(req, cap, key, self.worker, self.settings.pending_ttl, self.highest)
+        except KeyFunctionError as exc:
+            logger.error("%s", exc)
+            if outer is not None:
+                self.release(outer)
+            outcomes.never_runs(req, exc)
+            return
         held.outer, held.next_cap = outer, then
-        held.wait = tracing.wait_started(req, key, cap)
+        held.wait = tracing.wait_started(req, held.key, cap)
         if self.lines.join(held):
-            self.transport.register(key)
-        self.transport.submit(Acquire(key, held.holder, cap, admission, held.rank))
+            self.transport.register(held.key)
+        self.transport.submit(Acquire(held.key, held.holder, cap, held.admission, held.rank))
 
     def waiting(self, key: str, holder: str) -> None:
         """No slot for ``holder`` right now: it waits (or is rejected, with on_full='reject')."""

@@ -14,8 +14,9 @@ import time
 from collections import Counter
 from typing import Any
 
-from ..admission import Admission
-from ..keys import ERRGROUP_KEY_PREFIX
+from .. import request as protocol
+from ..admission import Admission, rank
+from ..keys import ERRGROUP_KEY_PREFIX, family_key, holder_id
 from ..tracing import Wait, wait_ended
 from ..transport.leases import Renew, lease_spec
 
@@ -78,6 +79,25 @@ class Held:
         self.park: Any = None
         #: never parked again (a policy is about to judge it, or it was revoked)
         self.stay = False
+
+    @classmethod
+    def of(
+        cls, req: Any, cap: int, key: str | None, worker: str, pending_ttl: float, highest: bool
+    ) -> Held:
+        """``req`` held by ``worker`` for a slot of ``key``; by default its task's key, under its
+        task's admission rules (raises :class:`~..errors.KeyFunctionError` when its key function
+        fails). Its place among priorities is read off its message (``highest``: the broker
+        serves the highest priority first)."""
+        admission = None
+        if key is None:
+            key = req.task.throttle_key_for(req.args, req.kwargs)
+            admission = req.task.throttle_admission_for(req.args, req.kwargs)
+            protocol.info(req)["key"] = key
+            if admission is not None:
+                admission = admission.on_worker(pending_ttl)
+                key = family_key(admission.family, key)
+        place = rank((req.delivery_info or {}).get("priority"), highest)
+        return cls(req, key, cap, holder_id(worker, req.id), admission, place)
 
     def leases(self) -> list[list[str]]:
         """``[key, holder, spec]`` of this slot and of the slots held with it (an errgroup's):
