@@ -267,6 +267,8 @@ class Done:
     finished: dict[str, float]
     statuses: Counter[str]
     missing: int
+    #: what the missing ones' results said last: a state not ready (RETRY, say), or "none"
+    left: Counter[str] = field(default_factory=Counter)
 
     @property
     def complete(self) -> bool:
@@ -298,7 +300,8 @@ class Row:
         if not done.complete:
             raise RuntimeError(
                 f"{self.prefix}: of {len(ids)} tasks, {done.missing} had no result after "
-                f"{timeout:.0f}s and the others ended {dict(done.statuses)}"
+                f"{timeout:.0f}s (their results said {dict(done.left)}) and the others ended "
+                f"{dict(done.statuses)}"
             )
         return ids, done
 
@@ -411,6 +414,7 @@ class Bench:
         pending = {f"{self.result_prefix}{task_id}": task_id for task_id in ids}
         finished: dict[str, float] = {}
         statuses: Counter[str] = Counter()
+        last: dict[str, str] = {}
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
             keys = list(pending)
@@ -421,6 +425,7 @@ class Bench:
                         continue
                     meta = json.loads(value)
                     if meta["status"] not in states.READY_STATES:  # e.g. RETRY
+                        last[key] = meta["status"]
                         continue
                     statuses[meta["status"]] += 1
                     finished[pending.pop(key)] = _epoch(meta["date_done"])
@@ -428,7 +433,8 @@ class Bench:
                 time.sleep(0.1)
         if ids:
             self.redis.delete(*[f"{self.result_prefix}{task_id}" for task_id in ids])
-        return Done(started, finished, statuses, len(pending))
+        left = Counter(last.get(key, "none") for key in pending)
+        return Done(started, finished, statuses, len(pending), left)
 
 
 def _epoch(iso: str) -> float:
