@@ -533,7 +533,7 @@ BREAKAGES = [
     Breakage(
         "a parked waiter the sweep's policies cannot call back",
         f"{PACKAGE}/worker/sweep.py",
-        "        held.stay = True\n        gate.parking.unpark(held)\n        return\n",
+        "        gate.parking.recall(held)\n        return\n",
         "        return\n",
         (f"{PARKING}test_a_parked_waiter_past_max_wait_is_rejected_unrun",),
     ),

@@ -65,7 +65,7 @@ def run_parked(trace: Callable[..., Any], park: dict[str, Any], *args: Any) -> A
         while word is None:
             got = client.blpop([park["list"]], timeout=POLL)
             if got is not None:
-                word = got[1] if isinstance(got[1], bytes) else got[1].encode()
+                word = _word(got[1])
             elif os.getppid() != parent:
                 return (0, UNPARKED, 0.0)
             else:
@@ -88,10 +88,7 @@ def _park(client: redis.Redis, park: dict[str, Any]) -> bytes | None:
     when it was unparked already, else None (it waits)."""
     keys = [park["holders"], park["parked"], park["list"]]
     args = [park["holder"], park["nonce"], PARKED_TTL_MS]
-    word = _PARK.run(client, keys, args)
-    if isinstance(word, str):
-        return word.encode()
-    return word if isinstance(word, bytes) else None
+    return _word(_PARK.run(client, keys, args))
 
 
 def _look(client: redis.Redis, park: dict[str, Any]) -> bytes | None:
@@ -104,11 +101,18 @@ def _look(client: redis.Redis, park: dict[str, Any]) -> bytes | None:
     pipe.lpop(park["list"])  # a word pushed since the BLPOP gave up
     holds, waits, word = pipe.execute()
     if word is not None:
-        return word if isinstance(word, bytes) else str(word).encode()
+        return _word(word)
     if holds is not None:
         logger.warning("celery-throttled: a parked task's go was lost; it starts now")
         return b"go"
     return b"off" if waits is None else None
+
+
+def _word(reply: Any) -> bytes | None:
+    """A word read from Redis ("go", "off") as bytes, whether the client decodes or not."""
+    if isinstance(reply, str):
+        return reply.encode()
+    return reply if isinstance(reply, bytes) else None
 
 
 def is_unparked(reply: Any) -> bool:

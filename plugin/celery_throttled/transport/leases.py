@@ -126,6 +126,13 @@ class Script:
     source: str
     sha: str
 
+    @classmethod
+    def of(cls, name: str, *parts: str) -> Script:
+        """The scripts of ``lua/`` named ``parts``, joined in that order, as ``name``."""
+        lua = resources.files("celery_throttled").joinpath("lua")
+        source = "\n".join(lua.joinpath(part).read_text() for part in parts)
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
     def run(self, client: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run it on ``client`` by its SHA (EVALSHA), sending its source only when Redis does
         not know it yet."""
@@ -142,16 +149,12 @@ class Scripts:
     @staticmethod
     @cache
     def get(name: str) -> Script:
-        lua = resources.files("celery_throttled").joinpath("lua")
-        parts = ("admission.lua", "grant.lua", "free.lua", name)
-        source = "\n".join(lua.joinpath(part).read_text() for part in parts)
-        return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
+        return Script.of(name, "admission.lua", "grant.lua", "free.lua", name)
 
 
 def read_script(name: str) -> Script:
     """A script of ``lua/`` on its own (nothing prepended), for EVALSHA."""
-    source = resources.files("celery_throttled").joinpath("lua").joinpath(name).read_text()
-    return Script(name, source, hashlib.sha1(source.encode()).hexdigest())
+    return Script.of(name, name)
 
 
 class Codec:

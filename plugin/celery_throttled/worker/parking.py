@@ -17,8 +17,8 @@ pushes ``go`` there, so the body starts as the slot is freed::
 Which waiters: on a prefork worker only; the oldest first, at most the key's cap of them; none
 with Celery time limits (they would count from the moment the process took the job), an
 errgroup's limit, or a caller's deadline (checked where the gate admits), and none of an
-adaptive key (a wave of grants that all start at once sharpens slow start's overshoot: a
-downstream of 3 saw 6 calls at once, against 5 with dispatched starts). A parked request's
+adaptive key (a wave of grants that all start at once sharpens slow start's overshoot: with the
+slow start that doubled the cap then, a downstream of 3 saw 6 calls at once). A parked request's
 message stays unacknowledged and Celery does not count it active until its body starts
 (:mod:`.parkjob`). Unrelated work is never held back: whenever a request queues for a pool
 process (every process busy), one parked waiter leaves its process. A waiter the sweep's
@@ -174,8 +174,7 @@ class Parking:
         start it there, and is discarded as it comes back."""
         for held in list(self.parked.values()):
             if held.req.id in task_ids:
-                held.stay = True
-                self.unpark(held)
+                self.recall(held)
 
     # -- park, unpark ------------------------------------------------------------------------
     def park(self, held: Held) -> None:
@@ -195,6 +194,12 @@ class Parking:
             "since": time.time() - (time.monotonic() - held.since),
         }
         parkjob.send(self, held, park)
+
+    def recall(self, held: Held) -> None:
+        """``held`` leaves its pool process for good (never parked again): it is judged, or
+        discarded, as it comes back."""
+        held.stay = True
+        self.unpark(held)
 
     def unpark(self, held: Held) -> bool:
         """``held`` leaves its pool process unrun ("off"), or runs there: True when it holds
@@ -244,9 +249,8 @@ class Parking:
         if spot is None:
             return
         if spot.state == PARKED and not spot.started:  # it left by itself: Redis unreachable
-            held.stay = True
             self._paused_until = time.monotonic() + PAUSE
-            self.unpark(held)
+            self.recall(held)
         self._forget(held)
         parkjob.unhook(held)
         if held.released:

@@ -83,8 +83,7 @@ def carry_out(gate: Any, held: Held, now: float) -> None:
     if verdict is None:
         return
     if held.park is not None:
-        held.stay = True
-        gate.parking.unpark(held)
+        gate.parking.recall(held)
         return
     req = held.req
     if verdict.action == REJECT:
