@@ -440,6 +440,13 @@ BREAKAGES = [
         ),
     ),
     Breakage(
+        "an adaptive cap grown on holders whose bodies have not started",
+        f"{PACKAGE}/lua/adapt.lua",
+        "      and (seen < 0 or seen >= math.floor(cap)) then",
+        "      then",
+        (f"{ADAPTIVE}test_only_a_run_that_started_beside_a_whole_cap_of_bodies_grows_the_cap",),
+    ),
+    Breakage(
         "one adaptive cap per worker",
         f"{PACKAGE}/lua/admission.lua",
         "  if c[2] then return math.floor(tonumber(c[2])) end",

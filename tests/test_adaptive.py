@@ -359,6 +359,34 @@ def test_slow_start_grows_half_a_slot_per_success_and_cuts_back_to_the_level_bef
     assert client.hget(family.meta, "athresh") is None
 
 
+def test_only_a_run_that_started_beside_a_whole_cap_of_bodies_grows_the_cap(adaptive_key):
+    """Given an adaptive key at cap 5 with 5 holders but, as under load, only 3 of their bodies
+    running (counted by lua/body.lua as each starts),
+    When runs that started beside 3 bodies succeed, then runs that started beside 5,
+    Then the first grow nothing and the second grow the cap, and every run leaves the count of
+    bodies as it reports: a cap grown on holders admitted but not yet running (it climbs past a
+    downstream's capacity while no call too many reaches it, until they all start together:
+    a downstream serving 3 saw 6 calls at once), or bodies that never leave the count, fail
+    here."""
+    client, family, _ = adaptive_key
+    client.hset(family.meta, "acap", 5)
+    client.delete(family.holders)
+    client.zadd(family.holders, {f"w a{i}": 0 for i in range(5)})
+    body = client.register_script(
+        resources.files("celery_throttled").joinpath("lua/body.lua").read_text()
+    )
+    adapt = client.register_script(ADAPT)
+    keys = [family.holders, family.waiters, family.meta, family.bodies]
+    assert [body([family.bodies], [f"w a{i}", 30_000]) for i in range(3)] == [1, 2, 3]
+    for i in range(3):
+        adapt(keys, ["ok", 50, 0, 3, f"w a{i}"])
+    assert float(client.hget(family.meta, "acap") or 0) == 5.0
+    assert client.zcard(family.bodies) == 0
+    for i in range(5):
+        adapt(keys, ["ok", 50, 0, 5, f"w a{i}"])
+    assert float(client.hget(family.meta, "acap") or 0) > 5.9
+
+
 def test_what_a_run_tells_the_cap():
     """Given the exceptions a task may end with,
     When they are classified for the cap,

@@ -12,7 +12,8 @@ and that each run's outcome moves, atomically, in ``lua/adapt.lua``:
   many tasks fail together);
 - a success adds ``1 / cap`` (one per round trip at full use), or ``1 / (16 x cap)`` within one
   of the last ceiling (a slow probe of the level that failed), and nothing when the key does not
-  use its cap (no growth without evidence);
+  use its cap or the run started beside fewer running bodies than the cap (no growth without
+  evidence: a holder admitted but not yet running is none);
 - the body's latency, smoothed over the last few runs, against the key's own slow baseline:
   1.3x holds the cap, 2x trims it to 0.9x (and makes that the ceiling);
 - :class:`~.errors.SlowDown` also pauses every admission on the key for ``retry_after``;

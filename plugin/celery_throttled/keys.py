@@ -20,6 +20,9 @@ touches a single slot::
     {prefix}:{<key>}:pk   HASH  parked waiters (``pool/parking.py``): holder -> nonce; a grant
                                 to one pushes "go" onto its park list; expires a day after the
                                 key's last park
+    {prefix}:{<key>}:b    ZSET  bodies of an adaptive key running now (``lua/body.lua``): member
+                                holder, score = when it stops counting unless its run ends first
+                                (ms, one lease TTL on)
     {prefix}:{<key>}:pk:<holder>:<nonce>
                           LIST  a parked waiter's park list, which its pool process blocks
                                 on: "go" (run the body) or "off" (leave, unrun); it expires
@@ -40,7 +43,7 @@ The keys of a task with ``total`` form one family (the task's name, or ``family=
 the family's hash tag instead of their own, so one script can hand a freed slot to any key of
 the family. Their names carry the family (``family_key``: "<family>\x1f<key>")::
 
-    {prefix}:{fam:<family>}:k:<key>:h, …:w, …:we, …:m, …:wt, …:e, …:p, …:pk  as above
+    {prefix}:{fam:<family>}:k:<key>:h, …:w, …:we, …:m, …:wt, …:e, …:p, …:pk, …:b  as above
     {prefix}:{fam:<family>}:t   HASH  total (declared), override, running (holders of every
                                       key), turn (round-robin counter), wake
     {prefix}:{fam:<family>}:q   ZSET  keys with waiters: member key, score = its last turn
@@ -109,6 +112,8 @@ class Family:
     #: waiters parked in idle pool processes (``pool/parking.py``); each one's park list is
     #: :meth:`park_list`
     parked: str = ""
+    #: the bodies of an adaptive key running now (``lua/body.lua``, ``lua/adapt.lua``)
+    bodies: str = ""
 
     @classmethod
     def of(cls, prefix: str, key: str) -> Family:
@@ -130,6 +135,7 @@ class Family:
             f"{shared}t",
             f"{shared}q",
             f"{base}:pk",
+            f"{base}:b",
         )
 
     def park_list(self, holder: str, nonce: str) -> str:

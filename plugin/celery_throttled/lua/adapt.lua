@@ -10,16 +10,18 @@
 -- ARGV[1] - "ok", "overloaded" or "slowdown"
 -- ARGV[2] - the body's latency in ms (its start is taken as now - latency, in Redis time)
 -- ARGV[3] - for "slowdown", the Retry-After in ms: no admission on the key until now + it
+-- KEYS[4], ARGV[4], ARGV[5] (optional) - the bodies ZSET (lua/body.lua), how many bodies ran as
+--           this one started (-1: not known), and its holder (it leaves the bodies)
 -- returns {the cap now (integer), the cap (float, as text), why it last moved}, or {0, '', ''}
 --          when the key has no adaptive cap
 --
 -- Constants (and why: docs/guide/adaptive.md):
 --   BETA 0.7     an overload cuts to 0.7 x min(cap, running): the level that failed, backed off
 --   GAIN 0.5     in slow start a success adds 0.5: the cap grows 1.5x each round trip, so the
---                first level that fails is at most 1.5x the capacity (doubling let a burst of
---                successes double it: a downstream of 3 saw 6 calls at once); an overload then
---                cuts to 1 / 1.5 of the level (the capacity lies between that and the level),
---                the ceiling just above: the probe goes on slowly from there
+--                first level that fails is at most 1.5x the last that succeeded whole (TCP
+--                doubles); an overload then cuts to 1 / 1.5 of the level (the capacity lies
+--                between that and the level), the ceiling just above: the probe goes on
+--                slowly from there
 --   TRIM 0.9     a latency twice the baseline trims to 0.9 x: the downstream queues, gently
 --   PROBE 16     within one of the last ceiling a success adds 1/(16 cap): a probe of the level
 --                that failed every 16 round trips, instead of every one
@@ -41,6 +43,8 @@ local HOLD, CUT, SLACK = 1.3, 2.0, 5
 
 local meta = KEYS[3]
 local outcome, latency = ARGV[1], math.max(0, tonumber(ARGV[2]) or 0)
+local seen = tonumber(ARGV[4]) or -1
+if KEYS[4] and ARGV[5] then redis.call('ZREM', KEYS[4], ARGV[5]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local m = redis.call('HMGET', meta, 'acap', 'amin', 'amax', 'athresh', 'aceil', 'acut',
@@ -99,7 +103,10 @@ elseif outcome == 'ok' then
     if string.sub(m[11] or '', 1, 4) ~= 'held' then
       why, moved = string.format('held: latency %.1fx its baseline', short / base), true
     end
-  elseif running + redis.call('ZCARD', KEYS[2]) >= math.floor(cap) then
+  elseif running + redis.call('ZCARD', KEYS[2]) >= math.floor(cap)
+      and (seen < 0 or seen >= math.floor(cap)) then
+    -- the cap is in use: enough holders, and (when known) this run started beside a whole
+    -- cap of running bodies; holders admitted but not yet running are no evidence
     if thresh and cap < thresh then
       cap, why = math.min(cap + GAIN, thresh), 'slow start toward ' .. thresh
       if cap >= thresh then redis.call('HDEL', meta, 'athresh') end

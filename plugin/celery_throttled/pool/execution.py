@@ -96,6 +96,7 @@ def _run(
     """The run, after its guards: the body, its checks, and every exception an envelope."""
     info = protocol.info(request)
     deadline = ctx.deadline
+    feedback.started(task, request)
     started = time.time()
     details = details_of(request, task.name)
     details["started_at"] = _iso(started)

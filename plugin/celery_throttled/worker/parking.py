@@ -17,8 +17,8 @@ pushes ``go`` there, so the body starts as the slot is freed::
 Which waiters: on a prefork worker only; the oldest first, at most the key's cap of them; none
 with Celery time limits (they would count from the moment the process took the job), an
 errgroup's limit, or a caller's deadline (checked where the gate admits), and none of an
-adaptive key (a wave of grants that all start at once sharpens slow start's overshoot: with the
-slow start that doubled the cap then, a downstream of 3 saw 6 calls at once). A parked request's
+adaptive key (a wave of grants that all start at once sharpens slow start's overshoot: before
+a cap grew only on running bodies, a downstream of 3 saw 6 calls at once). A parked request's
 message stays unacknowledged and Celery does not count it active until its body starts
 (:mod:`.parkjob`). Unrelated work is never held back: whenever a request queues for a pool
 process (every process busy), one parked waiter leaves its process. A waiter the sweep's
