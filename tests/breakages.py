@@ -447,6 +447,15 @@ BREAKAGES = [
         (f"{ADAPTIVE}test_only_a_run_that_started_beside_a_whole_cap_of_bodies_grows_the_cap",),
     ),
     Breakage(
+        "a RetryPolicy's backoff left to Celery's fixed retry delay",
+        f"{PACKAGE}/task.py",
+        "            countdown = policy.delay(int(self.request.retries or 0))\n",
+        "            pass\n",
+        (
+            "tests/test_policies.py::test_a_retry_waits_its_policys_backoff_to_the_fraction_of_a_second",
+        ),
+    ),
+    Breakage(
         "one adaptive cap per worker",
         f"{PACKAGE}/lua/admission.lua",
         "  if c[2] then return math.floor(tonumber(c[2])) end",

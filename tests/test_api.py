@@ -266,6 +266,8 @@ def test_retry_policy_maps_onto_celery_autoretry():
     def task() -> None: ...
 
     bound = app.tasks["api.retry"]
-    assert (bound.autoretry_for, bound.max_retries, bound.retry_backoff) == ((OSError,), 3, 2)
+    # the countdown is the policy's own (ThrottledTask.retry), not Celery's whole-second backoff
+    assert (bound.autoretry_for, bound.max_retries, bound.retry_backoff) == ((OSError,), 3, False)
+    assert bound.throttle_retry == RetryPolicy(4, on=(OSError,), backoff=2)
     with pytest.raises(ConfigurationError, match="max_attempts must be an int >= 1, got 0"):
         RetryPolicy(0).celery_options("api.retry")

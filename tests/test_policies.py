@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from celery import Celery
 
+from celery_throttled.policies import RetryPolicy
 from celery_throttled.status import inspect
 
 from .conftest import Workers, wait_until
@@ -51,6 +54,37 @@ def test_retry_releases_the_slot_during_backoff(workers: Workers, client, probe,
     order = [label for label, _ in started(probe, prefix, "policy")]
     assert order.index("quick") < order.index("r#1")
     wait_drained(probe, prefix, "policy")
+
+
+def test_a_retry_waits_its_policys_backoff_to_the_fraction_of_a_second(
+    workers: Workers, client, probe, prefix
+):
+    """Given a task retried twice with RetryPolicy(backoff=0.6, jitter=False),
+    When it runs,
+    Then each retry's eta is its backoff after the retry was asked for: 0.6 s, then 1.2 s
+    (read off the retried messages, so the worker's load does not enter): a backoff handed to
+    Celery's retry_backoff, which keeps whole seconds only (1 s, then 2 s; a backoff_max under
+    1 s becomes no backoff at all), fails here."""
+    workers.start(pool="threads", concurrency=2)
+    assert envelope(client, client.send_task("t.retrying", ("b",))).ok
+    events = [json.loads(e) for e in probe.lrange(f"{prefix}:probe:policy:retries", 0, -1)]
+    asked = {e["retries"]: e["asked"] for e in events if "asked" in e}
+    eta = {e["retries"]: e["eta"] for e in events if "eta" in e}
+    assert sorted(asked) == [0, 1] and sorted(eta) == [1, 2], events
+    assert eta[1] - asked[0] == pytest.approx(0.6, abs=0.1)
+    assert eta[2] - asked[1] == pytest.approx(1.2, abs=0.1)
+    wait_drained(probe, prefix, "policy")
+
+
+def test_a_retry_policy_s_delay_doubles_up_to_its_max_with_full_jitter():
+    """Given RetryPolicy(backoff=0.02, backoff_max=0.05),
+    When the delay of each retry is asked for,
+    Then it doubles from 0.02 s up to 0.05 s without jitter, and with jitter lies between 0 and
+    that: a delay in whole seconds (0.02 read as 1 s, 0.05 as none at all) fails here."""
+    steady = RetryPolicy(backoff=0.02, backoff_max=0.05, jitter=False)
+    assert [steady.delay(n) for n in range(4)] == [0.02, 0.04, 0.05, 0.05]
+    jittered = RetryPolicy(backoff=0.02, backoff_max=0.05)
+    assert all(0 <= jittered.delay(n) <= steady.delay(n) for n in range(4) for _ in range(50))
 
 
 def test_fallback_degrades_with_the_error_kept(workers: Workers, client):

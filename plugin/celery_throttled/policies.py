@@ -13,7 +13,9 @@ Failure policies (applied where the task runs):
 
 * retry: ``retry=RetryPolicy(max_attempts=3, on=(IOError,), backoff=1.0)``, built on Celery's
   ``autoretry_for``: each retry is a new message, so the slot is released while the retry waits
-  out its backoff; the envelope counts ``attempts``.
+  out its backoff; the envelope counts ``attempts``. The backoff is the policy's own
+  (:meth:`RetryPolicy.delay`, in seconds, fractions kept): Celery's ``retry_backoff`` takes
+  whole seconds only (0.5 becomes 1, a ``backoff_max`` under 1 becomes no backoff at all).
 * degrade: ``fallback=f(error, *args, **kwargs)`` gives a value when the task fails; the
   envelope is ok, ``degraded=True``, and keeps the original ``error``. Failures the worker sees
   from outside the task (a lost process, a hard timeout) are not degraded.
@@ -22,6 +24,7 @@ Failure policies (applied where the task runs):
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,11 +73,17 @@ class RetryPolicy:
         return {
             "autoretry_for": tuple(self.on),
             "max_retries": self.max_attempts - 1,
-            "retry_backoff": self.backoff if self.backoff else False,
-            "retry_backoff_max": self.backoff_max,
-            "retry_jitter": self.jitter,
+            # the countdown is the policy's (ThrottledTask.retry asks delay()), not Celery's
+            "retry_backoff": False,
             "default_retry_delay": self.backoff,
         }
+
+    def delay(self, retries: int) -> float:
+        """Seconds before the retry that follows ``retries`` retries: ``backoff`` doubled each
+        time, at most ``backoff_max``, and with ``jitter`` anywhere from 0 to that (full
+        jitter, as Celery's)."""
+        ceiling = min(self.backoff_max, self.backoff * 2**retries)
+        return random.uniform(0, ceiling) if self.jitter else ceiling
 
 
 def validate_wait(task_name: str, max_wait: Any, on_full: Any, fallback: Any) -> None:

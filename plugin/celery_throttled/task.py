@@ -42,6 +42,27 @@ class ThrottledTask(Task):  # type: ignore[misc]
     throttle_fallback: Callable[..., Any] | None = None
     #: rate, family and total, max_pending (:mod:`celery_throttled.admission`), or None
     throttle_admission: Admission | None = None
+    #: the task's RetryPolicy, whose backoff sets each retry's countdown (see :meth:`retry`)
+    throttle_retry: RetryPolicy | None = None
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's ``retry``; without a countdown or an eta, a task with a RetryPolicy waits
+        its policy's backoff (:meth:`~.policies.RetryPolicy.delay`, fractions of a second
+        kept)."""
+        policy = self.throttle_retry
+        if policy is not None and countdown is None and eta is None:
+            countdown = policy.delay(int(self.request.retries or 0))
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     @property
     def throttle_cap(self) -> int | None:
@@ -253,6 +274,7 @@ def throttled_task(
             throttle_on_full=on_full,
             throttle_fallback=staticmethod(fallback) if fallback else None,
             throttle_admission=admission,
+            throttle_retry=retry,
             **options,
         )(f)
 

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -295,7 +296,12 @@ def impatient(label: str) -> str:
 )
 def retrying(self: Any, label: str) -> str:
     tracked("policy", f"{label}#{self.request.retries}", 0.05)
+    retries = f"{PREFIX}:probe:policy:retries"  # when each retry was asked for, and its eta
+    if self.request.eta:
+        eta = datetime.fromisoformat(str(self.request.eta)).timestamp()
+        probe.rpush(retries, json.dumps({"eta": eta, "retries": self.request.retries}))
     if self.request.retries < 2:
+        probe.rpush(retries, json.dumps({"asked": time.time(), "retries": self.request.retries}))
         raise OSError("downstream hiccup")
     return label
 
