@@ -383,8 +383,9 @@ def partner(env: dict[str, str], size: int, rated: bool) -> dict[str, Any]:
     }
 
 
-def adaptive(env: dict[str, str], quick: bool) -> dict[str, Any]:
-    """The adaptive scenario, with the cap and the downstream's 503s sampled as it runs."""
+def adaptive(env: dict[str, str], quick: bool, processes: int) -> dict[str, Any]:
+    """The adaptive scenario, with the cap and the downstream's 503s sampled as it runs; the two
+    workers run ``processes`` each."""
     import threading
 
     from celery_throttled import UnknownKey, inspect
@@ -394,6 +395,13 @@ def adaptive(env: dict[str, str], quick: bool) -> dict[str, Any]:
 
     downstream(env, "/reset", "POST")
     steps = tuple((capacity, 4.0 if quick else seconds) for capacity, seconds in ADAPTIVE_STEPS)
+    widest = max(capacity for capacity, _ in steps)
+    if 2 * processes < widest:
+        say(
+            f"note: the two workers run {2 * processes} charges at once, fewer than the widest "
+            f"capacity ({widest}): the cap stops near {2 * processes} (--processes "
+            f"{(widest + 1) // 2} or more follows it)"
+        )
     samples: list[tuple[float, int, int]] = []
     stop = threading.Event()
 
@@ -530,7 +538,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="a short workload (60 calls)")
     parser.add_argument("--burst", type=int, default=None, help="calls per burst (300)")
-    parser.add_argument("--processes", type=int, default=8, help="processes per worker")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=8,
+        help="processes per worker (6 or more: the adaptive scenario's capacity reaches 12)",
+    )
     parser.add_argument(
         "--stay", action="store_true", help="keep everything up after the report until Ctrl-C"
     )
@@ -569,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             "tenants_fair": tenants(env, fair=True, big=80 if args.quick else 200),
             "partner_unthrottled": partner(env, 40 if args.quick else 100, rated=False),
             "partner_rated": partner(env, 40 if args.quick else 100, rated=True),
-            "adaptive": adaptive(env, args.quick),
+            "adaptive": adaptive(env, args.quick, args.processes),
             "dashboard": env["WEB_URL"],
         }
         report(results)

@@ -65,8 +65,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
                 sys.executable,
                 "demo_project/run_demo.py",
                 "--quick",
+                # 12 processes in all: the adaptive scenario's capacity steps to 12, and the cap
+                # grows only on runs that start beside a whole cap of running bodies
                 "--processes",
-                "4",
+                "6",
                 "--stay",
                 "--report-json",
                 str(report),
