@@ -127,6 +127,36 @@ BREAKAGES = [
         ),
     ),
     Breakage(
+        "every slot's release left to the worker, a binding cap's too",
+        f"{PACKAGE}/worker/gate.py",
+        "        if held.far_from_binding():\n",
+        "        if True:\n",
+        (
+            "tests/test_cap.py::"
+            "test_the_slot_is_free_as_the_body_ends_not_when_the_worker_hears_of_it[prefork]",
+        ),
+    ),
+    Breakage(
+        "a pool process that releases a slot of a cap far from binding",
+        f"{PACKAGE}/pool/release.py",
+        'if not leases or info.get("deferred") or ',
+        "if not leases or ",
+        (
+            "tests/test_cap.py::test_a_cap_far_from_binding_costs_one_script_call_and_frees_"
+            "its_slots_without_the_round[prefork]",
+        ),
+    ),
+    Breakage(
+        "a deferred release kept for the renewal round",
+        f"{PACKAGE}/worker/gate.py",
+        "within=LINGER if deferred else None",
+        "within=None",
+        (
+            "tests/test_cap.py::test_a_cap_far_from_binding_costs_one_script_call_and_frees_"
+            "its_slots_without_the_round[threads]",
+        ),
+    ),
+    Breakage(
         "a renewal that revives a slot freed as its body ended",
         f"{PACKAGE}/lua/renew.lua",
         "  if not (ended and redis.call('ZSCORE', KEYS[6], ARGV[i])) then",

@@ -89,6 +89,28 @@ def test_a_task_costs_two_script_calls_its_workers_release_rides_in_the_renewals
     wait_drained(limiter, prefix, "t.limited")
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_cap_far_from_binding_costs_one_script_call_and_frees_its_slots_without_the_round(
+    private_redis: RedisServer, workers: Workers, client: Celery, probe, prefix, pool
+):
+    """Given a worker whose limiter is a Redis of this test's own, renewing every 20 s, and a
+    cap of 1000 that four processes never come near, when 60 tasks run, then the limiter ran
+    fewer than 1.5 script calls per task (the acquire; each release rides in a later acquire,
+    the pool process leaving it to the worker), and every slot is free again long before the
+    next renewal round. Catches: the pool process releasing every slot of a cap nobody waits
+    on (2 calls per task), or the worker's releases kept for the round (slots held 20 s)."""
+    workers.start(pool=pool, concurrency=4, LIMITER_URL=private_redis.url, LEASE_TTL=60)
+    limiter = redis.Redis.from_url(private_redis.url)
+    assert run_all(client, "t.wide", [("warm-up",)]) == ["warm-up"]
+    wait_drained(limiter, prefix, "wide")
+    before = script_calls(limiter)
+    labels = run_all(client, "t.wide", [(f"x{i}",) for i in range(60)])
+    assert labels == [f"x{i}" for i in range(60)]
+    wait_drained(limiter, prefix, "wide", timeout=10)
+    assert (script_calls(limiter) - before) / 60 < 1.5
+    assert not limiter.exists(Family.of(prefix, "wide").ended)  # no pool process released
+
+
 def test_shared_key_caps_two_task_types_together(workers: Workers, client, probe, prefix):
     # Given two task types declared with key="shared-downstream" and limit=2
     workers.start(pool="prefork", concurrency=6)

@@ -132,7 +132,7 @@ class Side:
                 for k in keys
             ]
 
-    def granted(self, key: str, holder: str) -> None:
+    def granted(self, key: str, holder: str, room: int | None) -> None:
         with self._lock:
             self._record(("granted", key, holder))
             if self.waiting.get(key, {}).pop(holder, 0) is None:

@@ -4,12 +4,14 @@ objects, named once, with typed accessors.
 A header travels in the message and Celery copies it onto the task's request context; in the
 worker's main process it is read from the request's message dict. :class:`Field` reads either::
 
-    throttle            {"pool", "key", "waited", "admitted_at", "trace_id", "leases"}: set by
-                        the gate as it admits the request (a parked one's ``waited`` and
-                        ``admitted_at``, epoch seconds, where its grant arrives: the pool
-                        process), ``trace_id`` by :mod:`.tracing` when it waits;
+    throttle            {"pool", "key", "waited", "admitted_at", "trace_id", "leases",
+                        "deferred"}: set by the gate as it admits the request (a parked
+                        one's ``waited`` and ``admitted_at``, epoch seconds, where its grant
+                        arrives: the pool process), ``trace_id`` by :mod:`.tracing` when it
+                        waits;
                         read where the task runs (the envelope's details; ``leases``, a list
-                        of [key, holder, spec], the slots its pool process frees as it ends)
+                        of [key, holder, spec], the slots its pool process frees as it ends,
+                        unless ``deferred``: the worker frees them, its cap far from binding)
     throttle_deadline   the caller's deadline, epoch seconds (JSON number)
     throttle_group      {"id", "limit", "terminate"}: the request is an errgroup member
 

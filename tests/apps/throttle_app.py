@@ -100,6 +100,12 @@ def _slow_to_report(
     probe.rpush(f"{PREFIX}:probe:handover:reported", f"{args[0]} {time.time()}")
 
 
+@throttled_task(limit=1000, key="wide", name="t.wide")
+def wide(label: str, duration: float = 0.01) -> str:
+    """A cap that never binds here (a thousand slots)."""
+    return tracked("wide", label, duration)
+
+
 @throttled_task(limit=1, key="handover", name="t.handover", after_return=_slow_to_report)
 def handover(label: str, duration: float = 0.05) -> str:
     return tracked("handover", label, duration)

@@ -27,6 +27,11 @@ release rides in the next acquire of the key, else in its renewal of the next ro
 (:mod:`..transport.ended`), off the hand-off's path and with no script call of its own; every
 other end (a lost pool process, a hard time limit, a revocation) releases from there at once.
 
+A request the gate marked ``deferred`` (its cap was far from binding as it was granted:
+:meth:`..worker.lines.Held.far_from_binding`) is not released here: nobody waits for its slot,
+and the worker's own release, which rides in its next acquire of the key, frees it for one
+script call per task instead of two.
+
 The leases a run holds reach it in the request's ``throttle`` header (``request.info()["leases"]``,
 set by the gate as it admits the request): ``[key, holder, spec]`` each, the task's own slot
 first, then an errgroup's. Grants are published to the waiters' workers (this process is no
@@ -76,7 +81,7 @@ def free(task: Any, request: Any, outcome: str, ran: bool = True) -> None:
             logger.exception("celery-throttled: an ending listener failed for task %s", request.id)
     info = protocol.info(request)
     leases = info.get("leases")
-    if not leases or time.monotonic() < _paused_until:
+    if not leases or info.get("deferred") or time.monotonic() < _paused_until:
         return
     waited = info.get("waited")
     ops = [

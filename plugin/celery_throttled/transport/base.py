@@ -120,15 +120,19 @@ class Transport(ABC):
     def stop(self, timeout: float = 5.0) -> None:
         """The process exits: send what is queued, bounded by ``timeout``, and stop."""
 
-    def submit(self, op: Op, later: bool = False) -> None:
+    def submit(self, op: Op, later: bool = False, within: float | None = None) -> None:
         """Send ``op`` soon (``later``, a release: with the key's next acquire or renewal,
-        :mod:`.ended`); its outcome comes back through the callbacks. Any thread."""
+        :mod:`.ended`, or within ``within`` seconds at the latest); its outcome comes back
+        through the callbacks. Any thread."""
         with self._lock:
             if later and isinstance(op, Release):
-                full = self._ended.add(op)
-                if full is None:
+                first = within is not None and self._ended.due_at == float("inf")
+                by = None if within is None else time.monotonic() + within
+                full = self._ended.add(op, by)
+                if full is not None:
+                    self._queue.append(full)
+                elif not first:  # no new date to set a timer for
                     return
-                self._queue.append(full)
             else:
                 self._queue.append(op)
         self._wake()
@@ -154,6 +158,8 @@ class Transport(ABC):
         """Whether :meth:`_take` has something to send; with the lock held."""
         if self._round_requested or now >= self._next_round or self._to_register:
             return True
+        if now >= self._ended.due_at:
+            return True
         if self._round_after_grace and now >= self._acquire_after:
             return True
         if now >= self._acquire_after:
@@ -163,9 +169,10 @@ class Transport(ABC):
     def _next_due(self) -> float:
         """The ``time.monotonic()`` at which something next falls due, if nothing is sent."""
         with self._lock:
+            first = min(self._next_round, self._ended.due_at)
             if self._queue or self._round_after_grace:
-                return min(self._next_round, self._acquire_after)
-            return self._next_round
+                return min(first, self._acquire_after)
+            return first
 
     def _take(self) -> Batch:
         """Take what is due now: a round (if due), registrations, and every queued operation
@@ -186,6 +193,8 @@ class Transport(ABC):
                 ops = self._hold_acquires(ops)
             ops = [self._ended.carry(op) if isinstance(op, Acquire) else op for op in ops]
             ended = self._ended.take() if due else {}
+            if now >= self._ended.due_at:  # releases that may wait no longer
+                ops += self._ended.renewals()
             server = self._server
         batch = Batch(self._round(grace, ended) if due else None, registered=registered, ops=ops)
         batch.server = server

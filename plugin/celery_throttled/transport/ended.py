@@ -12,7 +12,14 @@ released at once, never through here.
 
 So a holder's release is never sent after an acquire of the same holder (a retry reusing its
 name), which it would free. A key's releases go in a renewal of their own once :data:`LATER`
-have gathered. Not thread-safe: :mod:`.base` holds its lock around every call.
+have gathered.
+
+A release may also come with a date it must not wait past (``by``): one whose pool process
+left the slot to the worker (the cap was far from binding as it was granted, see
+:mod:`..worker.gate`), which still holds its slot until it goes. The first such date since the
+releases were last taken makes :attr:`Ended.due_at`; at that date every release kept goes, in
+renewals of their own, unless acquires carried them first. Not thread-safe: :mod:`.base` holds
+its lock around every call.
 """
 
 from __future__ import annotations
@@ -32,9 +39,14 @@ class Ended:
 
     def __init__(self) -> None:
         self._by_key: dict[str, list[Release]] = {}
+        #: the ``time.monotonic()`` by which the releases kept must go (inf: the round's)
+        self.due_at = float("inf")
 
-    def add(self, op: Release) -> Renew | None:
-        """Keep ``op`` for the round; a renewal to send now when its key has :data:`LATER`."""
+    def add(self, op: Release, by: float | None = None) -> Renew | None:
+        """Keep ``op`` for the round (or until ``by``, a ``time.monotonic()``); a renewal to send
+        now when its key has :data:`LATER`."""
+        if by is not None:
+            self.due_at = min(self.due_at, by)
         releases = self._by_key.setdefault(op.key, [])
         releases.append(op)
         if len(releases) < LATER:
@@ -51,6 +63,7 @@ class Ended:
     def take(self) -> dict[str, list[Release]]:
         """Every release kept, by key; none is kept any longer."""
         taken, self._by_key = self._by_key, {}
+        self.due_at = float("inf")
         return taken
 
     def renewals(self) -> list[Renew]:

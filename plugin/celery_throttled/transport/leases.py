@@ -109,7 +109,8 @@ class Outcome:
     lost by the caller, exactly once across the cluster); ``known`` whether a released holder
     held or waited; ``wake_at`` when the key's first waiter is blocked only by time (a rate's
     next token), the Redis time in ms at which to run the key's grant again (a :class:`Renew`),
-    and ``clock`` the Redis time in ms when the script ran."""
+    and ``clock`` the Redis time in ms when the script ran; ``room``, for an acquire, the slots
+    of ``key`` still free after it (the effective cap less the holders)."""
 
     key: str
     granted: list[str] = field(default_factory=list)
@@ -118,6 +119,7 @@ class Outcome:
     reaped: list[str] = field(default_factory=list)
     wake_at: int | None = None
     clock: int | None = None
+    room: int | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,7 @@ class Codec:
             if int(reply[0]):
                 granted.insert(0, op.holder)
             outcome = Outcome(op.key, granted, reaped=_text(reply[4]))
+            outcome.room = int(reply[1]) - int(reply[2])
             tail = reply[5:]
         elif isinstance(op, Release):
             outcome = Outcome(

@@ -23,8 +23,9 @@ class Callbacks:
 
     #: the renewals to send: this worker's running and waiting holders, per key
     snapshot: Callable[[], list[Renew]]
-    #: a slot was granted to one of this worker's holders
-    granted: Callable[[str, str], None]
+    #: a slot was granted to one of this worker's holders: (key, holder, room), ``room`` the
+    #: key's free slots after the grant when the reply says (an acquire's), else None
+    granted: Callable[[str, str, int | None], None]
     #: leases of dead workers this worker reaped (report their tasks as lost)
     lost: Callable[[str, list[str]], None]
     #: an acquire was not granted at once: the holder waits
@@ -47,7 +48,7 @@ class Callbacks:
         if outcome.reaped:
             self.lost(outcome.key, outcome.reaped)
         for holder in outcome.granted:
-            self.granted(outcome.key, holder)
+            self.granted(outcome.key, holder, outcome.room)
         if isinstance(op, Acquire) and op.holder not in outcome.granted:
             self.waiting(op.key, op.holder)
         if outcome.wake_at is not None and outcome.clock is not None:
@@ -73,7 +74,7 @@ class Callbacks:
         elif isinstance(decoded, dict):
             self.group_cancelled(str(gid))
         else:
-            self.granted(key, holder)
+            self.granted(key, holder, None)
 
 
 class Outage:

@@ -38,7 +38,7 @@ from ..task import ThrottledTask
 from ..transport.leases import Acquire, Release, Renew
 from . import outcomes, poolqueue
 from .endpaths import hook_end_paths
-from .lines import Held, Lines
+from .lines import LINGER, Held, Lines
 from .loop import Loop
 from .parking import Parking
 from .pokes import Pokes
@@ -177,10 +177,11 @@ class Gate:
             self.window.widen(held)
             self.parking.fill()
 
-    def _grant(self, key: str, holder: str) -> None:
-        """A slot was granted to ``holder``."""
+    def _grant(self, key: str, holder: str, room: int | None) -> None:
+        """A slot was granted to ``holder`` (``room``: the key's free slots after it, if known)."""
         held, running, cap = self.lines.granted(key, holder)
         if held is not None:
+            held.room = room
             if not self.parking.granted(held):
                 self._admit(held)
         elif not running:
@@ -208,7 +209,10 @@ class Gate:
         if not self.members.may_start(req, held):
             return
         self._started(held)
-        protocol.info(req).update(waited=held.waited, leases=held.leases(), admitted_at=time.time())
+        info = protocol.info(req)
+        info.update(waited=held.waited, leases=held.leases(), admitted_at=time.time())
+        if held.far_from_binding():
+            info["deferred"] = True  # the pool process leaves the release to this process
         hook_end_paths(req, lambda outcome, later: self._ended(held, outcome, later))
         self._run(req)
         poolqueue.jump(self.consumer, req)
@@ -242,7 +246,8 @@ class Gate:
             return
         tracing.wait_released(held.wait, wait or outcome, held.req)
         op = Release(held.key, held.holder, held.cap, outcome, held.waited, held.admission)
-        self.transport.submit(op, later=later)
+        deferred = later and protocol.info(held.req).get("deferred")
+        self.transport.submit(op, later=later, within=LINGER if deferred else None)
         if held.outer is not None:
             self.release(held.outer, outcome, later=later)
         if self.metrics is not None:

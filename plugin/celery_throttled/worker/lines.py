@@ -20,7 +20,12 @@ from ..keys import ERRGROUP_KEY_PREFIX, family_key, holder_id
 from ..tracing import Wait, wait_ended
 from ..transport.leases import Renew, lease_spec
 
-__all__ = ["Held", "Lines"]
+__all__ = ["FAR", "LINGER", "Held", "Lines"]
+
+#: a slot granted with this many others still free, and half its cap, was far from binding
+FAR = 32
+#: seconds the worker may keep the release of such a slot, waiting for an acquire to carry it
+LINGER = 0.05
 
 
 class Held:
@@ -39,6 +44,7 @@ class Held:
         "rank",
         "released",
         "req",
+        "room",
         "since",
         "stay",
         "wait",
@@ -79,6 +85,8 @@ class Held:
         self.park: Any = None
         #: never parked again (a policy is about to judge it, or it was revoked)
         self.stay = False
+        #: the key's free slots after its grant, when the grant's reply said (an acquire's)
+        self.room: int | None = None
 
     @classmethod
     def of(
@@ -98,6 +106,18 @@ class Held:
                 key = family_key(admission.family, key)
         place = rank((req.delivery_info or {}).get("priority"), highest)
         return cls(req, key, cap, holder_id(worker, req.id), admission, place)
+
+    def far_from_binding(self) -> bool:
+        """Whether its cap was far from binding as it was granted: :data:`FAR` slots and half
+        the cap still free, by the grant's reply. Its pool process then leaves the release to
+        the worker, which sends it in its next acquire of the key, or after :data:`LINGER` at
+        the latest: one script call per task rather than two, where no waiter gains by a slot
+        freed sooner. Never for a slot held with an errgroup's, nor for an adaptive cap's
+        (its holders are its evidence)."""
+        room = self.room
+        if room is None or room < FAR or 2 * room < self.cap or self.outer is not None:
+            return False
+        return self.admission is None or self.admission.adaptive is None
 
     def leases(self) -> list[list[str]]:
         """``[key, holder, spec]`` of this slot and of the slots held with it (an errgroup's):
