@@ -46,7 +46,7 @@ from benchmarks.bench_cap import (  # noqa: E402
 from benchmarks.harness import add_keep_logs, worker_logs  # noqa: E402
 from benchmarks.sampling import MonitorReader, Periodic  # noqa: E402
 from celery_throttled.testing.redis import RedisServer  # noqa: E402
-from celery_throttled.transport.leases import Scripts  # noqa: E402
+from celery_throttled.transport.scripts import Scripts  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "bench_scale.json"
 WORK = 0.005

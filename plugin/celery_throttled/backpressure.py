@@ -25,7 +25,7 @@ from typing import Any
 from .errors import Backpressure, KeyFunctionError
 from .keys import Family, family_key
 from .settings import process_client
-from .transport.leases import read_script
+from .transport.scripts import read_script
 
 __all__ = ["admit"]
 

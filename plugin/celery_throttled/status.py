@@ -23,7 +23,7 @@ from .admission import UNCAPPED, Rate
 from .errors import ConfigurationError, ThrottleError
 from .keys import Family, family_key, grant_channel_prefix, node_of, registry, split_key, task_of
 from .settings import Settings
-from .transport.leases import Scripts
+from .transport.scripts import Scripts
 from .worker.outcomes import report_lost
 
 __all__ = ["Holder", "KeyStatus", "UnknownKey", "inspect", "reset_cap", "set_cap", "set_rate"]

@@ -25,7 +25,7 @@ from .. import request as protocol
 from ..adaptive import signal
 from ..keys import Family, family_key
 from ..settings import process_client
-from ..transport.leases import read_script
+from ..transport.scripts import read_script
 
 __all__ = ["report", "started"]
 

@@ -37,7 +37,7 @@ from celery import current_app
 
 from .. import request as protocol
 from ..settings import process_client
-from ..transport.leases import read_script
+from ..transport.scripts import read_script
 
 __all__ = ["UNPARKED", "is_unparked", "run_parked"]
 

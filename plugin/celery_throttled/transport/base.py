@@ -37,7 +37,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..keys import errgroup_channel, grant_channel, registry
-from .batch import Batch, Round
+from .batch import Batch, Round, registering
 from .ended import Ended, again, carried, hold_back
 from .leases import Acquire, Codec, Op, Release
 from .reports import Callbacks, Outage
@@ -48,12 +48,6 @@ logger = logging.getLogger(__name__)
 
 #: seconds before the n-th reconnection attempt in a row (the last one repeats)
 BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0)
-#: how far back the key registry is read for reaping, and how many keys at most per round
-REGISTRY_WINDOW = 3600.0
-REGISTRY_BATCH = 200
-#: keys unused for this long leave the registry (per-value keys and errgroups' own limits
-#: would otherwise pile up there)
-REGISTRY_RETENTION = 7 * 86400.0
 
 
 def backoff(failures: int) -> float:
@@ -199,7 +193,7 @@ class Transport(ABC):
         batch = Batch(self._round(grace, ended) if due else None, registered=registered, ops=ops)
         batch.server = server
         if registered:
-            batch.commands.append(("ZADD", self.registry, *_scored(registered, time.time())))
+            batch.commands.append(registering(self.registry, registered, time.time()))
         return batch
 
     def _hold_acquires(self, ops: list[Op]) -> list[Op]:
@@ -215,18 +209,7 @@ class Transport(ABC):
         renewals = self.callbacks.snapshot()
         if grace:  # running leases only: a renewed waiter could be granted
             renewals = [replace(op, waiting=()) for op in renewals]
-        renewals = carried(renewals, ended)
-        now = time.time()
-        commands: list[tuple[Any, ...]] = []
-        if renewals:
-            keys = {op.key for op in renewals}
-            commands.append(("ZADD", self.registry, *_scored(keys, now)))
-        commands.append(("ZREMRANGEBYSCORE", self.registry, "-inf", now - REGISTRY_RETENTION))
-        since = now - REGISTRY_WINDOW
-        commands.append(
-            ("ZREVRANGEBYSCORE", self.registry, "+inf", since, "LIMIT", 0, REGISTRY_BATCH)
-        )
-        return Round(renewals, commands)
+        return Round.of(carried(renewals, ended), self.registry, time.time())
 
     def _now_not_later(self) -> None:
         """The releases waiting for the next round go with the next batch (the process stops)."""
@@ -301,7 +284,3 @@ class Transport(ABC):
     def _recovered(self) -> None:
         self._failures = 0
         self.outage.up()
-
-
-def _scored(members: set[str], score: float) -> list[Any]:
-    return [part for member in sorted(members) for part in (score, member)]

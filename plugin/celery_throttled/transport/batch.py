@@ -8,9 +8,21 @@ from typing import Any
 
 from .leases import Op, Renew
 
-__all__ = ["Batch", "Command", "Round"]
+__all__ = ["Batch", "Command", "Round", "registering"]
 
 Command = tuple[Any, ...]
+
+#: how far back the key registry is read for reaping, and how many keys at most per round
+REGISTRY_WINDOW = 3600.0
+REGISTRY_BATCH = 200
+#: keys unused for this long leave the registry (per-value keys and errgroups' own limits
+#: would otherwise pile up there)
+REGISTRY_RETENTION = 7 * 86400.0
+
+
+def registering(registry: str, keys: set[str], now: float) -> Command:
+    """``keys`` put in the key registry (or kept there) as used at ``now`` (epoch seconds)."""
+    return ("ZADD", registry, *[part for key in sorted(keys) for part in (now, key)])
 
 
 @dataclass
@@ -21,6 +33,19 @@ class Round:
 
     renewals: list[Renew]
     commands: list[Command]
+
+    @classmethod
+    def of(cls, renewals: list[Renew], registry: str, now: float) -> Round:
+        """``renewals``, with the registry's upkeep: their keys marked used, keys unused for
+        :data:`REGISTRY_RETENTION` dropped, and the keys used in the last
+        :data:`REGISTRY_WINDOW` read (at most :data:`REGISTRY_BATCH`), to reap."""
+        commands: list[Command] = []
+        if renewals:
+            commands.append(registering(registry, {op.key for op in renewals}, now))
+        commands.append(("ZREMRANGEBYSCORE", registry, "-inf", now - REGISTRY_RETENTION))
+        since = now - REGISTRY_WINDOW
+        commands.append(("ZREVRANGEBYSCORE", registry, "+inf", since, "LIMIT", 0, REGISTRY_BATCH))
+        return cls(renewals, commands)
 
     def reaping(self, members: Any) -> list[Renew]:
         if not isinstance(members, list):

@@ -30,8 +30,9 @@ import redis
 from .base import Round, Transport, run_id
 from .connection import Connection
 from .endpoint import Endpoint
-from .leases import Op, RedisLeases, Scripts
+from .leases import Op, RedisLeases
 from .reports import Callbacks
+from .scripts import Scripts
 
 __all__ = ["EventLoopTransport"]
 

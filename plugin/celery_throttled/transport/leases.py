@@ -23,11 +23,9 @@ cap argument. This module turns operations into script calls and replies into
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
-from importlib import resources
+from functools import lru_cache
 from typing import Any
 
 import redis
@@ -35,6 +33,7 @@ from redis.cluster import RedisCluster
 
 from ..admission import Admission, spec
 from ..keys import Family, grant_channel_prefix, split_key
+from .scripts import Script, Scripts
 
 __all__ = [
     "Acquire",
@@ -42,10 +41,8 @@ __all__ = [
     "RedisLeases",
     "Release",
     "Renew",
-    "Scripts",
     "ServerChanged",
     "lease_spec",
-    "read_script",
 ]
 
 
@@ -120,43 +117,6 @@ class Outcome:
     wake_at: int | None = None
     clock: int | None = None
     room: int | None = None
-
-
-@dataclass(frozen=True)
-class Script:
-    name: str
-    source: str
-    sha: str
-
-    @classmethod
-    def of(cls, name: str, *parts: str) -> Script:
-        """The scripts of ``lua/`` named ``parts``, joined in that order, as ``name``."""
-        lua = resources.files("celery_throttled").joinpath("lua")
-        source = "\n".join(lua.joinpath(part).read_text() for part in parts)
-        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
-
-    def run(self, client: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run it on ``client`` by its SHA (EVALSHA), sending its source only when Redis does
-        not know it yet."""
-        try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            return client.eval(self.source, len(keys), *keys, *args)
-
-
-class Scripts:
-    """The lease scripts, with ``admission.lua``, ``grant.lua`` and ``free.lua`` prepended, and
-    their SHA1s for EVALSHA."""
-
-    @staticmethod
-    @cache
-    def get(name: str) -> Script:
-        return Script.of(name, "admission.lua", "grant.lua", "free.lua", name)
-
-
-def read_script(name: str) -> Script:
-    """A script of ``lua/`` on its own (nothing prepended), for EVALSHA."""
-    return Script.of(name, name)
 
 
 class Codec:

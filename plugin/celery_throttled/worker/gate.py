@@ -21,7 +21,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from celery.worker import state as worker_state
@@ -42,7 +41,7 @@ from .lines import LINGER, Held, Lines
 from .loop import Loop
 from .parking import Parking
 from .pokes import Pokes
-from .sweep import carry_out, sweep
+from .sweep import carry_out
 from .window import Window
 
 __all__ = ["Gate"]
@@ -52,14 +51,6 @@ logger = logging.getLogger(__name__)
 
 class Gate:
     """The waiting lines of one worker consumer, and who is admitted from them."""
-
-    @classmethod
-    def for_consumer(cls, consumer: Any) -> Gate:
-        gate: Gate | None = protocol.GATE.get(consumer)
-        if gate is None:
-            gate = cls(consumer)
-            protocol.GATE.set(consumer, gate)
-        return gate
 
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
@@ -91,7 +82,6 @@ class Gate:
             settings, hub=consumer.hub, worker=self.worker, callbacks=callbacks
         )
         self._closed = False
-        self._sweeper: Any = None
         self.metrics: Metrics | None = None
         if settings.metrics_port is not None:
             self.metrics = Metrics(self.lines.counts, self.lines.rates, client, settings.key_prefix)
@@ -274,17 +264,11 @@ class Gate:
         if requeue:
             held.req.reject(requeue=True)
 
-    # -- lifecycle (the consumer bootstep) ----------------------------------------------------
+    # -- lifecycle (the consumer bootstep, :mod:`.strategy`) ------------------------------------
     def start(self) -> None:
         self._closed = False
         self.loop.enter()
         self.transport.start()
-        if self._sweeper is None:
-            self._sweeper = self.consumer.timer.call_repeatedly(
-                self.settings.sweep_interval,
-                partial(sweep, self),
-                priority=5,
-            )
 
     def stop(self) -> None:
         """The consumer stops (shutdown, or reconnecting): let go of every held message.
@@ -297,9 +281,6 @@ class Gate:
         self.window.forget(waiting)
         for held in waiting:
             self.give_back(held, requeue=shutting_down)
-        if self._sweeper is not None:
-            self.consumer.timer.cancel(self._sweeper)
-            self._sweeper = None
         self.pokes.cancel_all()
         self.transport.suspend()
 

@@ -42,7 +42,7 @@ from redis.retry import Retry
 
 from .. import request as protocol
 from ..keys import Family
-from ..transport.leases import read_script
+from ..transport.scripts import read_script
 from . import parkjob
 from .lines import Held
 
