@@ -312,7 +312,7 @@ BREAKAGES = [
     ),
     Breakage(
         "a served key that keeps its place in the round robin (first come first served)",
-        f"{PACKAGE}/lua/admission.lua",
+        f"{PACKAGE}/lua/fair.lua",
         "redis.call('ZADD', TURNS, turn, k)",
         "redis.call('ZADD', TURNS, 'NX', turn, k)",
         (f"{ADMISSION}test_a_key_just_served_goes_behind_every_other_waiting_key",),

@@ -183,6 +183,20 @@ def test_the_docs_describe_every_module_and_the_enforced_layers():
     assert drawn == " > ".join(layers)
 
 
+def test_no_module_of_the_package_is_over_300_lines():
+    """Given every Python module and Lua script of the package, Then none is over 300 lines:
+    a module that grows back into one that does everything (the gate once had 623 lines, and
+    built its transport, ran the sweeps and cancelled errgroups) fails here, to be split by
+    what it owns."""
+    package = Path(celery_throttled.__file__).parent
+    sizes = {
+        path.relative_to(package).as_posix(): len(path.read_text().splitlines())
+        for pattern in ("*.py", "*.lua")
+        for path in package.rglob(pattern)
+    }
+    assert {module: n for module, n in sizes.items() if n > 300} == {}
+
+
 def test_ci_runs_the_readme_test_command_verbatim():
     first_lines = [line.strip() for line in README.splitlines()[:2]]
     assert all(line.startswith("python3 -m venv .venv && ") for line in first_lines)

@@ -2,8 +2,9 @@
 does not know it yet.
 
 The lease scripts (:class:`Scripts`) are each one file of ``lua/`` with the shared ones
-prepended: ``admission.lua`` (rates, families, priorities, pending sets), ``grant.lua`` and
-``free.lua``. The others (:func:`read_script`) run as they are.
+prepended: ``admission.lua`` (rates, families, priorities, pending sets), ``fair.lua`` (a
+family's fair shares), ``grant.lua`` and ``free.lua``. The others (:func:`read_script`) run
+as they are.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ class Script:
 
 
 class Scripts:
-    """The lease scripts, with ``admission.lua``, ``grant.lua`` and ``free.lua`` prepended, and
-    their SHA1s for EVALSHA."""
+    """The lease scripts, with ``admission.lua``, ``fair.lua``, ``grant.lua`` and ``free.lua``
+    prepended, and their SHA1s for EVALSHA."""
 
     @staticmethod
     @cache
     def get(name: str) -> Script:
-        return Script.of(name, "admission.lua", "grant.lua", "free.lua", name)
+        return Script.of(name, "admission.lua", "fair.lua", "grant.lua", "free.lua", name)
 
 
 def read_script(name: str) -> Script:

@@ -37,7 +37,7 @@ from ..task import ThrottledTask
 from ..transport.leases import Acquire, Release, Renew
 from . import outcomes, poolqueue
 from .endpaths import hook_end_paths
-from .lines import LINGER, Held, Lines
+from .lines import LINGER, Held, Lines, highest_first
 from .loop import Loop
 from .parking import Parking
 from .pokes import Pokes
@@ -67,9 +67,7 @@ class Gate:
         self.members = Members(consumer.app, groups, consumer, self.pool_kind, self._drop)
         self.loop = Loop(consumer)
         self.pokes = Pokes(self.loop.call_later, self._poke)
-        #: how the broker reads a message's priority: RabbitMQ serves the highest first
-        connection = getattr(consumer, "connection", None) or consumer.app.connection_for_read()
-        self.highest = connection.transport.driver_type == "amqp"
+        self.highest = highest_first(consumer)
         callbacks = transport.Callbacks(
             snapshot=self.lines.renewals,
             granted=self.loop.batched(self._grant),

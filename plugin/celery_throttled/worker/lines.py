@@ -20,12 +20,19 @@ from ..keys import ERRGROUP_KEY_PREFIX, family_key, holder_id
 from ..tracing import Wait, wait_ended
 from ..transport.leases import Renew, lease_spec
 
-__all__ = ["FAR", "LINGER", "Held", "Lines"]
+__all__ = ["FAR", "LINGER", "Held", "Lines", "highest_first"]
 
 #: a slot granted with this many others still free, and half its cap, was far from binding
 FAR = 32
 #: seconds the worker may keep the release of such a slot, waiting for an acquire to carry it
 LINGER = 0.05
+
+
+def highest_first(consumer: Any) -> bool:
+    """How the consumer's broker reads a message's priority: True when it serves the highest
+    first (RabbitMQ)."""
+    connection = getattr(consumer, "connection", None) or consumer.app.connection_for_read()
+    return bool(connection.transport.driver_type == "amqp")
 
 
 class Held:
