@@ -147,6 +147,13 @@ BREAKAGES = [
         ),
     ),
     Breakage(
+        "a slot of a family left to the worker, the key's own room taken for the family's",
+        f"{PACKAGE}/worker/lines.py",
+        "return rules.family is None and rules.adaptive is None",
+        "return rules.adaptive is None",
+        ("tests/test_fair.py::test_a_freed_slot_of_a_family_goes_to_another_key_as_the_body_ends",),
+    ),
+    Breakage(
         "a deferred release kept for the renewal round",
         f"{PACKAGE}/worker/gate.py",
         "within=LINGER if deferred else None",

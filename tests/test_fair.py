@@ -15,7 +15,7 @@ from celery_throttled import ConfigurationError, KeyFunctionError, throttled_tas
 from celery_throttled.keys import Family, family_key
 
 from .conftest import Workers, wait_until
-from .probes import peak, started
+from .probes import finished, peak, reported, started
 from .test_topology import cluster  # noqa: F401  (the three-primary Redis Cluster fixture)
 from .topologies import ClusterSetup
 
@@ -90,6 +90,31 @@ def test_task_types_naming_one_family_share_its_total(
     assert "reports/tenant:b" in out and "family reports, 0 running of its total 2" in out, out
     assert run(app, "set", "tenant:c", "2").exit_code == 0
     assert inspect(app, ["tenant:c"])[0].cap == 2
+
+
+def test_a_freed_slot_of_a_family_goes_to_another_key_as_the_body_ends(
+    workers: Workers, client, probe, prefix
+):
+    """Given a family of total 1 whose tenant keys have no cap of their own (room to spare),
+    and a task whose process spends a second after its body (before the worker's main process
+    hears of the end), when a second tenant's task queues behind it, then that task starts after
+    the first body ended and before the first run was reported. Catches: a family's slot left
+    for its worker to free, its key's own room taken for the family's (the second tenant waits
+    until the worker hears of the end)."""
+    workers.start(pool="prefork", concurrency=2)
+    first = client.send_task("f.family_handover", ("a", "a", 0.3))
+    wait_until(
+        lambda: started(probe, prefix, "family_handover"), 30, what="the first body to start"
+    )
+    second = client.send_task("f.family_handover", ("b", "b"))
+    assert [first.get(timeout=30), second.get(timeout=30)] == ["a", "b"]
+    wait_until(
+        lambda: len(reported(probe, prefix, "family_handover")) == 2, 30, what="both reports"
+    )
+    begun = dict(started(probe, prefix, "family_handover"))
+    ended = dict(finished(probe, prefix, "family_handover"))
+    assert ended["a"] <= begun["b"] < dict(reported(probe, prefix, "family_handover"))["a"]
+    assert peak(probe, prefix, "family_handover") == 1
 
 
 def test_a_key_of_weight_two_takes_two_turns_for_each_turn_of_a_weight_one_key(

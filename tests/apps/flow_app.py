@@ -114,6 +114,22 @@ def export(tenant: str, label: str, duration: float = 0.1) -> str:
     return tracked("reports", f"export:{label}", duration, f"reports:{tenant}")
 
 
+def _slow_to_report(
+    self: Any, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+) -> None:
+    """Where the body ran, after its result is stored and before the worker's main process
+    hears of the end: a second here delays that hearing by a second."""
+    time.sleep(1.0)
+    prefix = os.environ.get("TEST_PREFIX", "t")
+    _probe().rpush(f"{prefix}:probe:family_handover:reported", f"{args[1]} {time.time()}")
+
+
+@throttled_task(total=1, key=_tenant, name="f.family_handover", after_return=_slow_to_report)
+def family_handover(tenant: str, label: str, duration: float = 0.05) -> str:
+    """One slot for every tenant together; each tenant's own key has no cap (room to spare)."""
+    return tracked("family_handover", label, duration)
+
+
 def _weight(tenant: str, *args: Any, **kwargs: Any) -> int:
     return 2 if tenant == "vip" else 1
 

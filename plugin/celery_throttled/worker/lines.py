@@ -119,12 +119,17 @@ class Held:
         the cap still free, by the grant's reply. Its pool process then leaves the release to
         the worker, which sends it in its next acquire of the key, or after :data:`LINGER` at
         the latest: one script call per task rather than two, where no waiter gains by a slot
-        freed sooner. Never for a slot held with an errgroup's, nor for an adaptive cap's
-        (its holders are its evidence)."""
+        freed sooner. Never for a slot held with an errgroup's; nor for a key in a family (the
+        room is the key's own, the family's total may bind), with an adaptive cap (its holders
+        are its evidence) or with ``max_pending`` (its pending count decides who is refused
+        at submit, at once)."""
         room = self.room
         if room is None or room < FAR or 2 * room < self.cap or self.outer is not None:
             return False
-        return self.admission is None or self.admission.adaptive is None
+        rules = self.admission
+        if rules is None:
+            return True
+        return rules.family is None and rules.adaptive is None and rules.max_pending is None
 
     def leases(self) -> list[list[str]]:
         """``[key, holder, spec]`` of this slot and of the slots held with it (an errgroup's):
