@@ -166,7 +166,7 @@ def recipe_spin(self: Any, duration: float, limit: int) -> None:
 @throttled_task(limit=HANDOFF_CAP, bind=True, name="bench.handoff")
 def handoff(self: Any, label: int, duration: float) -> None:
     """Sleep under a cap of one; log when the body started and ended, on which worker, and when
-    it was admitted (:func:`_stamp_frees`)."""
+    it was admitted (:func:`_log`)."""
     with counted("handoff"):
         start = time.time()
         time.sleep(duration)
@@ -176,40 +176,42 @@ def handoff(self: Any, label: int, duration: float) -> None:
 
 def _log(request: Any, group: str, event: dict[str, Any]) -> None:
     """Log a body's span, its worker and when it was admitted (``admitted_at`` in the
-    ``throttle`` header: by its worker, or where a parked waiter's grant arrived); with
-    ``BENCH_SPLIT`` the log waits until the slot is freed, and says when (:func:`_stamp_frees`)."""
+    ``throttle`` header: by its worker, or where a parked waiter's grant arrived). The log
+    waits until the slot is freed (:func:`_log_after_free`): sent before, its round trip would
+    delay every hand-off, which the recipes' rows do not pay."""
     event["id"], event["host"] = request.id, request.hostname
     event["admitted"] = (getattr(request, "throttle", None) or {}).get("admitted_at")
-    if _split:
-        _events.append((group, event))
-    else:
-        probe.rpush(probe_key(group, "events"), json.dumps(event))
+    _events.append((group, event))
 
 
 _events: list[tuple[str, dict[str, Any]]] = []
 _split = bool(os.environ.get("BENCH_SPLIT"))
 
 
-def _stamp_frees() -> None:
-    """P5's split of a hand-off: the moment the pool process has freed the slot is logged
-    with the body's span once it is (off the hand-off's path)."""
+def _log_after_free() -> None:
+    """The bodies' logs go once the pool process has freed the slot, off the hand-off's path;
+    with ``BENCH_SPLIT`` (P5's split of a hand-off) each says when the slot was freed."""
     from celery_throttled.pool import release
 
     free = release.free
 
-    def stamped_free(task: Any, request: Any, outcome: str, ran: bool = True) -> None:
+    def free_then_log(task: Any, request: Any, outcome: str, ran: bool = True) -> None:
         free(task, request, outcome, ran)
         freed = time.time()
+        if not _events:
+            return
+        pipe = probe.pipeline(transaction=False)
         for group, event in _events:
-            event["freed"] = freed
-            probe.rpush(probe_key(group, "events"), json.dumps(event))
+            if _split:
+                event["freed"] = freed
+            pipe.rpush(probe_key(group, "events"), json.dumps(event))
+        pipe.execute()
         _events.clear()
 
-    release.free = stamped_free
+    release.free = free_then_log
 
 
-if _split:
-    _stamp_frees()
+_log_after_free()
 
 
 # -- P7: errgroup against a plain chord -----------------------------------------------------
