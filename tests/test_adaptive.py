@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 from celery import Celery
 from celery.bin.base import CLIContext
 from click.testing import CliRunner
@@ -36,6 +37,8 @@ from .conftest import Workers, free_port
 from .probes import finished, peak, started, wait_drained
 from .test_metrics import key as metric
 from .test_metrics import scrape
+from .test_topology import cluster  # noqa: F401  (the three-primary Redis Cluster fixture)
+from .topologies import ClusterSetup
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -87,6 +90,35 @@ def test_two_workers_converge_on_one_cap_near_the_downstreams_capacity(
     assert status.cap is not None and 2 <= status.cap <= 4, status
     assert status.adaptive_why, status
     wait_drained(probe, prefix, "a.fragile")
+
+
+def test_an_adaptive_cap_holds_on_a_redis_cluster(
+    workers: Workers,
+    client,
+    probe: redis.Redis,
+    prefix,
+    cluster: ClusterSetup,  # noqa: F811
+):
+    """Given a limiter on a three-primary Redis Cluster, a downstream that serves 3 calls at
+    once and a task with Adaptive(initial=8, min=1, max=12) on two workers,
+    When 60 calls are submitted at once,
+    Then every call succeeds, no more than 5 bodies ever ran at once and the cap came down
+    from 8, its state, bodies and holders in one slot: a run's report or body count refused by
+    the cluster (keys of one key spread over slots), which would leave the cap at 8 and most
+    calls refused, fails here."""
+    probe.set(f"{prefix}:down:fragile:cap", 3)
+    for name in ("a", "b"):
+        workers.start(pool="prefork", concurrency=6, name=name, LIMITER_URL=cluster.url)
+    labels = [f"c{i}" for i in range(60)]
+    assert run_all(client, "a.fragile", [(label,) for label in labels]) == labels
+    assert peak(probe, prefix, "fragile") <= 5
+    assert int(probe.get(f"{prefix}:down:fragile:503") or 0) <= 15
+    nodes = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    family = Family.of(prefix, "a.fragile")
+    cap = float(nodes.hget(family.meta, "acap") or 0)
+    assert 1 <= cap < 6, cap
+    keys = [family.meta, family.holders, family.bodies]
+    assert len({nodes.keyslot(k) for k in keys}) == 1
 
 
 def test_a_retry_after_pauses_the_key_and_its_end_wakes_the_waiters(
