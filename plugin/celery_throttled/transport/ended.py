@@ -16,10 +16,10 @@ have gathered.
 
 A release may also come with a date it must not wait past (``by``): one whose pool process
 left the slot to the worker (the cap was far from binding as it was granted, see
-:mod:`..worker.gate`), which still holds its slot until it goes. The first such date since the
-releases were last taken makes :attr:`Ended.due_at`; at that date every release kept goes, in
-renewals of their own, unless acquires carried them first. Not thread-safe: :mod:`.base` holds
-its lock around every call.
+:meth:`..worker.lines.Held.far_from_binding`), which still holds its slot until it goes. The
+first such date since the releases were last taken makes :attr:`Ended.due_at`; at that date
+every release kept goes, in renewals of their own, unless acquires carried them first. Not
+thread-safe: :mod:`.base` holds its lock around every call.
 """
 
 from __future__ import annotations
