@@ -504,7 +504,10 @@ BREAKAGES = [
         f"{PACKAGE}/lua/admission.lua",
         "  if c[2] then return math.floor(tonumber(c[2])) end",
         "  if c[2] then return 2 * math.floor(tonumber(c[2])) end",
-        (f"{ADAPTIVE}test_two_workers_converge_on_one_cap_near_the_downstreams_capacity",),
+        (
+            f"{ADAPTIVE}test_an_adaptive_cap_is_one_cap_for_every_worker",
+            f"{ADAPTIVE}test_two_workers_converge_on_one_cap_near_the_downstreams_capacity",
+        ),
     ),
     Breakage(
         "a warm shutdown that drops the jobs handed to pool processes",

@@ -31,7 +31,7 @@ from celery_throttled.adaptive import signal
 from celery_throttled.admission import Admission
 from celery_throttled.cli import frame, render, throttle
 from celery_throttled.keys import Family
-from celery_throttled.transport.leases import Acquire, RedisLeases
+from celery_throttled.transport.leases import Acquire, RedisLeases, Release
 
 from .conftest import Workers, free_port
 from .probes import finished, peak, started, wait_drained
@@ -306,6 +306,31 @@ def adaptive_key(redis_url: str, prefix: str) -> tuple[redis.Redis, Family, Any]
         script([family.holders, family.waiters, family.meta], [outcome, latency_ms, 0])
 
     return client, family, report
+
+
+def test_an_adaptive_cap_is_one_cap_for_every_worker(redis_url: str, prefix: str):
+    """Given an adaptive key whose cap stands at 3.6 (a float: admissions use its floor),
+    When two workers ask for six slots between them, alternating,
+    Then three are granted in all, whoever asks, and the others wait: a cap read per worker, or
+    as anything but the floor of the one value in Redis, fails here."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    admission = Admission(adaptive=Adaptive(initial=8, min=1, max=12).checked("t"))
+    stores = [
+        RedisLeases(redis.Redis.from_url(redis_url), prefix, lease_ttl=30, worker=w)
+        for w in ("wa", "wb")
+    ]
+    family = Family.of(prefix, "one")
+    stores[0].execute([Acquire("one", "wa first", 8, admission)])
+    stores[0].execute([Release("one", "wa first", 8, "done", admission=admission)])
+    client.hset(family.meta, "acap", 3.6)
+    client.hdel(family.meta, "athresh")
+    granted = []
+    for i in range(6):
+        store = stores[i % 2]
+        (outcome,) = store.execute([Acquire("one", f"{store.codec.worker} t{i}", 8, admission)])
+        granted += outcome.granted
+    assert granted == ["wa t0", "wb t1", "wa t2"]
+    assert client.zcard(family.holders) == 3 and client.zcard(family.waiters) == 3
 
 
 def test_tasks_failing_together_cut_the_cap_once(adaptive_key):

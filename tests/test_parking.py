@@ -14,7 +14,7 @@ from celery import Celery
 from celery_throttled.keys import Family
 
 from .conftest import Workers, wait_until
-from .probes import peak, queued, started, unacknowledged, wait_drained
+from .probes import leases, peak, queued, started, unacknowledged, wait_drained
 from .test_envelope import envelope
 
 pytestmark = pytest.mark.timeout(120)
@@ -85,20 +85,35 @@ def test_a_parked_waiter_gives_its_process_to_unthrottled_work(
 def test_a_parked_waiter_whose_process_is_killed_waits_again(
     workers: Workers, client: Celery, probe, prefix: str
 ):
-    """Given a parked waiter, when its pool process is SIGKILLed while it waits, then it runs
-    once, after the slot is freed, with an ok result: Celery reports the lost process only
-    after its worker-lost wait, by when the slot has gone to the waiter and its "go" lies
-    unread on the park list, so the slot stays with it and it is dispatched as usual. Catches:
-    a parked job's lost process reported as the task's failure (its body never ran), or the
-    waiter dropped from the line or its slot leaked."""
+    """Given a parked waiter, when its pool process is SIGKILLed while it waits and the running
+    task then ends, its slot going to the waiter (whose "go" lies unread on its park list)
+    before the worker hears of either (its main process stopped meanwhile), then the waiter
+    runs once, after the slot is freed, with an ok result: the slot stays with it and it is
+    dispatched as usual. Catches: a parked job's lost process reported as the task's failure
+    (its body never ran), or the waiter dropped from the line or its slot leaked."""
     worker = workers.start(pool="prefork", concurrency=2, PARK="1")
-    first = client.send_task("t.survivor", ("first", 3))
+    first = client.send_task("t.survivor", ("first", 0, True))  # runs until released
     wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
     waiter = client.send_task("t.survivor", ("waiter", 0))
     wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the waiter to park")
     [process] = _parked_processes(probe, worker.children())
-    os.kill(process, signal.SIGKILL)
-    assert first.get(timeout=30) == "first"
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(process, signal.SIGKILL)
+        wait_until(
+            lambda: not [c for c in probe.client_list() if c.get("cmd") == "blpop"],
+            15,
+            what="Redis to drop the killed process's connection",
+        )
+        probe.rpush(f"{prefix}:probe:release", "first")
+        assert first.get(timeout=30) == "first"  # its pool process freed the slot, and stored it
+        wait_until(
+            lambda: leases(probe, prefix, "fragile") == {"holders": 1, "waiters": 0},
+            15,
+            what="the slot to go to the waiter",
+        )
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
     assert waiter.get(timeout=30) == "waiter"
     assert labels(probe, prefix, "fragile") == ["first", "waiter"]
     assert peak(probe, prefix, "fragile") == 1

@@ -74,11 +74,15 @@ _ENTER = probe.register_script(
 )
 
 
-def tracked(group: str, label: str, duration: float) -> str:
-    """Count this run in ``group`` (current and peak), sleep, and log start/end times."""
+def tracked(group: str, label: str, duration: float, hold: bool = False) -> str:
+    """Count this run in ``group`` (current and peak), sleep (or, with ``hold``, wait until the
+    test pushes to ``<prefix>:probe:release``), and log start/end times."""
     base = f"{PREFIX}:probe:{group}"
     _ENTER([f"{base}:now", f"{base}:peak", f"{base}:started"], [f"{label} {time.time()}"])
     try:
+        deadline = time.monotonic() + 60
+        while hold and not probe.lpop(f"{PREFIX}:probe:release") and time.monotonic() < deadline:
+            time.sleep(0.005)  # polled, not BLPOP: a parked waiter is found by its BLPOP
         time.sleep(duration)
     finally:
         probe.decr(f"{base}:now")
@@ -156,8 +160,8 @@ def suicide(label: str) -> str:
 
 
 @throttled_task(limit=1, key="fragile", name="t.survivor")
-def survivor(label: str, duration: float = 0.0) -> str:
-    return tracked("fragile", label, duration)
+def survivor(label: str, duration: float = 0.0, hold: bool = False) -> str:
+    return tracked("fragile", label, duration, hold)
 
 
 @throttled_task(limit=1, name="t.flaky", bind=True, max_retries=3, default_retry_delay=0.1)
