@@ -129,8 +129,8 @@ BREAKAGES = [
     Breakage(
         "every slot's release left to the worker, a binding cap's too",
         f"{PACKAGE}/worker/gate.py",
-        "        if held.far_from_binding():\n",
-        "        if True:\n",
+        "            held.deferred = held.far_from_binding(room)\n",
+        "            held.deferred = True\n",
         (
             "tests/test_cap.py::"
             "test_the_slot_is_free_as_the_body_ends_not_when_the_worker_hears_of_it[prefork]",
@@ -163,7 +163,7 @@ BREAKAGES = [
     Breakage(
         "a deferred release kept for the renewal round",
         f"{PACKAGE}/worker/gate.py",
-        "within=LINGER if deferred else None",
+        "within=LINGER if held.deferred else None",
         "within=None",
         (
             "tests/test_cap.py::test_a_cap_far_from_binding_costs_one_script_call_and_frees_"

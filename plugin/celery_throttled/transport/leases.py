@@ -163,8 +163,8 @@ class Codec:
             granted = _text(reply[3])
             if int(reply[0]):
                 granted.insert(0, op.holder)
-            outcome = Outcome(op.key, granted, reaped=_text(reply[4]))
-            outcome.room = int(reply[1]) - int(reply[2])
+            room = int(reply[1]) - int(reply[2])
+            outcome = Outcome(op.key, granted, reaped=_text(reply[4]), room=room)
             tail = reply[5:]
         elif isinstance(op, Release):
             outcome = Outcome(

@@ -169,7 +169,7 @@ class Gate:
         """A slot was granted to ``holder`` (``room``: the key's free slots after it, if known)."""
         held, running, cap = self.lines.granted(key, holder)
         if held is not None:
-            held.room = room
+            held.deferred = held.far_from_binding(room)
             if not self.parking.granted(held):
                 self._admit(held)
         elif not running:
@@ -199,7 +199,7 @@ class Gate:
         self._started(held)
         info = protocol.info(req)
         info.update(waited=held.waited, leases=held.leases(), admitted_at=time.time())
-        if held.far_from_binding():
+        if held.deferred:
             info["deferred"] = True  # the pool process leaves the release to this process
         hook_end_paths(req, lambda outcome, later: self._ended(held, outcome, later))
         self._run(req)
@@ -234,8 +234,7 @@ class Gate:
             return
         tracing.wait_released(held.wait, wait or outcome, held.req)
         op = Release(held.key, held.holder, held.cap, outcome, held.waited, held.admission)
-        deferred = later and protocol.info(held.req).get("deferred")
-        self.transport.submit(op, later=later, within=LINGER if deferred else None)
+        self.transport.submit(op, later=later, within=LINGER if held.deferred else None)
         if held.outer is not None:
             self.release(held.outer, outcome, later=later)
         if self.metrics is not None:

@@ -42,6 +42,7 @@ class Held:
         "admission",
         "admitted_at",
         "cap",
+        "deferred",
         "holder",
         "key",
         "next_cap",
@@ -51,7 +52,6 @@ class Held:
         "rank",
         "released",
         "req",
-        "room",
         "since",
         "stay",
         "wait",
@@ -92,8 +92,9 @@ class Held:
         self.park: Any = None
         #: never parked again (a policy is about to judge it, or it was revoked)
         self.stay = False
-        #: the key's free slots after its grant, when the grant's reply said (an acquire's)
-        self.room: int | None = None
+        #: its cap was far from binding as it was granted (:meth:`far_from_binding`): the
+        #: worker, not its pool process, frees its slot
+        self.deferred = False
 
     @classmethod
     def of(
@@ -114,16 +115,16 @@ class Held:
         place = rank((req.delivery_info or {}).get("priority"), highest)
         return cls(req, key, cap, holder_id(worker, req.id), admission, place)
 
-    def far_from_binding(self) -> bool:
-        """Whether its cap was far from binding as it was granted: :data:`FAR` slots and half
-        the cap still free, by the grant's reply. Its pool process then leaves the release to
+    def far_from_binding(self, room: int | None) -> bool:
+        """Whether its cap is far from binding, granted with ``room`` slots still free (None:
+        the grant did not say): :data:`FAR` of them and half the cap. Its pool process then
+        leaves the release to
         the worker, which sends it in its next acquire of the key, or after :data:`LINGER` at
         the latest: one script call per task rather than two, where no waiter gains by a slot
         freed sooner. Never for a slot held with an errgroup's; nor for a key in a family (the
         room is the key's own, the family's total may bind), with an adaptive cap (its holders
         are its evidence) or with ``max_pending`` (its pending count decides who is refused
         at submit, at once)."""
-        room = self.room
         if room is None or room < FAR or 2 * room < self.cap or self.outer is not None:
             return False
         rules = self.admission
