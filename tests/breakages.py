@@ -601,6 +601,43 @@ BREAKAGES = [
         (f"{PARKING}test_a_parked_waiter_past_max_wait_is_rejected_unrun",),
     ),
     Breakage(
+        "a first park that marks its holder itself (park.lua), though its acquire did",
+        f"{PACKAGE}/worker/parking.py",
+        'nonce, marked, held.park_nonce = held.park_nonce, bool(held.park_nonce), ""',
+        'nonce, marked, held.park_nonce = "", False, ""',
+        (f"{PARKING}test_a_parked_hand_off_costs_one_blpop_and_no_script_call_of_its_own",),
+    ),
+    Breakage(
+        "an acquire that does not mark its waiter parked",
+        f"{PACKAGE}/lua/acquire.lua",
+        "  redis.call('HSETNX', parked, holder, ARGV[7])\n",
+        "",
+        (
+            "tests/test_leases.py::"
+            "test_an_acquire_marks_a_waiter_parked_and_its_entry_goes_as_it_leaves_the_line",
+        ),
+    ),
+    Breakage(
+        "a waiter released ungranted leaves its park mark behind",
+        f"{PACKAGE}/lua/free.lua",
+        "  if waited > 0 then redis.call('HDEL', flow_parked(KEYS[1]), holder) end\n",
+        "",
+        (
+            "tests/test_leases.py::"
+            "test_an_acquire_marks_a_waiter_parked_and_its_entry_goes_as_it_leaves_the_line",
+        ),
+    ),
+    Breakage(
+        "a dead worker's waiter leaves its park mark behind",
+        f"{PACKAGE}/lua/grant.lua",
+        "      redis.call('HDEL', parked, unpack(dead, i, math.min(i + 499, #dead)))\n",
+        "",
+        (
+            "tests/test_leases.py::"
+            "test_an_acquire_marks_a_waiter_parked_and_its_entry_goes_as_it_leaves_the_line",
+        ),
+    ),
+    Breakage(
         "throttle_park ignored",
         f"{PACKAGE}/worker/parking.py",
         "            gate.settings.park\n            and ",

@@ -81,6 +81,39 @@ def test_a_release_publishes_the_grant_to_another_workers_waiter(redis_url, pref
     assert wait_until(message, 5) == ["k", "other b"]
 
 
+def test_an_acquire_marks_a_waiter_parked_and_its_entry_goes_as_it_leaves_the_line(
+    redis_url, prefix
+):
+    """Given acquires that carry a park nonce, then a holder granted at once is not marked, a
+    waiter is (its grant pushes "go" onto the park list of that nonce and takes the mark away),
+    and the mark of a waiter that leaves the line ungranted goes: released, or reaped with its
+    dead worker. Catches: a parked waiter's first park that still needs park.lua (no mark, no
+    "go"), and marks left behind in the parked hash by waiters that never got a slot."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisLeases(client, prefix, lease_ttl=30, worker="w")
+    family = store.family("k")
+
+    def ask(holder: str, nonce: str) -> bool:
+        return holder in store.execute([Acquire("k", holder, 1, park=nonce)])[0].granted
+
+    assert ask("w run", "n0") is True
+    assert ask("w next", "n1") is False
+    assert ask("w gone", "n2") is False
+    assert client.hgetall(family.parked) == {b"w next": b"n1", b"w gone": b"n2"}
+    assert release(store, "w run", cap=1).granted == ["w next"]
+    assert client.lrange(family.park_list("w next", "n1"), 0, -1) == [b"go"]
+    assert client.hgetall(family.parked) == {b"w gone": b"n2"}
+    release(store, "w gone", cap=1)
+    assert client.hlen(family.parked) == 0
+    # a dead worker's waiter: reaped once its place in line expires
+    short = RedisLeases(client, prefix, lease_ttl=0.2, worker="dead")
+    assert "dead d" not in short.execute([Acquire("k", "dead d", 1, park="n3")])[0].granted
+    assert client.hget(family.parked, "dead d") == b"n3"
+    time.sleep(0.3)  # let its place in line expire: the point is the passage of time
+    release(store, "w next", cap=1)
+    assert client.hlen(family.parked) == 0
+
+
 def test_expired_leases_and_waiters_are_reaped(redis_url, prefix):
     store = RedisLeases(redis.Redis.from_url(redis_url), prefix, lease_ttl=0.2, worker="w")
     assert acquire(store, "dead a", cap=1) is True

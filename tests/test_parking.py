@@ -13,16 +13,25 @@ from celery import Celery
 
 from celery_throttled.keys import Family
 
-from .conftest import Workers, wait_until
-from .probes import leases, peak, queued, started, unacknowledged, wait_drained
+from .conftest import RedisServer, Worker, Workers, wait_until
+from .probes import (
+    leases,
+    peak,
+    queued,
+    script_calls,
+    started,
+    unacknowledged,
+    wait_drained,
+)
 from .test_envelope import envelope
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def parked(probe: redis.Redis, prefix: str, key: str) -> int:
-    """How many waiters of ``key`` are parked in a pool process now."""
-    return int(probe.hlen(Family.of(prefix, key).parked))
+def parked(probe: redis.Redis, worker: Worker) -> int:
+    """How many of ``worker``'s pool processes hold a parked waiter now: blocked on a park list
+    (the parked hash would not say: a waiter is marked there as its acquire puts it in line)."""
+    return len(_parked_processes(probe, worker.children()))
 
 
 def labels(probe: redis.Redis, prefix: str, group: str) -> list[str]:
@@ -42,7 +51,7 @@ def test_a_parked_waiter_starts_while_its_worker_is_stopped(
     first = client.send_task("t.survivor", ("first", 1.5))
     wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
     second = client.send_task("t.survivor", ("second", 0))
-    wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the second to park")
+    wait_until(lambda: parked(probe, worker) == 1, 15, what="the second to park")
     os.kill(worker.proc.pid, signal.SIGSTOP)
     try:
         wait_until(
@@ -67,15 +76,15 @@ def test_a_parked_waiter_gives_its_process_to_unthrottled_work(
     while the slot is still held (the parked waiter left its process for it), and the parked
     waiter still runs once the slot is free. Catches: parking that keeps pool processes from
     unrelated work (no make_room), or a waiter lost when it leaves its process."""
-    workers.start(pool="prefork", concurrency=2, PARK="1")
+    worker = workers.start(pool="prefork", concurrency=2, PARK="1")
     first = client.send_task("t.survivor", ("first", 4))
     wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
     waiter = client.send_task("t.survivor", ("waiter", 0))
-    wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the waiter to park")
+    wait_until(lambda: parked(probe, worker) == 1, 15, what="the waiter to park")
     plain = client.send_task("t.plain", ("plain", 0))
     assert plain.get(timeout=3) == "plain"
     assert labels(probe, prefix, "fragile") == ["first"]  # the slot is still held
-    assert parked(probe, prefix, "fragile") == 0
+    assert parked(probe, worker) == 0
     assert first.get(timeout=30) == "first"
     assert waiter.get(timeout=30) == "waiter"
     assert labels(probe, prefix, "fragile") == ["first", "waiter"]
@@ -95,7 +104,7 @@ def test_a_parked_waiter_whose_process_is_killed_waits_again(
     first = client.send_task("t.survivor", ("first", 0, True))  # runs until released
     wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
     waiter = client.send_task("t.survivor", ("waiter", 0))
-    wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the waiter to park")
+    wait_until(lambda: parked(probe, worker) == 1, 15, what="the waiter to park")
     [process] = _parked_processes(probe, worker.children())
     os.kill(worker.proc.pid, signal.SIGSTOP)
     try:
@@ -131,7 +140,7 @@ def test_a_parked_waiter_is_handed_back_at_warm_shutdown_and_runs_once(
     first = client.send_task("t.survivor", ("first", 1.5))
     wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
     waiter = client.send_task("t.survivor", ("waiter", 0))
-    wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the waiter to park")
+    wait_until(lambda: parked(probe, worker) == 1, 15, what="the waiter to park")
     worker.proc.send_signal(signal.SIGTERM)
     wait_until(lambda: not worker.alive(), 30, what="the worker to exit")
     assert first.get(timeout=10) == "first"
@@ -147,11 +156,11 @@ def test_a_parked_waiter_revoked_never_runs(workers: Workers, client: Celery, pr
     revoked and never runs, and the slot serves the next task. Catches: a revocation that
     reaches a parked waiter only with the sweep, after the freed slot has started it in its
     pool process (the gate's check at admission is skipped there)."""
-    workers.start(pool="prefork", concurrency=3, PARK="1")
+    worker = workers.start(pool="prefork", concurrency=3, PARK="1")
     running = client.send_task("t.survivor", ("running", 30))
     wait_until(lambda: labels(probe, prefix, "fragile") == ["running"], 30, what="the first")
     held = client.send_task("t.survivor", ("held", 0))
-    wait_until(lambda: parked(probe, prefix, "fragile") == 1, 15, what="the waiter to park")
+    wait_until(lambda: parked(probe, worker) == 1, 15, what="the waiter to park")
     client.control.revoke(held.id)
     client.control.revoke(running.id, terminate=True)
     env = envelope(client, held)
@@ -188,21 +197,28 @@ def test_with_throttle_park_off_nothing_is_parked(
 ):
     """Given ``throttle_park=False`` (the default, set here explicitly), when a backlog waits
     for the only slot of "fragile" on a worker with idle processes, then no waiter is ever
-    parked, and all of them run in order. Catches: the setting ignored."""
-    workers.start(pool="prefork", concurrency=4, PARK="0")
+    parked (nor marked parked by its acquire), and all of them run in order. Catches: the setting
+    ignored."""
+    worker = workers.start(pool="prefork", concurrency=4, PARK="0")
     results = [client.send_task("t.survivor", (f"x{i}", 0.3)) for i in range(4)]
-    seen, deadline = 0, time.monotonic() + 30
+    marks = Family.of(prefix, "fragile").parked
+    seen, marked, deadline = 0, 0, time.monotonic() + 30
     while not all(r.ready() for r in results) and time.monotonic() < deadline:  # sampled
-        seen = max(seen, parked(probe, prefix, "fragile"))
+        seen = max(seen, parked(probe, worker))
+        marked = max(marked, int(probe.hlen(marks)))
         time.sleep(0.01)
-    assert seen == 0
+    assert (seen, marked) == (0, 0)
     assert [r.get(timeout=30) for r in results] == [f"x{i}" for i in range(4)]
     assert peak(probe, prefix, "fragile") == 1
 
 
 def _parked_processes(probe: redis.Redis, children: list[int]) -> list[int]:
-    """The pool processes blocked on a park list (Redis's CLIENT LIST says BLPOP)."""
-    blocked = {client["addr"] for client in probe.client_list() if client.get("cmd") == "blpop"}
+    """The pool processes blocked on a park list (Redis's CLIENT LIST: blocked, in BLPOP)."""
+    blocked = {
+        client["addr"]
+        for client in probe.client_list()
+        if client.get("cmd") == "blpop" and "b" in client.get("flags", "")
+    }
     return [pid for pid in children if _connects_from(pid, blocked)]
 
 
@@ -225,3 +241,32 @@ def _connects_from(pid: int, addresses: set[str]) -> bool:
             if fields[9] in inodes and port in ports:
                 return True
     return False
+
+
+def test_a_parked_hand_off_costs_one_blpop_and_no_script_call_of_its_own(
+    private_redis: RedisServer, workers: Workers, client: Celery, probe, prefix: str
+):
+    """Given a prefork worker with parking on, whose limiter is a Redis of this test's own,
+    when 20 tasks wait in turn for the only slot of "fragile", then their hand-offs were parked
+    (a BLPOP each, on the limiter) and, once every worker's own release has reached Redis, the
+    limiter ran fewer than 2.5 script calls per task: the acquire, which marked the waiter
+    parked as it put it in line, and the pool process's release. Catches: a first park that
+    marks the holder itself with park.lua (3 script calls per parked task)."""
+    workers.start(
+        pool="prefork", concurrency=3, PARK="1", LIMITER_URL=private_redis.url, LEASE_TTL=6
+    )
+    limiter = redis.Redis.from_url(private_redis.url)
+    ended = Family.of(prefix, "fragile").ended
+
+    def blpops() -> int:
+        return int(limiter.info("commandstats").get("cmdstat_blpop", {}).get("calls", 0))
+
+    assert client.send_task("t.survivor", ("warm-up", 0)).get(timeout=30) == "warm-up"
+    wait_until(lambda: not limiter.exists(ended), 15, what="the warm-up's release to reach Redis")
+    before, parks = script_calls(limiter), blpops()
+    results = [client.send_task("t.survivor", (f"x{i}", 0.05)) for i in range(20)]
+    assert [r.get(timeout=60) for r in results] == [f"x{i}" for i in range(20)]
+    wait_until(lambda: not limiter.exists(ended), 15, what="every worker's release to reach Redis")
+    assert blpops() - parks >= 10
+    assert (script_calls(limiter) - before) / 20 < 2.5
+    assert peak(probe, prefix, "fragile") == 1

@@ -17,9 +17,10 @@ touches a single slot::
                                 one lease TTL after its last entry
     {prefix}:{<key>}:p    ZSET  pending (``max_pending``): member task id, score = the time it
                                 stops counting unless a worker vouches for it again (ms)
-    {prefix}:{<key>}:pk   HASH  parked waiters (``pool/parking.py``): holder -> nonce; a grant
-                                to one pushes "go" onto its park list; expires a day after the
-                                key's last park
+    {prefix}:{<key>}:pk   HASH  parked waiters (``pool/parking.py``): holder -> nonce, set by
+                                the acquire that put it in line (or by ``park.lua``); a grant
+                                to one pushes "go" onto its park list; an entry goes as its
+                                holder leaves the line; expires a day after the last mark
     {prefix}:{<key>}:b    ZSET  bodies of an adaptive key running now (``lua/body.lua``): member
                                 holder, score = when it stops counting unless its run ends first
                                 (ms, one lease TTL on)

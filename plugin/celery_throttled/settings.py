@@ -80,8 +80,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
         "On a prefork worker, write the oldest waiters to pool processes that would sit idle, "
         "where they wait for their grant and start the moment it is made (a hand-off without "
         "the worker's dispatch); a process is given back as soon as other work needs it. "
-        "Costs two Redis commands per parked task. False: waiters wait only in the worker's "
-        "main process.",
+        "Costs one Redis command per parked task (its pool process's BLPOP). False: waiters "
+        "wait only in the worker's main process.",
     ),
     "throttle_pending_ttl": (
         600.0,

@@ -13,7 +13,10 @@
 -- ARGV[4] - lease TTL in ms (also the waiter's liveness TTL)
 -- ARGV[5] - grant channel prefix
 -- ARGV[6] - the calling worker (holders of its own granted now are returned, not published)
--- ARGV[7 ..] - holder, outcome, waited ms (or -1), for each run of the key that ended (the
+-- ARGV[7] - a park nonce, or "": if the holder waits, it is marked parked with it (the parked
+--           HASH), so that its worker may park it in an idle pool process (pool/parking.py)
+--           with no park.lua call from there; its grant pushes "go" onto that park list
+-- ARGV[8 ..] - holder, outcome, waited ms (or -1), for each run of the key that ended (the
 --              worker's own release, its safety net), handled first, as renew.lua does: a
 --              holder in KEYS[6] was released by its pool process and only leaves KEYS[6]; any
 --              other is released (free.lua), its slot going to the line below
@@ -34,7 +37,7 @@ if meta[1] ~= spec.cap_text then redis.call('HSET', KEYS[4], 'cap', spec.cap_tex
 flow_declare(spec, KEYS[4])
 local now = now_ms()
 local freed = 0
-for i = 7, #ARGV, 3 do
+for i = 8, #ARGV, 3 do
   if redis.call('ZREM', KEYS[6], ARGV[i]) == 0 then
     freed = freed + flow_free(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))
   end
@@ -70,7 +73,13 @@ redis.call('ZADD', KEYS[3], now + ttl, holder)
 local _, cap, running, mine, more, wake = grant(ARGV[1], ARGV[3], ttl, ARGV[5], ARGV[6])
 for _, h in ipairs(more) do table.insert(reaped, h) end
 local granted, others = 0, {}
-if redis.call('ZSCORE', KEYS[1], holder) then granted = 1 end
+if redis.call('ZSCORE', KEYS[1], holder) then
+  granted = 1
+elseif ARGV[7] ~= '' then  -- kept if marked already: a later park's nonce wins (park.lua)
+  local parked = flow_parked(KEYS[1])
+  redis.call('HSETNX', parked, holder, ARGV[7])
+  redis.call('PEXPIRE', parked, PARKED_TTL_MS)
+end
 for _, h in ipairs(mine) do
   if h ~= holder then table.insert(others, h) end
 end

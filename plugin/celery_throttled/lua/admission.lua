@@ -206,6 +206,11 @@ local function flow_admit(spec, meta, now)
   return true
 end
 
+-- The parked HASH of the key whose holders are h (keys.py); a holder's entry, the nonce of its
+-- park list, goes as it leaves the line: granted (flow_hand) or not (flow_free, reaping).
+local PARKED_TTL_MS = 86400000  -- a day after the key's last park (pool/parking.py's)
+local function flow_parked(h) return string.sub(h, 1, -2) .. 'pk' end
+
 -- Hands a slot to holder (leaving keys' line); to the caller's worker in mine, or published.
 local function flow_hand(holder, h, w, we, key_name, now, ttl, channel_prefix, caller, mine)
   redis.call('ZADD', h, now + ttl, holder)
@@ -213,7 +218,7 @@ local function flow_hand(holder, h, w, we, key_name, now, ttl, channel_prefix, c
   redis.call('ZREM', we, holder)
   -- a waiter parked in an idle pool process (pool/parking.py) is told "go" on its park list:
   -- its body starts from there, without waiting for its worker to dispatch it
-  local parked = string.sub(h, 1, -2) .. 'pk'
+  local parked = flow_parked(h)
   local nonce = redis.call('HGET', parked, holder)
   if nonce then
     redis.call('HDEL', parked, holder)

@@ -31,7 +31,9 @@ local function flow_fair(spec, key_name, now, ttl, channel_prefix, caller, mine)
       local h, w, we, m = prefix .. ':h', prefix .. ':w', prefix .. ':we', prefix .. ':m'
       if k ~= current then
         local dead = redis.call('ZRANGEBYSCORE', we, '-inf', now)
-        for _, d in ipairs(dead) do redis.call('ZREM', w, d); redis.call('ZREM', we, d) end
+        for _, d in ipairs(dead) do
+          redis.call('ZREM', w, d); redis.call('ZREM', we, d); redis.call('HDEL', flow_parked(h), d)
+        end
       end
       if redis.call('ZCARD', w) == 0 then
         redis.call('ZREM', TURNS, k)

@@ -12,8 +12,10 @@
 local function flow_free(holder, outcome, waited_ms)
   flow_ended(outcome, holder)
   local held = redis.call('ZREM', KEYS[1], holder)
-  local removed = held + redis.call('ZREM', KEYS[2], holder)
+  local waited = redis.call('ZREM', KEYS[2], holder)
+  local removed = held + waited
   redis.call('ZREM', KEYS[3], holder)
+  if waited > 0 then redis.call('HDEL', flow_parked(KEYS[1]), holder) end
   if outcome ~= '' and (held > 0 or outcome == 'rejected') then
     redis.call('HINCRBY', KEYS[4], outcome, 1)
     if waited_ms >= 0 then

@@ -43,6 +43,10 @@ local function grant(key_name, cap_arg, ttl, channel_prefix, caller, claimer, ke
   if #dead > 0 then
     remove_all(KEYS[2], dead)
     remove_all(KEYS[3], dead)
+    local parked = flow_parked(KEYS[1])
+    for i = 1, #dead, 500 do
+      redis.call('HDEL', parked, unpack(dead, i, math.min(i + 499, #dead)))
+    end
   end
   local spec = flow_spec(cap_arg)
   local cap = effective_cap(spec.cap)

@@ -8,7 +8,8 @@ the slot pushes ``go`` onto that list (``lua/admission.lua``, ``flow_hand``), so
 as the slot is freed, anywhere in the cluster::
 
     main process: waiting, a pool process idle -> the job written to the process
-    pool process: marks the holder parked (park.lua: HSET parked; ZSCORE holders: granted?)
+    pool process: the holder is marked parked already (its acquire marked it, the first time
+                  it is parked), or it marks it (park.lua: HSET parked; ZSCORE holders: granted?)
                   BLPOP <park list>  ...  "go"  -> the tracer, the body (task_prerun fires here)
                                       or "off" -> returns UNPARKED: the body never ran
 
@@ -61,7 +62,7 @@ def run_parked(trace: Callable[..., Any], park: dict[str, Any], *args: Any) -> A
     client, _ = process_client(current_app._get_current_object())
     parent = os.getppid()
     try:
-        word = _park(client, park)
+        word = None if park.get("marked") else _park(client, park)
         while word is None:
             got = client.blpop([park["list"]], timeout=POLL)
             if got is not None:
@@ -84,8 +85,8 @@ def run_parked(trace: Callable[..., Any], park: dict[str, Any], *args: Any) -> A
 
 
 def _park(client: redis.Redis, park: dict[str, Any]) -> bytes | None:
-    """Mark the holder parked (``lua/park.lua``): ``go`` when it was granted already, ``off``
-    when it was unparked already, else None (it waits)."""
+    """Mark the holder parked (``lua/park.lua``; a park its acquire marked needs none): ``go``
+    when it was granted already, ``off`` when it was unparked already, else None (it waits)."""
     keys = [park["holders"], park["parked"], park["list"]]
     args = [park["holder"], park["nonce"], PARKED_TTL_MS]
     return _word(_PARK.run(client, keys, args))

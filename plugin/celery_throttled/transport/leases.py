@@ -60,6 +60,9 @@ class Acquire:
     admission: Admission | None = None
     #: its place among priorities (lower goes first; :func:`~..admission.rank`)
     rank: int = 0
+    #: a park nonce: if the holder waits, it is marked parked with it, so that its worker may
+    #: park it in an idle pool process with no more commands (:mod:`...worker.parking`)
+    park: str = ""
     #: the worker's own releases of holders of ``key`` whose runs ended, carried along
     #: (:mod:`.ended`), handled before the acquire itself
     ended: Sequence[Release] = ()
@@ -135,7 +138,7 @@ class Codec:
         keys = list(_script_keys(self.prefix, op.key))
         cap = self.spec(op)
         if isinstance(op, Acquire):
-            args = [op.key, op.holder, cap, self.ttl_ms, self.channel_prefix, self.worker]
+            args = [op.key, op.holder, cap, self.ttl_ms, self.channel_prefix, self.worker, op.park]
             return Scripts.get("acquire.lua"), keys, args + _ended(op.ended)
         if isinstance(op, Release):
             waited = -1 if op.waited is None else int(op.waited * 1000)

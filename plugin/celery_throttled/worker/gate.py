@@ -151,7 +151,8 @@ class Gate:
         held.wait = tracing.wait_started(req, held.key, cap)
         if self.lines.join(held):
             self.transport.register(held.key)
-        self.transport.submit(Acquire(held.key, held.holder, cap, held.admission, held.rank))
+        park = self.parking.nonce(held)
+        self.transport.submit(Acquire(held.key, held.holder, cap, held.admission, held.rank, park))
 
     def waiting(self, key: str, holder: str) -> None:
         """No slot for ``holder`` right now: it waits (or is rejected, with on_full='reject')."""

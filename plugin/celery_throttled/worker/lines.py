@@ -48,6 +48,7 @@ class Held:
         "next_cap",
         "outer",
         "park",
+        "park_nonce",
         "queued",
         "rank",
         "released",
@@ -90,6 +91,8 @@ class Held:
         self.wait: Wait | None = None
         #: where it is parked in a pool process (:class:`.parking.Spot`), or None
         self.park: Any = None
+        #: the nonce its acquire marked it parked with, until a park uses it (or "")
+        self.park_nonce = ""
         #: never parked again (a policy is about to judge it, or it was revoked)
         self.stay = False
         #: its cap was far from binding as it was granted (:meth:`far_from_binding`): the

@@ -1,14 +1,16 @@
 """Waiters parked in a prefork worker's idle pool processes, so that a hand-off skips dispatch.
 
 A slot handed to a waiter through the worker's main process goes: the grant reaches the main
-process, which admits the request, writes it to a pool process, which wakes up and starts the
-tracer (about 2 ms on a busy 2-CPU machine, most of a hand-off). While a pool process would sit
-idle anyway, the oldest waiters are written to them ahead of their grant, *parked*: the process
-blocks on the holder's park list (:mod:`..pool.parking`), and the script that grants the slot
-pushes ``go`` there, so the body starts as the slot is freed::
+process, which writes the request to a pool process, which wakes up and starts the tracer.
+While a pool process would sit idle anyway, the oldest waiters are written to them ahead of
+their grant, *parked*: the process blocks on the holder's park list (:mod:`..pool.parking`),
+and the script that grants the slot pushes ``go`` there, so the body starts as it is freed::
 
+    the acquire that puts it in line marks it parked, with a nonce of its own (grants to the
+        holder now also push "go" onto that park list; the holder's entry goes as it leaves
+        the line, granted or not)
     waiting, an idle pool process, nothing else queued for one -> written to the process,
-        which marks it parked (grants to the holder now also push "go") and waits
+        which waits on that list (parked again later, its process marks a fresh one: park.lua)
     the grant (anywhere in the cluster)  -> "go": the body runs; the grant still reaches this
         process, which counts the request as running (and Celery hears it started)
     the process wanted for other work, a policy of the sweep, a revocation, the worker stopping
@@ -17,8 +19,7 @@ pushes ``go`` there, so the body starts as the slot is freed::
 Which waiters: on a prefork worker only; the oldest first, at most the key's cap of them; none
 with Celery time limits (they would count from the moment the process took the job), an
 errgroup's limit, or a caller's deadline (checked where the gate admits), and none of an
-adaptive key (a wave of grants that all start at once sharpens slow start's overshoot: before
-a cap grew only on running bodies, a downstream of 3 saw 6 calls at once). A parked request's
+adaptive key (a wave of grants that all start at once sharpens slow start). A parked request's
 message stays unacknowledged and Celery does not count it active until its body starts
 (:mod:`.parkjob`). Unrelated work is never held back: whenever a request queues for a pool
 process (every process busy), one parked waiter leaves its process. A waiter the sweep's
@@ -31,6 +32,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -124,16 +126,13 @@ class Parking:
             return
         if time.monotonic() < self._paused_until:
             return
-        per_key: dict[str, int] = {}
-        for held in self.parked.values():
-            per_key[held.key] = per_key.get(held.key, 0) + 1
+        per_key = Counter(held.key for held in self.parked.values())
         for held in self.gate.lines.waiting():
             if semaphore.value <= 0 or semaphore._waiting:
                 return
-            if per_key.get(held.key, 0) >= held.cap or not self._may_park(held):
-                continue
-            self.park(held)
-            per_key[held.key] = per_key.get(held.key, 0) + 1
+            if per_key[held.key] < held.cap and self._may_park(held):
+                self.park(held)
+                per_key[held.key] += 1
 
     def make_room(self) -> None:
         """A request queues for a pool process: parked waiters leave as many processes."""
@@ -150,14 +149,22 @@ class Parking:
                 self.unpark(held)
                 wanted -= 1
 
+    def nonce(self, held: Held) -> str:
+        """The park nonce ``held``'s acquire marks it with if it waits (``""``: it could never
+        be parked): its first park then costs its pool process no ``park.lua``."""
+        parkable = self.enabled and self._parkable(held)
+        held.park_nonce = uuid.uuid4().hex[:12] if parkable else ""
+        return held.park_nonce
+
     def _may_park(self, held: Held) -> bool:
+        fresh = held.queued and held.park is None and not held.stay and not held.released
+        return fresh and self._parkable(held) and held.req.id not in worker_state.revoked
+
+    def _parkable(self, held: Held) -> bool:
+        """What never changes while ``held`` waits: whether a request like it is ever parked."""
         req = held.req
         return bool(
-            held.queued
-            and held.park is None
-            and not held.stay
-            and not held.released
-            and held.outer is None
+            held.outer is None
             and held.next_cap is None
             and not self._limits
             and req.task.time_limit is None
@@ -166,7 +173,6 @@ class Parking:
             and protocol.deadline(req) is None
             and protocol.group(req) is None
             and (held.admission is None or held.admission.adaptive is None)
-            and req.id not in worker_state.revoked
         )
 
     def revoked(self, task_ids: set[str]) -> None:
@@ -180,7 +186,10 @@ class Parking:
     def park(self, held: Held) -> None:
         """Write ``held`` to an idle pool process, to wait there for its grant."""
         family = Family.of(self.prefix, held.key)
-        nonce = uuid.uuid4().hex[:12]
+        # the nonce its acquire marked it with, the first time; a fresh one, marked by its pool
+        # process (park.lua), after that
+        nonce, marked, held.park_nonce = held.park_nonce, bool(held.park_nonce), ""
+        nonce = nonce or uuid.uuid4().hex[:12]
         spot = held.park = Spot(PARKED, family.park_list(held.holder, nonce))
         self.parked[(held.key, held.holder)] = held
         protocol.info(held.req).update(leases=held.leases())
@@ -192,6 +201,7 @@ class Parking:
             "parked": family.parked,
             "list": spot.list,
             "since": time.time() - (time.monotonic() - held.since),
+            "marked": marked,
         }
         parkjob.send(self, held, park)
 
