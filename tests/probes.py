@@ -38,13 +38,21 @@ def leases(probe: redis.Redis | RedisCluster, prefix: str, key: str) -> dict[str
 
 
 def wait_drained(probe: redis.Redis, prefix: str, key: str, timeout: float = 10.0) -> None:
-    """Wait until ``key`` has no holder and no waiter left (releases are asynchronous)."""
+    """Wait until ``key`` has no holder, no waiter and no waiter's park mark left (releases are
+    asynchronous; a mark left behind would be a leak in the parked hash)."""
     from .conftest import wait_until
 
+    marks = f"{prefix}:{{{key}}}:pk"
+
+    def drained() -> bool:
+        empty = leases(probe, prefix, key) == {"holders": 0, "waiters": 0}
+        return empty and not probe.hlen(marks)
+
     wait_until(
-        lambda: leases(probe, prefix, key) == {"holders": 0, "waiters": 0},
+        drained,
         timeout,
-        what=f"key {key!r} to drain, now {leases(probe, prefix, key)}",
+        what=f"key {key!r} to drain, now {leases(probe, prefix, key)}, "
+        f"{probe.hlen(marks)} park mark(s)",
     )
 
 

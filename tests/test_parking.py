@@ -148,6 +148,7 @@ def test_a_parked_waiter_is_handed_back_at_warm_shutdown_and_runs_once(
     workers.start(pool="prefork", concurrency=2, PARK="1")
     assert waiter.get(timeout=30) == "waiter"
     assert labels(probe, prefix, "fragile") == ["first", "waiter"]
+    wait_drained(probe, prefix, "fragile")
 
 
 def test_a_parked_waiter_revoked_never_runs(workers: Workers, client: Celery, probe, prefix: str):
@@ -190,6 +191,7 @@ def test_a_parked_waiter_past_max_wait_is_rejected_unrun(
     )
     assert envelope(client, busy).ok
     assert started(probe, prefix, "sleepy_policy") == []
+    wait_drained(probe, prefix, "sleepy")  # its park mark went with its place in line
 
 
 def test_with_throttle_park_off_nothing_is_parked(
@@ -270,3 +272,4 @@ def test_a_parked_hand_off_costs_one_blpop_and_no_script_call_of_its_own(
     assert blpops() - parks >= 10
     assert (script_calls(limiter) - before) / 20 < 2.5
     assert peak(probe, prefix, "fragile") == 1
+    wait_drained(limiter, prefix, "fragile")
