@@ -603,8 +603,8 @@ BREAKAGES = [
     Breakage(
         "a first park that marks its holder itself (park.lua), though its acquire did",
         f"{PACKAGE}/worker/parking.py",
-        'nonce, marked, held.park_nonce = held.park_nonce, bool(held.park_nonce), ""',
-        'nonce, marked, held.park_nonce = "", False, ""',
+        "marked = bool(held.park_nonce)",
+        'marked, held.park_nonce = False, ""',
         (f"{PARKING}test_a_parked_hand_off_costs_one_blpop_and_no_script_call_of_its_own",),
     ),
     Breakage(

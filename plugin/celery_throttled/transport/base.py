@@ -120,12 +120,12 @@ class Transport(ABC):
         through the callbacks. Any thread."""
         with self._lock:
             if later and isinstance(op, Release):
-                first = within is not None and self._ended.due_at == float("inf")
+                due = self._ended.due_at
                 by = None if within is None else time.monotonic() + within
                 full = self._ended.add(op, by)
                 if full is not None:
                     self._queue.append(full)
-                elif not first:  # no new date to set a timer for
+                elif self._ended.due_at >= due:  # no earlier date to set a timer for
                     return
             else:
                 self._queue.append(op)

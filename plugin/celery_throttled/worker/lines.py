@@ -121,13 +121,12 @@ class Held:
     def far_from_binding(self, room: int | None) -> bool:
         """Whether its cap is far from binding, granted with ``room`` slots still free (None:
         the grant did not say): :data:`FAR` of them and half the cap. Its pool process then
-        leaves the release to
-        the worker, which sends it in its next acquire of the key, or after :data:`LINGER` at
-        the latest: one script call per task rather than two, where no waiter gains by a slot
-        freed sooner. Never for a slot held with an errgroup's; nor for a key in a family (the
-        room is the key's own, the family's total may bind), with an adaptive cap (its holders
-        are its evidence) or with ``max_pending`` (its pending count decides who is refused
-        at submit, at once)."""
+        leaves the release to the worker, which sends it in its next acquire of the key, or
+        after :data:`LINGER` at the latest: one script call per task rather than two, where no
+        waiter gains by a slot freed sooner. Never for a slot held with an errgroup's; nor for
+        a key in a family (the room is the key's own, the family's total may bind), with an
+        adaptive cap (its holders are its evidence) or with ``max_pending`` (its pending count
+        decides who is refused at submit, at once)."""
         if room is None or room < FAR or 2 * room < self.cap or self.outer is not None:
             return False
         rules = self.admission

@@ -152,8 +152,7 @@ class Parking:
     def nonce(self, held: Held) -> str:
         """The park nonce ``held``'s acquire marks it with if it waits (``""``: it could never
         be parked): its first park then costs its pool process no ``park.lua``."""
-        parkable = self.enabled and self._parkable(held)
-        held.park_nonce = uuid.uuid4().hex[:12] if parkable else ""
+        held.park_nonce = _nonce() if self.enabled and self._parkable(held) else ""
         return held.park_nonce
 
     def _may_park(self, held: Held) -> bool:
@@ -186,10 +185,8 @@ class Parking:
     def park(self, held: Held) -> None:
         """Write ``held`` to an idle pool process, to wait there for its grant."""
         family = Family.of(self.prefix, held.key)
-        # the nonce its acquire marked it with, the first time; a fresh one, marked by its pool
-        # process (park.lua), after that
-        nonce, marked, held.park_nonce = held.park_nonce, bool(held.park_nonce), ""
-        nonce = nonce or uuid.uuid4().hex[:12]
+        marked = bool(held.park_nonce)  # by its acquire; parked again, its process marks it
+        nonce, held.park_nonce = held.park_nonce or _nonce(), ""
         spot = held.park = Spot(PARKED, family.park_list(held.holder, nonce))
         self.parked[(held.key, held.holder)] = held
         protocol.info(held.req).update(leases=held.leases())
@@ -297,3 +294,7 @@ class Parking:
 
     def _unpark(self, keys: list[str], holder: str) -> int:
         return int(_UNPARK.run(self.client, keys, [holder, self.ttl_ms]))
+
+
+def _nonce() -> str:  # the end of a park list's name, unique to one park
+    return uuid.uuid4().hex[:12]
