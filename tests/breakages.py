@@ -638,6 +638,13 @@ BREAKAGES = [
         ),
     ),
     Breakage(
+        "a waiter parked whatever its Celery time limits",
+        f"{PACKAGE}/worker/parking.py",
+        "            and not any(req.time_limits or ())\n",
+        "",
+        (f"{PARKING}test_a_waiter_with_a_celery_time_limit_is_not_parked_and_keeps_its_limit",),
+    ),
+    Breakage(
         "throttle_park ignored",
         f"{PACKAGE}/worker/parking.py",
         "            gate.settings.park\n            and ",

@@ -214,6 +214,37 @@ def test_with_throttle_park_off_nothing_is_parked(
     assert peak(probe, prefix, "fragile") == 1
 
 
+def test_a_waiter_with_a_celery_time_limit_is_not_parked_and_keeps_its_limit(
+    workers: Workers, client: Celery, probe, prefix: str
+):
+    """Given a prefork worker with parking on, two idle processes and the only slot of
+    "fragile" held, when a task sent with Celery's ``time_limit=1`` (its body would take 4 s)
+    waits for the slot longer than that limit, then it is never parked, and once granted its
+    body starts and is stopped by the limit, counted from its start: a ``hard_timeout``
+    envelope. Catches: a waiter parked whatever its Celery time limits (a parked job goes to
+    the pool without them: the body would run its 4 s and succeed)."""
+    worker = workers.start(pool="prefork", concurrency=3, PARK="1")
+    first = client.send_task("t.survivor", ("first", 0, True))  # runs until released
+    wait_until(lambda: labels(probe, prefix, "fragile") == ["first"], 30, what="the first task")
+    limited = client.send_task("t.survivor", ("limited", 4), time_limit=1)
+    wait_until(
+        lambda: leases(probe, prefix, "fragile") == {"holders": 1, "waiters": 1},
+        15,
+        what="the limited one to wait in line",
+    )
+    waited_from = time.monotonic()
+    while time.monotonic() - waited_from < 1.5:  # its limit passes while it waits
+        assert parked(probe, worker) == 0
+        time.sleep(0.05)
+    probe.rpush(f"{prefix}:probe:release", "first")
+    assert first.get(timeout=30) == "first"
+    env = envelope(client, limited, timeout=30)
+    assert (env.ok, env.error.kind if env.error else None) == (False, "hard_timeout")
+    assert labels(probe, prefix, "fragile") == ["first", "limited"]  # it started, then stopped
+    assert peak(probe, prefix, "fragile") == 1
+    wait_drained(probe, prefix, "fragile")
+
+
 def _parked_processes(probe: redis.Redis, children: list[int]) -> list[int]:
     """The pool processes blocked on a park list (Redis's CLIENT LIST: blocked, in BLPOP)."""
     blocked = {
