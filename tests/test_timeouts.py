@@ -82,8 +82,14 @@ def test_deadline_passed_while_queued_never_runs(workers: Workers, client, probe
     assert started(probe, prefix, "sleepy") == []
 
 
-def test_deadline_passed_while_waiting_for_a_slot(workers: Workers, client, probe, prefix):
-    workers.start(pool="prefork", concurrency=3)
+@pytest.mark.parametrize("park", ["0", "1"])
+def test_deadline_passed_while_waiting_for_a_slot(workers: Workers, client, probe, prefix, park):
+    """Given a prefork worker (its waiters parked in idle processes or not), when a task whose
+    caller's deadline is 0.4 s away waits 1.5 s for the slot, then it never runs: a
+    ``deadline`` envelope, with parking on as with it off. Catches: a waiter run although its
+    deadline passed while it waited (with parking on, a waiter with a deadline is not parked,
+    and the sweep would call a parked one back to judge it)."""
+    workers.start(pool="prefork", concurrency=3, PARK=park)
     busy = client.send_task("t.sleeper", ("busy", 1.5))
     wait_until(lambda: started(probe, prefix, "sleepy"), 30, what="the busy task to start")
     waiting = client.send_task(
