@@ -645,6 +645,13 @@ BREAKAGES = [
         (f"{PARKING}test_a_waiter_with_a_celery_time_limit_is_not_parked_and_keeps_its_limit",),
     ),
     Breakage(
+        "parking on a worker with Celery time limits for every task",
+        f"{PACKAGE}/worker/parking.py",
+        "        if self.enabled and (conf.task_time_limit or conf.task_soft_time_limit):\n",
+        "        if False:\n",
+        (f"{PARKING}test_on_a_worker_with_celery_time_limits_for_every_task_nothing_is_parked",),
+    ),
+    Breakage(
         "throttle_park ignored",
         f"{PACKAGE}/worker/parking.py",
         "            gate.settings.park\n            and ",

@@ -202,6 +202,25 @@ def test_with_throttle_park_off_nothing_is_parked(
     parked (nor marked parked by its acquire), and all of them run in order. Catches: the setting
     ignored."""
     worker = workers.start(pool="prefork", concurrency=4, PARK="0")
+    _never_parked(worker, client, probe, prefix)
+
+
+def test_on_a_worker_with_celery_time_limits_for_every_task_nothing_is_parked(
+    workers: Workers, client: Celery, probe, prefix: str
+):
+    """Given ``throttle_park=True`` on a worker whose tasks all carry Celery's soft time limit
+    (``task_soft_time_limit``), when a backlog waits for the only slot of "fragile", then no
+    waiter is parked (nor marked), the worker says why once, and all of them run in order.
+    Catches: parking that ignores the worker's own time limits (a parked job goes to the pool
+    without them), or turns itself off without a word."""
+    worker = workers.start(pool="prefork", concurrency=4, PARK="1", SOFT_TIME_LIMIT=60)
+    _never_parked(worker, client, probe, prefix)
+    assert worker.output().count("Celery time limits are set for every task") == 1
+
+
+def _never_parked(worker: Worker, client: Celery, probe: redis.Redis, prefix: str) -> None:
+    """Four tasks wait in turn for the only slot of "fragile" on ``worker`` (four processes):
+    none is ever parked or marked parked (sampled), and all run, in order, one at a time."""
     results = [client.send_task("t.survivor", (f"x{i}", 0.3)) for i in range(4)]
     marks = Family.of(prefix, "fragile").parked
     seen, marked, deadline = 0, 0, time.monotonic() + 30

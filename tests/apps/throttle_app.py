@@ -60,6 +60,8 @@ if os.environ.get("PENDING_TTL"):
     app.conf.throttle_pending_ttl = float(os.environ["PENDING_TTL"])
 if os.environ.get("PARK"):
     app.conf.throttle_park = os.environ["PARK"] == "1"
+if os.environ.get("SOFT_TIME_LIMIT"):  # Celery's own, for every task
+    app.conf.task_soft_time_limit = float(os.environ["SOFT_TIME_LIMIT"])
 
 probe = redis.Redis.from_url(REDIS_URL)
 

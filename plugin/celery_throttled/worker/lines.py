@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from itertools import islice
 from typing import Any
 
 from .. import request as protocol
@@ -209,6 +210,11 @@ class Lines:
     def waiting(self) -> list[Held]:
         with self._lock:
             return list(self._waiting.values())
+
+    def oldest(self, n: int) -> list[Held]:
+        """The ``n`` requests that have waited here longest, oldest first."""
+        with self._lock:
+            return list(islice(self._waiting.values(), n))
 
     def running_holders(self, key: str) -> set[str]:
         with self._lock:

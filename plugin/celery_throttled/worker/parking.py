@@ -16,15 +16,15 @@ and the script that grants the slot pushes ``go`` there, so the body starts as i
     the process wanted for other work, a policy of the sweep, a revocation, the worker stopping
         -> unpark.lua: "off" on its list -> the job comes back unrun, back in line
 
-Which waiters: on a prefork worker only; the oldest first, at most the key's cap of them; none
-with Celery time limits (they would count from the moment the process took the job), an
-errgroup's limit, or a caller's deadline (checked where the gate admits), and none of an
-adaptive key (a wave of grants that all start at once sharpens slow start). A parked request's
-message stays unacknowledged and Celery does not count it active until its body starts
-(:mod:`.parkjob`). Unrelated work is never held back: whenever a request queues for a pool
-process (every process busy), one parked waiter leaves its process. A waiter the sweep's
-policies apply to, or that was revoked, is called back and judged as it comes back; one whose
-job left by itself (Redis unreachable) is not parked again. ``throttle_park=False``: nothing is.
+Which waiters: on a prefork worker whose tasks are not all under Celery time limits; among the
+:data:`LOOK` oldest, the oldest first, at most the key's cap of them; none with Celery time
+limits (a parked job goes to the pool without them), an errgroup's limit, or a caller's deadline
+(checked where the gate admits), nor of an adaptive key (a wave of grants that all start at once
+sharpens slow start). A parked request's message stays unacknowledged and Celery does not
+count it active until its body starts (:mod:`.parkjob`). Unrelated work is never held back:
+whenever a request queues for a pool process (every process busy), one parked waiter leaves its
+process. A waiter the sweep's policies apply to, or that was revoked, is called back and judged
+as it comes back; one whose job left by itself (Redis unreachable) is not parked again.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ PARKED, RETURNING = "parked", "returning"
 
 #: seconds without parking (and without calls to unpark) after Redis failed
 PAUSE = 5.0
+#: the oldest waiters each fill looks at: the next grants go to the head of the line
+LOOK = 64
 #: seconds an unpark may hold the worker's event loop: its call is synchronous, so an outage
 #: costs the loop at most this, once per PAUSE (a parked job leaves by itself meanwhile)
 UNPARK_TIMEOUT = 0.25
@@ -100,9 +102,13 @@ class Parking:
             and hasattr(semaphore, "value")
             and hasattr(semaphore, "_waiting")
         )
-        conf = gate.consumer.app.conf
-        self._limits = conf.task_time_limit is not None or conf.task_soft_time_limit is not None
-        settings = gate.settings
+        conf, settings = gate.consumer.app.conf, gate.settings
+        if self.enabled and (conf.task_time_limit or conf.task_soft_time_limit):
+            self.enabled = False  # no request could be parked: no line walked for nothing
+            logger.warning(
+                "celery-throttled: throttle_park is on, but Celery time limits are set for "
+                "every task (a parked job would run without them): nothing is parked here"
+            )
         self.prefix = settings.key_prefix
         self.ttl_ms = int(settings.lease_ttl * 1000)
         #: parked (or returning) requests, oldest first
@@ -122,12 +128,11 @@ class Parking:
     def fill(self) -> None:
         """Park the oldest waiters while pool processes are idle and nothing else wants one."""
         semaphore = self.semaphore
-        if not self.enabled or semaphore.value <= 0 or semaphore._waiting:
-            return
-        if time.monotonic() < self._paused_until:
+        paused = time.monotonic() < self._paused_until
+        if not self.enabled or paused or semaphore.value <= 0 or semaphore._waiting:
             return
         per_key = Counter(held.key for held in self.parked.values())
-        for held in self.gate.lines.waiting():
+        for held in self.gate.lines.oldest(LOOK):
             if semaphore.value <= 0 or semaphore._waiting:
                 return
             if per_key[held.key] < held.cap and self._may_park(held):
@@ -138,8 +143,7 @@ class Parking:
         """A request queues for a pool process: parked waiters leave as many processes."""
         if not self.parked:
             return
-        spots = [held.park for held in self.parked.values()]
-        returning = sum(1 for spot in spots if spot is not None and spot.state == RETURNING)
+        returning = sum(1 for h in self.parked.values() if h.park and h.park.state == RETURNING)
         wanted = len(self.semaphore._waiting) - returning
         for held in reversed(list(self.parked.values())):
             if wanted <= 0:
@@ -165,7 +169,6 @@ class Parking:
         return bool(
             held.outer is None
             and held.next_cap is None
-            and not self._limits
             and req.task.time_limit is None
             and req.task.soft_time_limit is None
             and not any(req.time_limits or ())
@@ -217,9 +220,9 @@ class Parking:
         holds = 0
         if time.monotonic() >= self._paused_until:  # else its process leaves by itself
             family = Family.of(self.prefix, held.key)
-            keys = [family.holders, family.parked, spot.list]
+            keys, args = [family.holders, family.parked, spot.list], [held.holder, self.ttl_ms]
             try:
-                holds = self._unpark(keys, held.holder)
+                holds = int(_UNPARK.run(self.client, keys, args))
             except redis.RedisError as exc:
                 logger.warning("celery-throttled: could not unpark %s (%s)", held.req.id, exc)
                 self._paused_until = time.monotonic() + PAUSE
@@ -291,9 +294,6 @@ class Parking:
     def _forget(self, held: Held) -> None:
         self.parked.pop((held.key, held.holder), None)
         held.park = None
-
-    def _unpark(self, keys: list[str], holder: str) -> int:
-        return int(_UNPARK.run(self.client, keys, [holder, self.ttl_ms]))
 
 
 def _nonce() -> str:  # the end of a park list's name, unique to one park
