@@ -604,13 +604,11 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
     runs: dict[str, list[dict[str, Any]]] = {tag: [] for tag, *_ in variants}
     for _ in range(bench.rounds):
         for tag, name, args, group, _label in variants:
-            runs[tag].append(_p2_once(bench, tag, name, args, group, n, timeout))
+            runs[tag].append(_p2_once(bench, tag, name, args, group, n, ideal, timeout))
     cap_ratio: float | None = None
     for tag, name, _args, group, label in variants:
         done = runs[tag]
-        ratios = [run["ratio"] for run in done]
-        ratio = statistics.median(ratios)
-        middle = min(done, key=lambda run: abs(run["ratio"] - ratio))
+        ratios, ratio, middle = median_run(done)
         line = Line(
             "P2",
             f"{label}: {n} x 50 ms, makespan / ideal ({ideal:.1f} s)",
@@ -630,12 +628,13 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
             report.add(
                 Line("P2", f"{label}: retries", f"{retries:.0f} ({retries / n:.1f} per task)")
             )
-        report.peak("P2", label, max(run["peak"] for run in done), WORK_CAP)
+        peak = max(run["peak"] for run in done)
+        report.peak("P2", label, peak, WORK_CAP)
         raw[group + ("_parked" if tag == "P2p" else "")] = {
             "ratio": ratio,
             "ratios": ratios,
             "makespan_s": middle["makespan_s"],
-            "peak": max(run["peak"] for run in done),
+            "peak": peak,
             "retries": [run["retries"] for run in done],
             "slots": middle["slots"],
             "limiter": [run["limiter"] for run in done],
@@ -648,7 +647,14 @@ def p2_capped_work(bench: Bench, sizes: Sizes) -> None:
 
 
 def _p2_once(
-    bench: Bench, tag: str, name: str, args: list[Any], group: str, n: int, timeout: float
+    bench: Bench,
+    tag: str,
+    name: str,
+    args: list[Any],
+    group: str,
+    n: int,
+    ideal: float,
+    timeout: float,
 ) -> dict[str, Any]:
     """One run of one P2 variant on a worker of its own."""
     env = {"BENCH_SPLIT": "1"} if name == WORK_THROTTLED else {}
@@ -668,13 +674,20 @@ def _p2_once(
             events = [json.loads(e) for e in raw_events]
         return {
             "makespan_s": done.makespan(),
-            "ratio": done.makespan() / (n * WORK / WORK_CAP),
+            "ratio": done.makespan() / ideal,
             "retries": row.counter("recipe:retry:retries") - before,
             "peak": row.peak(group),
             "slots": slot_profile(row.spans(group), WORK_CAP, done.started),
             "limiter": row.limiter_state(name) if name == WORK_THROTTLED else None,
             "events": events,
         }
+
+
+def median_run(runs: Sequence[dict[str, Any]]) -> tuple[list[float], float, dict[str, Any]]:
+    """The rounds' ratios, their median, and the run closest to it (the one the table shows)."""
+    ratios = [run["ratio"] for run in runs]
+    ratio = statistics.median(ratios)
+    return ratios, ratio, min(runs, key=lambda run: abs(run["ratio"] - ratio))
 
 
 def rounds_value(ratios: Sequence[float], makespan: float) -> str:
@@ -705,9 +718,7 @@ def p3_mixed_queue(bench: Bench, sizes: Sizes) -> None:
             runs[tag].append(_p3_once(bench, tag, capped, args, group, n, ideal, timeout))
     for tag, capped, _args, group, label in variants:
         done = runs[tag]
-        ratios = [run["ratio"] for run in done]
-        ratio = statistics.median(ratios)
-        middle = min(done, key=lambda run: abs(run["ratio"] - ratio))
+        ratios, ratio, middle = median_run(done)
         if tag == "P3f":
             report.add(
                 Line(
@@ -742,14 +753,15 @@ def p3_mixed_queue(bench: Bench, sizes: Sizes) -> None:
             ),
             profile_line("P3", label, middle["slots"]),
         )
-        report.peak("P3", label, max(run["peak"] for run in done), WORK_CAP)
-        report.peak("P3", f"plain beside {label}", max(run["peak_plain"] for run in done), None)
+        peak, peak_plain = max(run["peak"] for run in done), max(r["peak_plain"] for r in done)
+        report.peak("P3", label, peak, WORK_CAP)
+        report.peak("P3", f"plain beside {label}", peak_plain, None)
         raw[group] = {
             "ratio": ratio,
             "ratios": ratios,
             "makespan_s": middle["makespan_s"],
-            "peak": max(run["peak"] for run in done),
-            "peak_plain": max(run["peak_plain"] for run in done),
+            "peak": peak,
+            "peak_plain": peak_plain,
             "plain_done_s": middle["plain_done_s"],
             "capped_done_s": middle["capped_done_s"],
             "slots": middle["slots"],
