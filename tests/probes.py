@@ -5,6 +5,8 @@ from __future__ import annotations
 import redis
 from redis.cluster import RedisCluster
 
+from celery_throttled.keys import Family
+
 
 def peak(probe: redis.Redis, prefix: str, group: str) -> int:
     return int(probe.get(f"{prefix}:probe:{group}:peak") or 0)
@@ -33,8 +35,9 @@ def reported(probe: redis.Redis, prefix: str, group: str) -> list[tuple[str, flo
 
 def leases(probe: redis.Redis | RedisCluster, prefix: str, key: str) -> dict[str, int]:
     """Holders and waiters the limiter has in Redis for ``key``."""
-    base = f"{prefix}:{{{key}}}"
-    return {"holders": int(probe.zcard(f"{base}:h")), "waiters": int(probe.zcard(f"{base}:w"))}
+    family = Family.of(prefix, key)
+    holders, waiters = probe.zcard(family.holders), probe.zcard(family.waiters)
+    return {"holders": int(holders), "waiters": int(waiters)}
 
 
 def wait_drained(probe: redis.Redis, prefix: str, key: str, timeout: float = 10.0) -> None:
@@ -42,7 +45,7 @@ def wait_drained(probe: redis.Redis, prefix: str, key: str, timeout: float = 10.
     asynchronous; a mark left behind would be a leak in the parked hash)."""
     from .conftest import wait_until
 
-    marks = f"{prefix}:{{{key}}}:pk"
+    marks = Family.of(prefix, key).parked
 
     def drained() -> bool:
         empty = leases(probe, prefix, key) == {"holders": 0, "waiters": 0}
